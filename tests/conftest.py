@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny models and data, GPU skipping, a quiet CPU."""
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_images():
+    """16 random uint8 images (16, 3, 8, 8) with labels 0..3."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    return x, torch.arange(16) % 4
