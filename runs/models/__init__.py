@@ -6,7 +6,7 @@ bit-identical weights: the paper rebuilds its random teacher from a seed alone.
 """
 
 # Importing the families registers their names.
-from runs.models import resnet, small, vgg  # noqa: F401
+from runs.models import head, resnet, small, vgg  # noqa: F401
 from runs.models.base import MODELS, Classifier, create_model, model_spec
 
 __all__ = ["MODELS", "Classifier", "create_model", "model_spec"]

@@ -41,6 +41,17 @@ def create_model(name: str, num_classes: int = 10, width: float = 1.0, in_channe
     return model
 
 
+# Builders by spec["registry"]: checkpoints rebuild any stored module from its spec alone.
+BUILDERS = {"model": create_model}
+
+
+def build(spec: dict) -> nn.Module:
+    """Rebuild a module from the spec that `create_model` (or another builder) recorded."""
+    kwargs = dict(spec)
+    builder = BUILDERS[kwargs.pop("registry", "model")]
+    return builder(kwargs.pop("name"), **kwargs)
+
+
 def model_spec(model: nn.Module) -> dict:
     """The registry name and kwargs that rebuild `model` (empty for foreign modules)."""
     return dict(getattr(model, "spec", {}))

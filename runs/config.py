@@ -1,0 +1,136 @@
+"""Frozen dataclass configs: one help line per field, CLI flags named after the fields.
+
+    @dataclass(frozen=True)
+    class TrainConfig:
+        lr: float = arg(0.1, "peak learning rate")
+
+    add_config_args(parser, TrainConfig)          # --lr (float, help "peak learning rate")
+    cfg = config_from_args(TrainConfig, namespace)  # only at the CLI boundary
+    config_hash(cfg)                              # short hash of the non-default fields
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+
+from runs.errors import UserError
+
+# Fields that name a member of a family of runs rather than the family itself:
+# seeds of one config share `<kind>_<hash>/` and differ in `seed_<s>/`.
+IDENTITY_EXCLUDE = ("seed",)
+
+
+def arg(default, help: str, **metadata):  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with a default and its help line (shown by --help)."""
+    if isinstance(default, list | dict | set):
+        raise TypeError("use tuples for sequence defaults (configs are frozen)")
+    return dataclasses.field(default=default, metadata=dict(help=help, **metadata))
+
+
+def to_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def non_default(cfg, exclude=IDENTITY_EXCLUDE) -> dict:
+    """The fields that differ from the dataclass defaults (what names the run)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in exclude and value != f.default:
+            out[f.name] = value
+    return json.loads(json.dumps(out))
+
+
+def config_hash(cfg, exclude=IDENTITY_EXCLUDE, length: int = 8) -> str:
+    """Short stable hash of the non-default fields: the same config gives the same run dir."""
+    text = json.dumps(non_default(cfg, exclude), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a config; unknown keys are an error naming them and the valid fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k]) for k, v in data.items()})
+
+
+def _coerce(value, hint):
+    """JSON gives lists where configs hold tuples."""
+    if isinstance(value, list) and _is_tuple_hint(hint):
+        return tuple(value)
+    return value
+
+
+def _is_tuple_hint(hint) -> bool:
+    return typing.get_origin(hint) is tuple or any(
+        typing.get_origin(a) is tuple for a in typing.get_args(hint))
+
+
+def _scalar_type(hint):
+    """The element type argparse should call for a field annotation."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _scalar_type(args[0])
+    if typing.get_origin(hint) is tuple:
+        return args[0] if args else str
+    return hint
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, exclude=(), group: str = None):
+    """Add one flag per dataclass field: `--field-name`, typed, with the field's help line."""
+    target = parser.add_argument_group(group) if group else parser
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        # argparse %-formats help texts: a literal "20 %" would crash --help.
+        text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")
+        hint = hints[f.name]
+        if _scalar_type(hint) is bool and not _is_tuple_hint(hint):  # bool or bool | None
+            target.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=text)
+        elif _is_tuple_hint(hint):
+            target.add_argument(flag, nargs="*", type=_scalar_type(hint),
+                                default=f.default, help=text)
+        else:
+            choices = f.metadata.get("choices")
+            target.add_argument(flag, type=_scalar_type(hint), default=f.default,
+                                choices=choices, help=text)
+    return parser
+
+
+def config_from_args(cls, namespace: argparse.Namespace, **overrides):
+    """The config from parsed flags (fields not on the parser keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(namespace).items() if k in names}
+    values.update(overrides)
+    return from_dict(cls, values)
+
+
+_STEP = re.compile(r"^(\d+(?:\.\d+)?)(ep)?$")
+
+
+def parse_steps(spec, steps_per_epoch: int, flag: str = "--save-at") -> int:
+    """'1000' -> 1000 iterations; '2ep' -> 2 * steps_per_epoch; '0.5ep' rounds down."""
+    match = _STEP.match(str(spec).strip())
+    if not match:
+        raise UserError(f"{flag}: cannot parse {spec!r}; use iterations (e.g. 1000) "
+                        f"or epochs (e.g. 2ep)")
+    number, epochs = match.groups()
+    if epochs and steps_per_epoch < 1:
+        raise UserError(f"{flag}: {spec!r} is in epochs but steps_per_epoch is unknown; "
+                        f"give iterations (e.g. 1000)")
+    if epochs:
+        return int(float(number) * steps_per_epoch)
+    if "." in number:
+        raise UserError(f"{flag}: {spec!r} is not a whole number of iterations")
+    return int(number)

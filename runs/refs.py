@@ -1,0 +1,164 @@
+"""One checkpoint reference syntax for every CLI: `[NAME=]SOURCE[@STEP][:PART...]`.
+
+    runs/ckpt/step_0001000.pt     a checkpoint file written by this toolkit
+    store/train_ab12cd34/seed_0@last   a run directory at its latest step
+    RUN@1000  RUN@2ep  RUN@init   a step in iterations or epochs; init = the run's first state
+    RUN@last:encoder              the encoder only, with a fresh fc (probing, fine-tuning)
+    RUN@last:teacher              a named extra module of the checkpoint (distillation runs)
+    resnet18=weights.pt           a plain state dict (torchvision key layout) for a model name
+    dinopl=dino.ckpt:student      a dinopl Lightning checkpoint (student or teacher)
+"""
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from runs.checkpoint import read_checkpoint, rebuild
+from runs.config import parse_steps
+from runs.errors import UserError
+from runs.store import Run, find_run
+
+PARTS = ("encoder", "student", "teacher")
+_REF = re.compile(r"^(?:(?P<arch>[a-z][a-z0-9_]*)=)?(?P<source>[^@:]+)"
+                  r"(?:@(?P<step>[^:]+))?(?P<parts>(?::[a-z]+)*)$")
+EXAMPLE = "e.g. store/train_ab12cd34/seed_0@last:encoder or ckpt.pt"
+
+
+@dataclass(frozen=True)
+class Ref:
+    text: str  # as the user wrote it
+    source: str  # a file or run directory
+    arch: str | None = None  # registry name for a plain state dict
+    step: str | None = None  # iterations, "Nep", "last" or "init"
+    parts: tuple[str, ...] = ()  # selectors: "encoder", "student", "teacher"
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    ref: str
+    path: Path | None  # the file the weights came from (None: rebuilt from a seed)
+    step: int | None
+    config: dict = field(default_factory=dict)
+    payload: dict = field(default_factory=dict, repr=False)
+
+    def input_record(self) -> dict:
+        """The provenance entry results store under `inputs`."""
+        from runs.results import file_sha256
+        return {"ref": self.ref, "path": str(self.path) if self.path else None,
+                "sha256": file_sha256(self.path) if self.path else None, "step": self.step}
+
+
+def parse_ref(text: str) -> Ref:
+    match = _REF.match(text.strip())
+    if not match:
+        raise UserError(f"cannot parse checkpoint reference {text!r}; {EXAMPLE}")
+    parts = tuple(p for p in match["parts"].split(":") if p)
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise UserError(f"checkpoint reference {text!r}: unknown part {bad[0]!r}; "
+                        f"valid: {', '.join(PARTS)}")
+    return Ref(text, match["source"], match["arch"], match["step"], parts)
+
+
+def run_step(run: Run, step: str) -> int:
+    """Resolve 'last', 'init', iterations or 'Nep' to a saved step of `run`."""
+    steps = run.steps()
+    if not steps and step != "init":
+        raise UserError(f"run {run.path} has no checkpoints yet")
+    if step in (None, "last"):
+        return steps[-1]
+    if step == "init":
+        return 0
+    per_epoch = run.config().get("steps_per_epoch", 0)
+    if step.endswith("ep") and not per_epoch:
+        raise UserError(f"run {run.path} records no steps_per_epoch; give @STEP in iterations")
+    value = parse_steps(step, per_epoch, flag="@STEP")
+    if value not in steps:
+        raise UserError(f"run {run.path} has no checkpoint at step {value}; saved steps: "
+                        f"{', '.join(map(str, steps))}")
+    return value
+
+
+def resolve_file(ref: Ref) -> tuple[Path | None, int | None, Run | None]:
+    """The checkpoint file a reference names (None for an init rebuilt from a seed)."""
+    source = Path(ref.source)
+    if source.is_file():
+        if ref.step is not None:
+            raise UserError(f"{ref.text}: @STEP applies to run directories, not files")
+        return source, None, None
+    if not source.exists():
+        raise UserError(f"checkpoint reference {ref.text!r}: no file or run at {source}")
+    run = find_run(source)
+    step = run_step(run, ref.step)
+    path = run.ckpt_path(step)
+    if not path.exists():  # only @init without a step-0 checkpoint gets here
+        return None, 0, run
+    return path, step, run
+
+
+def select_entry(payload: dict, parts: tuple[str, ...], source: str) -> dict:
+    """The {"spec", "state"} entry a part names: the main model or an extra module."""
+    role = next((p for p in parts if p in ("student", "teacher")), None)
+    modules = payload.get("modules") or {}
+    if role is None or (role == "student" and "student" not in modules):
+        return payload["model"]
+    if role not in modules:
+        raise UserError(f"{source} holds no {role}; parts it has: "
+                        f"{', '.join(['student', *modules]) or 'none'}")
+    return modules[role]
+
+
+def with_fresh_fc(model: nn.Module, num_classes: int = None, seed: int = None) -> nn.Module:
+    """The same encoder weights under a fresh, seeded fc (for probing and fine-tuning)."""
+    from runs.models.base import build
+    spec = dict(model.spec)
+    spec["num_classes"] = num_classes or spec["num_classes"]
+    spec["seed"] = spec["seed"] if seed is None else seed
+    fresh = build(spec)
+    fresh.encoder.load_state_dict(model.encoder.state_dict(), strict=True)
+    return fresh
+
+
+def load_model(ref: str, num_classes: int = None, fc_seed: int = None) -> Loaded:
+    """The model a reference names, on the CPU, with its provenance.
+
+    `:encoder` keeps only the encoder and draws a fresh fc (with `num_classes` outputs).
+    """
+    parsed = parse_ref(ref)
+    path, step, run = resolve_file(parsed)
+    config = run.config().get("config", {}) if run else {}
+    if path is None:  # RUN@init with no step-0 checkpoint: rebuild from the recorded spec
+        model, payload = _rebuild_init(run), {}
+    elif parsed.arch == "dinopl":
+        from runs.dinopl import import_dinopl
+        model, payload = import_dinopl(path, parsed.parts)
+    elif parsed.arch:
+        from runs.importers import import_state_dict
+        model, payload = import_state_dict(path, parsed.arch)
+    else:
+        payload = read_checkpoint(path)
+        _check_format(payload, path)
+        model = rebuild(select_entry(payload, parsed.parts, str(path)), str(path))
+        step = payload.get("step", step)
+        config = payload.get("config") or config
+    if "encoder" in parsed.parts or (num_classes and num_classes != model.fc.out_features):
+        model = with_fresh_fc(model, num_classes, fc_seed)
+    return Loaded(model, ref, path, step, config, payload)
+
+
+def _rebuild_init(run: Run) -> nn.Module:
+    from runs.models.base import build
+    spec = run.config().get("model_spec")
+    if not spec:
+        raise UserError(f"run {run.path} has no step-0 checkpoint and records no model_spec")
+    return build(spec)
+
+
+def _check_format(payload, path: Path) -> None:
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise UserError(f"{path} is not a checkpoint of this toolkit; for a plain state dict "
+                        f"write NAME={path} (e.g. resnet18={path}), for a dinopl Lightning "
+                        f"checkpoint dinopl={path}:student")

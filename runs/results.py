@@ -1,0 +1,798 @@
+"""The one HDF5 result layer: every analysis writes, resumes, shards and reads results here.
+
+A result file is flat, so `xarray.open_dataset(path, engine="h5netcdf")` opens it as a
+labelled dataset (see DESIGN.md, "One HDF5 result schema"):
+
+- root attributes: `schema` ("results/1"), `analysis`, `created_utc`, `package_version`,
+  `git_sha`, `git_dirty`, `torch_version`, `device`, `config` (JSON), `inputs` (JSON list of
+  {"path", "sha256"}), `shard` ("i/n", shard files only), plus the analysis' own (`bn_mode`);
+- coordinates: 1-D datasets made HDF5 dimension scales (numbers or strings);
+- metrics: N-D float datasets, every axis attached to its scale, attrs `units`, `long_name`;
+  NaN until written;
+- `done`: a bool mask over the point axes (the axes a scan iterates over).
+
+    with create_result("out/interp.h5", "interpolate", {"pair": ["0-1"], "alpha": alphas},
+                       {"loss": MetricSpec(("pair", "alpha"), "nats", "test loss")},
+                       point_dims=("pair", "alpha"), config=cfg, inputs=ckpts,
+                       device="cuda") as result:
+        for cell in result.missing():
+            result.write(cell, loss=evaluate(**result.labels(cell)))
+
+Writes are crash-safe: the skeleton is written to a temp file and renamed into place, data
+sets are allocated up front (so a cell write never touches HDF5 metadata), and every cell is
+flushed as it finishes. A killed scan re-run with the same arguments resumes from `done`.
+
+This module must not import torch: figures read results on machines without it.
+"""
+
+import argparse
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from runs import __version__
+from runs.errors import UserError, cli, unknown
+
+SCHEMA = "results/1"
+# Provenance attrs that may differ between shards; a merge joins their distinct values.
+PROVENANCE = ("package_version", "git_sha", "git_dirty", "torch_version", "device")
+# Root attrs written by this module; an analysis' extra attrs may not reuse these names.
+STANDARD_ATTRS = ("schema", "analysis", "created_utc", *PROVENANCE, "config", "inputs",
+                  "shard", "merged_from")
+DONE = "done"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSpec:
+    """How one metric is stored. Its dims must include every point dim, in any order."""
+
+    dims: tuple[str, ...]  # axis names, each a key of coords; e.g. ("pair", "alpha", "example")
+    units: str = ""  # e.g. "nats", "fraction"; "" for dimensionless counts
+    long_name: str = ""  # axis label for figures, e.g. "test loss"
+    dtype: str = "f4"  # a float dtype: f4 halves the file, f8 for sums that need it
+
+    def __post_init__(self):
+        dims = (self.dims,) if isinstance(self.dims, str) else tuple(self.dims)
+        dtype = np.dtype(self.dtype)
+        if dtype.kind != "f":
+            raise ValueError(f"metric dtype must be a float (NaN marks missing), got {dtype}")
+        object.__setattr__(self, "dims", dims)
+        object.__setattr__(self, "dtype", dtype.str.lstrip("<>=|"))
+
+
+@dataclasses.dataclass
+class ResultData:
+    """A result file read into memory: what `open_result` returns."""
+
+    path: str
+    analysis: str
+    attrs: dict  # root attributes; `config` and `inputs` parsed from JSON
+    coords: dict[str, np.ndarray]  # name -> 1-D labels, in file order; strings as str arrays
+    point_dims: tuple[str, ...]  # the axes of `done`
+    specs: dict[str, MetricSpec]
+    metrics: dict[str, np.ndarray]  # name -> N-D array over specs[name].dims, NaN where missing
+    done: np.ndarray | None  # bool over point_dims
+
+    @property
+    def config(self) -> dict:
+        return self.attrs["config"]
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """(i, n) for a shard file, None for a whole or merged scan."""
+        return parse_shard(self.attrs["shard"]) if "shard" in self.attrs else None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the point grid."""
+        return tuple(len(self.coords[dim]) for dim in self.point_dims)
+
+
+# ---------------------------------------------------------------------------- provenance
+
+
+def file_sha256(path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB checkpoints never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@functools.cache
+def git_state() -> tuple[str, str]:
+    """(sha, dirty) of the checkout holding runs/; "unknown" where git cannot say."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(here), *args], capture_output=True,
+                                 text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD") or "unknown"
+    status = git("status", "--porcelain", "--untracked-files=no")
+    dirty = "unknown" if status is None else ("true" if status else "false")
+    return sha, dirty
+
+
+def torch_version() -> str:
+    """The installed torch version without importing torch; "absent" if not installed."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _config_json(config) -> str:
+    """Canonical JSON (sorted keys) so equal configs give equal strings; accepts dataclasses."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _input_records(inputs) -> list[dict]:
+    """Checkpoint paths (hashed here) or ready {"path", "sha256"} dicts -> list of dicts."""
+    records = []
+    for item in inputs or ():
+        if isinstance(item, Mapping):
+            if not {"path", "sha256"} <= set(item):
+                raise ValueError(f"an input record needs 'path' and 'sha256', got {item}")
+            records.append({"path": str(item["path"]), "sha256": str(item["sha256"])})
+        else:
+            records.append({"path": str(item), "sha256": file_sha256(item)})
+    return records
+
+
+# ---------------------------------------------------------------------------- shards
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """"i/n" -> (i, n) with 0 <= i < n; anything else is a UserError."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
+    index, count = (int(match[1]), int(match[2])) if match else (-1, 0)
+    if not 0 <= index < count:
+        raise UserError(f"--shard expects i/n with 0 <= i < n, e.g. 0/4; got {spec!r}")
+    return index, count
+
+
+def shard_path(path, i: int, n: int) -> str:
+    """The conventional file of shard i of n: "x.h5" -> "x.shard0of4.h5"."""
+    path = Path(path)
+    return str(path.with_name(f"{path.stem}.shard{i}of{n}{path.suffix}"))
+
+
+def _owned_flat(size: int, shard: tuple[int, int] | None) -> np.ndarray:
+    """Flat C-order indices owned by a shard: those with index % n == i (all if None)."""
+    flat = np.arange(size)
+    return flat if shard is None else flat[flat % shard[1] == shard[0]]
+
+
+def owned_cells(shape: Sequence[int], shard: tuple[int, int] | None = None) -> list[tuple]:
+    """Point cells owned by `shard` (every cell belongs to exactly one shard of n), C order."""
+    flat = _owned_flat(int(np.prod(shape, dtype=np.int64)), shard)
+    return _cells(flat, shape)
+
+
+def _cells(flat: np.ndarray, shape) -> list[tuple]:
+    return [tuple(int(i) for i in cell) for cell in zip(*np.unravel_index(flat, tuple(shape)))]
+
+
+# ---------------------------------------------------------------------------- write lock
+
+
+class WriteLock:
+    """An exclusive flock on `path + ".lock"`, held while a result file is open for writing.
+
+    Readers take no lock, so `show` and figures can peek at a running scan.
+    """
+
+    def __init__(self, path):
+        self.path = f"{path}.lock"
+        self.fd = None
+
+    def acquire(self) -> "WriteLock":
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"{self.path[:-5]} is being written by another process "
+                                f"(pid {pid}); wait for it to finish or stop it") from None
+            # The last holder unlinks the lock file on release; if that happened between our
+            # open and flock we hold an orphan inode and must retry on the fresh file.
+            if self._still_linked(fd):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+                return self
+            os.close(fd)
+        raise UserError(f"could not lock {self.path}: it keeps being replaced")
+
+    def _still_linked(self, fd) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        # Unlink while still holding the lock, so no one can lock the name we remove.
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+# ---------------------------------------------------------------------------- create / resume
+
+
+def create_result(path, analysis: str, coords: Mapping, metrics: Mapping,
+                  point_dims: Sequence[str], config, inputs, device, attrs: Mapping = None,
+                  overwrite: bool = False, shard=None) -> "Result":
+    """Create (or resume) the result file at `path` and return it open for writing.
+
+    coords: ordered name -> 1-D labels (numbers or strings).
+    metrics: name -> MetricSpec or (dims, units, long_name[, dtype]).
+    point_dims: the axes a scan iterates over; `done` lives on them.
+    config: the analysis' config (dict or dataclass), stored as JSON.
+    inputs: checkpoint paths (hashed here) or {"path", "sha256"} dicts.
+    attrs: extra root attributes, e.g. {"bn_mode": "reset"}.
+    shard: (i, n) or "i/n" when this file holds one shard of the scan.
+
+    An existing file with the same analysis, config, inputs (by sha256), coords, metrics,
+    attrs and shard is reopened to resume; a different one is a UserError unless `overwrite`.
+    Holding the returned Result keeps other writers out (see WriteLock); close it when done.
+    """
+    shard = parse_shard(shard) if isinstance(shard, str) else shard
+    coords = _normalize_coords(coords)
+    specs = _normalize_specs(metrics)
+    point_dims = tuple(point_dims)
+    _check_layout(coords, specs, point_dims)
+    root = _root_attrs(analysis, config, inputs, device, attrs or {}, shard)
+    return _open_writer(path, root, coords, specs, point_dims, overwrite, resume=True)
+
+
+def _normalize_coords(coords: Mapping) -> dict[str, np.ndarray]:
+    out = {}
+    for name, labels in coords.items():
+        array = np.asarray(labels)
+        if array.dtype.kind == "O" and all(isinstance(x, str) for x in array.flat):
+            array = array.astype(str)
+        if array.ndim != 1 or array.dtype.kind not in "iufU":
+            raise ValueError(f"coord {name!r} must be 1-D numbers or strings, "
+                             f"got shape {array.shape} dtype {array.dtype}")
+        out[name] = array
+    return out
+
+
+def _normalize_specs(metrics: Mapping) -> dict[str, MetricSpec]:
+    return {name: spec if isinstance(spec, MetricSpec) else MetricSpec(*spec)
+            for name, spec in metrics.items()}
+
+
+def _check_layout(coords, specs, point_dims) -> None:
+    """Catch programming errors in the layout before anything touches the disk."""
+    for name in [*coords, *specs]:
+        if not name.isidentifier() or name == DONE:
+            raise ValueError(f"{name!r} is not a usable coord/metric name "
+                             f"(must be a Python identifier other than {DONE!r})")
+    if clash := set(coords) & set(specs):
+        raise ValueError(f"names used both as coord and metric: {sorted(clash)}")
+    if len(set(point_dims)) != len(point_dims):
+        raise ValueError(f"point_dims repeat a name: {point_dims}")
+    for name, spec in {DONE: MetricSpec(point_dims), **specs}.items():
+        for dim in spec.dims:
+            if dim not in coords:
+                raise ValueError(f"{name!r} uses dim {dim!r}, which is not a coord; "
+                                 f"coords: {', '.join(coords)}")
+        if not set(point_dims) <= set(spec.dims) or len(set(spec.dims)) != len(spec.dims):
+            raise ValueError(f"metric {name!r} dims {spec.dims} must hold every point dim "
+                             f"{point_dims} once")
+
+
+def _attr_value(value):
+    """Numbers and strings as they are; anything else (bools, lists, dicts) as JSON."""
+    if isinstance(value, (str, int, float, np.integer, np.floating)) and \
+            not isinstance(value, bool):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _root_attrs(analysis, config, inputs, device, attrs, shard) -> dict:
+    sha, dirty = git_state()
+    root = {"schema": SCHEMA, "analysis": analysis, "created_utc": _utc_now(),
+            "package_version": __version__, "git_sha": sha, "git_dirty": dirty,
+            "torch_version": torch_version(), "device": str(device),
+            "config": _config_json(config), "inputs": json.dumps(_input_records(inputs))}
+    if shard is not None:
+        root["shard"] = f"{shard[0]}/{shard[1]}"
+    for key, value in attrs.items():
+        if key in STANDARD_ATTRS:
+            raise ValueError(f"attr {key!r} is set by runs.results; pick another name")
+        root[key] = _attr_value(value)
+    return root
+
+
+def _open_writer(path, root, coords, specs, point_dims, overwrite, resume) -> "Result":
+    """Lock `path`, then resume the file there or write a fresh skeleton; return it open."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lock = WriteLock(path).acquire()
+    try:
+        if os.path.exists(path) and not overwrite:
+            if not resume:
+                raise UserError(f"{path} already exists; pass --overwrite to replace it")
+            planned = ResultData(str(path), root["analysis"], _parse_attrs(root, path), coords,
+                                 point_dims, specs, {}, None)
+            _check_resumable(path, planned)
+        else:
+            _write_skeleton(path, root, coords, specs, point_dims)
+        return Result(path, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _check_resumable(path, planned: "ResultData") -> None:
+    try:
+        existing = _load(path, with_data=False)
+    except UserError as err:
+        raise UserError(f"{path} exists but cannot be resumed ({err}); "
+                        "pass --overwrite to replace it") from None
+    if what := _difference(existing, planned):
+        raise UserError(f"{path} already exists and holds a different {what}; "
+                        "pass --overwrite to replace it, or choose another output path")
+
+
+def _write_skeleton(path, root, coords, specs, point_dims) -> None:
+    """Write coords, NaN metrics and an all-False `done` to a temp file, then rename it in.
+
+    Data are written in full here, so space is allocated now and later cell writes change
+    only raw bytes, never HDF5 metadata: a kill mid-write cannot break the file's structure.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    # Not mkstemp: its 0600 mode would stick to the result; "x" mode honours the umask.
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with h5py.File(tmp, "x", track_order=True, locking=False) as file:
+            file.attrs.update(root)
+            _write_datasets(file, coords, specs, point_dims)
+        with open(tmp, "rb+") as handle:  # durable before it takes the real name
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_datasets(file, coords, specs, point_dims) -> None:
+    for name, labels in coords.items():
+        if labels.dtype.kind == "U":
+            scale = file.create_dataset(name, data=labels.tolist(), dtype=h5py.string_dtype())
+        else:
+            scale = file.create_dataset(name, data=labels)
+        scale.make_scale(name)
+    shape = {name: len(labels) for name, labels in coords.items()}
+    # h5netcdf and xarray read HDF5 bool (an int8 enum) as a bool variable, so `done` is bool.
+    done = file.create_dataset(DONE, data=np.zeros([shape[d] for d in point_dims], bool))
+    _attach(done, point_dims, file)
+    for name, spec in specs.items():
+        data = np.full([shape[d] for d in spec.dims], np.nan, spec.dtype)
+        metric = file.create_dataset(name, data=data, fillvalue=np.nan)
+        metric.attrs.update({"units": spec.units, "long_name": spec.long_name})
+        _attach(metric, spec.dims, file)
+
+
+def _attach(dataset, dims, file) -> None:
+    for axis, dim in enumerate(dims):
+        dataset.dims[axis].attach_scale(file[dim])
+
+
+class Result:
+    """A result file open for writing; made by `create_result`. Use it as a context manager."""
+
+    def __init__(self, path, lock: WriteLock):
+        self.path = str(path)
+        layout = _load(path, with_data=False)
+        self.analysis, self.attrs, self.coords = layout.analysis, layout.attrs, layout.coords
+        self.point_dims, self.specs, self.shard = layout.point_dims, layout.specs, layout.shard
+        self.shape = layout.shape
+        self._lock = lock
+        self._file = h5py.File(path, "r+", locking=False)
+        self._done = self._file[DONE][()]  # in-memory copy; the file's is updated per cell
+
+    def write(self, cell, /, **values) -> None:
+        """Store every metric's values for one point cell, mark it done and flush.
+
+        cell: {dim: index} or a tuple of indices in point_dims order.
+        values: one array per metric, shaped like the metric's non-point dims (scalar if none).
+        Values are written before `done`, so a crash in between only recomputes the cell.
+        """
+        index = self._index(cell)
+        arrays = self._check_values(values)
+        for name, array in arrays.items():
+            self._file[name][self._selection(name, index)] = array
+        self._file[DONE][index] = True
+        self._file.flush()
+        self._done[index] = True
+
+    def _check_values(self, values) -> dict[str, np.ndarray]:
+        """Validate all values before writing any, so a bad call leaves the file unchanged."""
+        for name in values:
+            if name not in self.specs:
+                raise unknown("metric", name, self.specs)
+        if lacking := sorted(set(self.specs) - set(values)):
+            raise ValueError(f"write needs every metric; missing {lacking}")
+        arrays = {}
+        for name, spec in self.specs.items():
+            array = np.asarray(values[name], dtype=spec.dtype)
+            shape = tuple(len(self.coords[d]) for d in spec.dims if d not in self.point_dims)
+            if array.shape != shape:
+                raise ValueError(f"metric {name!r} expects shape {shape} per cell "
+                                 f"(dims {spec.dims} without point dims), got {array.shape}")
+            arrays[name] = array
+        return arrays
+
+    def _index(self, cell) -> tuple[int, ...]:
+        """{dim: index} or tuple -> tuple of ints in point_dims order, bounds-checked."""
+        if isinstance(cell, Mapping):
+            if set(cell) != set(self.point_dims):
+                raise ValueError(f"cell keys {sorted(cell)} must be the point dims "
+                                 f"{self.point_dims}")
+            cell = tuple(cell[d] for d in self.point_dims)
+        if len(cell) != len(self.point_dims):
+            raise ValueError(f"cell {cell} needs one index per point dim {self.point_dims}")
+        index = tuple(int(i) for i in cell)
+        if not all(0 <= i < n for i, n in zip(index, self.shape)):
+            raise IndexError(f"cell {index} outside the point grid {self.shape}")
+        return index
+
+    def _selection(self, name, index) -> tuple:
+        """Integer indices on point axes, full slices on the metric's other axes."""
+        at = dict(zip(self.point_dims, index))
+        return tuple(at.get(dim, slice(None)) for dim in self.specs[name].dims)
+
+    def missing(self, shard=None) -> list[tuple[int, ...]]:
+        """Point cells not yet done, in C order, among those owned by `shard`.
+
+        shard defaults to this file's own shard (all cells for an unsharded file).
+        """
+        shard = self.shard if shard is None else shard
+        owned = _owned_flat(self._done.size, shard)
+        return _cells(owned[~self._done.ravel()[owned]], self.shape)
+
+    def is_done(self, cell) -> bool:
+        return bool(self._done[self._index(cell)])
+
+    def labels(self, cell) -> dict:
+        """{dim: coordinate label} of a cell, as Python scalars: {"alpha": 0.5, "pair": "0-1"}."""
+        return {dim: self.coords[dim][i].item() for dim, i in zip(self.point_dims,
+                                                                   self._index(cell))}
+
+    def _write_all(self, metrics: Mapping, done: np.ndarray) -> None:
+        """Write whole arrays at once (merge)."""
+        for name, array in metrics.items():
+            self._file[name][...] = array
+        self._file[DONE][...] = done
+        self._file.flush()
+        self._done = done.copy()
+
+    def close(self) -> None:
+        try:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "Result":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------- read
+
+
+def open_result(path, analysis: str = None) -> ResultData:
+    """Read and validate a result file; UserError naming the file on any problem.
+
+    Checks: the file exists and is HDF5, schema is "results/1", the analysis matches (when
+    given), and every dataset's axes carry coordinate scales of matching length.
+    """
+    data = _load(path, with_data=True)
+    if analysis is not None and data.analysis != analysis:
+        raise UserError(f"{path} holds analysis {data.analysis!r}, expected {analysis!r}")
+    return data
+
+
+def _load(path, with_data: bool) -> ResultData:
+    if not os.path.exists(path):
+        raise UserError(f"no such result file: {path}")
+    if not h5py.is_hdf5(path):
+        raise UserError(f"not an HDF5 file: {path}")
+    try:
+        with h5py.File(path, "r", locking=False) as file:
+            return _read(file, str(path), with_data)
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        raise UserError(f"cannot read result file {path} (truncated or corrupt?): "
+                        f"{str(err).splitlines()[0]}") from None
+
+
+def _read(file, path: str, with_data: bool) -> ResultData:
+    attrs = _parse_attrs(dict(file.attrs), path)
+    if attrs.get("schema") != SCHEMA:
+        raise UserError(f"{path} has schema {attrs.get('schema')!r}, expected {SCHEMA!r}")
+    datasets = {name: obj for name, obj in file.items() if isinstance(obj, h5py.Dataset)}
+    coords = {name: _read_labels(ds) for name, ds in datasets.items()
+              if h5py.h5ds.is_scale(ds.id)}
+    if DONE not in datasets:
+        raise UserError(f"{path} has no {DONE!r} dataset")
+    point_dims = _dims_of(datasets[DONE], coords, path)
+    specs, metrics = {}, {}
+    for name, ds in datasets.items():
+        if name in coords or name == DONE:
+            continue
+        specs[name] = MetricSpec(_dims_of(ds, coords, path), str(ds.attrs.get("units", "")),
+                                 str(ds.attrs.get("long_name", "")), ds.dtype.str)
+        if with_data:
+            metrics[name] = ds[()]
+    data = ResultData(path, attrs.get("analysis"), attrs, coords, point_dims, specs, metrics,
+                      datasets[DONE][()].astype(bool) if with_data else None)
+    for name in metrics:  # a crash between a cell's values and its `done` leaves stray values
+        _point_first(metrics[name], data, name)[~data.done] = np.nan
+    return data
+
+
+def _read_labels(dataset) -> np.ndarray:
+    if h5py.check_string_dtype(dataset.dtype):
+        return np.array(dataset.asstr()[()].tolist(), dtype=str)
+    return dataset[()]
+
+
+def _dims_of(dataset, coords, path) -> tuple[str, ...]:
+    """The coordinate name on each axis, checking that its length matches the axis."""
+    dims = []
+    for axis, size in enumerate(dataset.shape):
+        scales = dataset.dims[axis].values()
+        name = scales[0].name.rsplit("/", 1)[-1] if len(scales) == 1 else None
+        if name not in coords or len(coords[name]) != size:
+            raise UserError(f"{path}: dataset {dataset.name!r} axis {axis} (length {size}) has "
+                            f"no matching coordinate (found {name!r}; coords: {list(coords)})")
+        dims.append(name)
+    return tuple(dims)
+
+
+def _parse_attrs(raw: Mapping, path) -> dict:
+    """Numpy scalars to Python, `config` and `inputs` from JSON."""
+    attrs = {k: v.item() if isinstance(v, np.generic) else v for k, v in raw.items()}
+    for key in ("config", "inputs"):
+        if key in attrs:
+            try:
+                attrs[key] = json.loads(attrs[key])
+            except (TypeError, ValueError):
+                raise UserError(f"{path}: root attribute {key!r} is not JSON") from None
+    return attrs
+
+
+def _difference(a: ResultData, b: ResultData, check_shard: bool = True) -> str | None:
+    """Name what keeps `b` from being the same scan as `a` (None if nothing does).
+
+    Provenance (device, git sha, ...) and input paths may differ; input sha256s may not.
+    """
+    if a.analysis != b.analysis:
+        return f"analysis ({a.analysis!r} vs {b.analysis!r})"
+    if a.attrs.get("config") != b.attrs.get("config"):
+        return "config"
+    if _shas(a) != _shas(b):
+        return "inputs (checkpoint sha256)"
+    if list(a.coords) != list(b.coords):
+        return f"coords ({list(a.coords)} vs {list(b.coords)})"
+    for name in a.coords:
+        x, y = a.coords[name], b.coords[name]
+        if (x.dtype.kind == "U") != (y.dtype.kind == "U") or not np.array_equal(x, y):
+            return f"coords ({name})"
+    if (a.point_dims, a.specs) != (b.point_dims, b.specs):
+        return "metrics or point dims"
+    extra_a, extra_b = _extra_attrs(a), _extra_attrs(b)
+    if extra_a != extra_b:
+        return f"attrs ({sorted(set(extra_a.items()) ^ set(extra_b.items()))[0][0]})"
+    if check_shard and a.attrs.get("shard") != b.attrs.get("shard"):
+        return f"shard ({a.attrs.get('shard')} vs {b.attrs.get('shard')})"
+    return None
+
+
+def _shas(data: ResultData) -> list[str]:
+    return [record["sha256"] for record in data.attrs.get("inputs", [])]
+
+
+def _extra_attrs(data: ResultData) -> dict:
+    return {k: v for k, v in data.attrs.items() if k not in STANDARD_ATTRS}
+
+
+# ---------------------------------------------------------------------------- merge
+
+
+def merge_results(out_path, shard_paths: Sequence, overwrite: bool = False) -> ResultData:
+    """Join shard files of one scan into `out_path`: the union of their done cells.
+
+    All shards must share analysis, config, inputs, coords and metrics. A cell done in two
+    files must hold the same values there (NaN equals NaN). The merged file has no `shard`
+    attr; provenance attrs that differ between shards are joined ("cpu, cuda").
+    """
+    if not shard_paths:
+        raise UserError("merge needs at least one shard file")
+    if any(os.path.abspath(out_path) == os.path.abspath(p) for p in shard_paths):
+        raise UserError(f"merge output {out_path} is also one of its inputs; pick another path")
+    parts = [_read_unlocked(p) for p in shard_paths]
+    first = parts[0]
+    for part in parts[1:]:
+        if what := _difference(first, part, check_shard=False):
+            raise UserError(f"cannot merge {part.path}: it holds a different {what} "
+                            f"from {first.path}")
+    metrics, done = _union(parts)
+    root = _merged_attrs(parts)
+    with _open_writer(out_path, root, first.coords, first.specs, first.point_dims,
+                      overwrite, resume=False) as result:
+        result._write_all(metrics, done)
+    return open_result(out_path)
+
+
+def _read_unlocked(path) -> ResultData:
+    """Read a shard, refusing one that a scan is still writing (its lock is held)."""
+    if not os.path.exists(path):
+        raise UserError(f"no such result file: {path}")
+    lock = WriteLock(path).acquire()
+    try:
+        return open_result(path)
+    finally:
+        lock.release()
+
+
+def _union(parts: Sequence[ResultData]) -> tuple[dict, np.ndarray]:
+    """Merged metric arrays and done mask; UserError on a cell two files disagree on."""
+    first = parts[0]
+    metrics = {name: np.full_like(array, np.nan) for name, array in first.metrics.items()}
+    done = np.zeros_like(first.done)
+    for j, part in enumerate(parts):
+        for earlier in parts[:j]:
+            _check_agree(earlier, part)
+        for name, array in part.metrics.items():
+            _point_first(metrics[name], first, name)[part.done] = \
+                _point_first(array, part, name)[part.done]
+        done |= part.done
+    return metrics, done
+
+
+def _point_first(array: np.ndarray, data: ResultData, name: str) -> np.ndarray:
+    """A view of a metric with the point axes first, in point_dims order."""
+    dims = data.specs[name].dims
+    return np.moveaxis(array, [dims.index(d) for d in data.point_dims],
+                       range(len(data.point_dims)))
+
+
+def _check_agree(a: ResultData, b: ResultData) -> None:
+    both = a.done & b.done
+    if not both.any():
+        return
+    for name in a.metrics:
+        x, y = _point_first(a.metrics[name], a, name)[both], _point_first(b.metrics[name], b,
+                                                                           name)[both]
+        same = (x == y) | (np.isnan(x) & np.isnan(y))
+        bad = ~same.reshape(len(x), -1).all(axis=1)
+        if bad.any():
+            cell = tuple(int(i) for i in np.argwhere(both)[np.argmax(bad)])
+            labels = ", ".join(f"{d}={a.coords[d][i].item()!r}"
+                               for d, i in zip(a.point_dims, cell))
+            raise UserError(f"cell ({labels}) is done in both {a.path} and {b.path} with "
+                            f"different values of {name!r}; re-run one of them")
+
+
+def _merged_attrs(parts: Sequence[ResultData]) -> dict:
+    root = {k: v for k, v in parts[0].attrs.items() if k not in ("shard", "merged_from")}
+    root["config"] = json.dumps(root["config"], sort_keys=True)
+    root["inputs"] = json.dumps(root["inputs"])
+    for key in PROVENANCE:  # sorted, so the merge is independent of the shards' order
+        root[key] = ", ".join(sorted({str(p.attrs.get(key, "unknown")) for p in parts}))
+    root["created_utc"] = _utc_now()
+    root["merged_from"] = json.dumps(sorted(str(p.path) for p in parts))
+    return root
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def describe(data: ResultData) -> str:
+    """The text `show` prints: attributes, coordinates, metrics and progress."""
+    lines = [f"file: {data.path}", "attributes:"]
+    for key, value in data.attrs.items():
+        if key == "inputs":
+            value = "".join(f"\n    {r['path']}  sha256={r['sha256'][:12]}"
+                            for r in value) or "(none)"
+        elif not isinstance(value, str):
+            value = json.dumps(value, sort_keys=True)
+        lines.append(f"  {key}: {value}")
+    lines.append("coords:")
+    for name, labels in data.coords.items():
+        span = f"{_fmt(labels[0])} .. {_fmt(labels[-1])}" if len(labels) else "(empty)"
+        lines.append(f"  {name} ({len(labels)}): {span}")
+    progress = f"{int(data.done.sum())} of {data.done.size} cells done"
+    lines.append(f"metrics (point dims {', '.join(data.point_dims)}):")
+    for name, spec in data.specs.items():
+        shape = "x".join(str(n) for n in data.metrics[name].shape)
+        lines.append(f"  {name} ({', '.join(spec.dims)}) {shape} {spec.dtype} "
+                     f"[{spec.units}] {spec.long_name}: {progress}")
+    lines.append(f"done: {progress}")
+    return "\n".join(lines)
+
+
+def _fmt(label) -> str:
+    value = label.item()
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runs.results",
+        description="Inspect and merge HDF5 result files (schema results/1).",
+        epilog="examples:\n  python -m runs.results show out/interp.h5\n"
+               "  python -m runs.results merge out/interp.h5 out/interp.shard*of4.h5",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{show,merge}")
+    show = sub.add_parser("show", help="print a result file's attributes, coords, metrics "
+                          "and how many cells are done")
+    show.add_argument("file", help="a result .h5 file")
+    merge = sub.add_parser(
+        "merge", help="join the shard files of one scan into one result file",
+        description="Join shard files (written with --shard i/n) into OUT: the union of their "
+                    "done cells. All shards must hold the same analysis, config, inputs and "
+                    "coords; a cell done in two shards must agree. Missing shards just leave "
+                    "their cells not done.")
+    merge.add_argument("out", help="the merged file to write")
+    merge.add_argument("shards", nargs="+", help="shard files, in any order")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    return parser
+
+
+@cli
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "show":
+        print(describe(open_result(args.file)))
+    else:
+        merged = merge_results(args.out, args.shards, overwrite=args.overwrite)
+        print(f"merged {len(args.shards)} files into {args.out}: "
+              f"{int(merged.done.sum())} of {merged.done.size} cells done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

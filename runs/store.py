@@ -1,0 +1,158 @@
+"""The run store: `<root>/<kind>_<hash>/seed_<s>/` with config, checkpoints, metrics, DONE.
+
+    run = open_run("store", "train", cfg, seed=0)   # creates or reopens, checks config.json
+    if run.done: return
+    start = run.latest_step()                        # None, or the step to resume from
+    run.log({"step": 100, "loss": 0.3}); save_checkpoint(run.ckpt_path(100), ...)
+    run.mark_done({"test_accuracy": 0.91})
+"""
+
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from runs.config import config_hash, to_dict
+from runs.errors import UserError
+
+CKPT_DIGITS = 7  # step_0000000.pt: sorts by name up to 10M iterations
+_CKPT_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)`, then rename over `path`: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name that `write` creates itself, so the file gets the umask's mode
+    # (mkstemp would leave every checkpoint readable by its owner only, 0600).
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path  # <root>/<kind>_<hash>/seed_<s>
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.path / "ckpt"
+
+    def ckpt_path(self, step: int) -> Path:
+        return self.ckpt_dir / f"step_{step:0{CKPT_DIGITS}d}.pt"
+
+    def steps(self) -> list[int]:
+        """Steps with a finished checkpoint, ascending (temp files are ignored)."""
+        if not self.ckpt_dir.is_dir():
+            return []
+        names = (_CKPT_NAME.match(p.name) for p in self.ckpt_dir.iterdir())
+        return sorted(int(m[1]) for m in names if m)
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    @property
+    def done(self) -> bool:
+        return (self.path / "DONE").exists()
+
+    def mark_done(self, summary: dict | None = None) -> None:
+        atomic_write_text(self.path / "DONE", json.dumps(summary or {}, sort_keys=True) + "\n")
+
+    def summary(self) -> dict:
+        return json.loads((self.path / "DONE").read_text()) if self.done else {}
+
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    def log(self, record: dict) -> None:
+        """Append one JSON line to metrics.jsonl, flushed to disk."""
+        with open(self.path / "metrics.jsonl", "ab+") as f:
+            # After a crash mid-append the last line is partial: start a new line, or this
+            # record would be glued to it and dropped with it by `metrics()`.
+            head = "\n" if _ends_mid_line(f) else ""
+            f.write((head + json.dumps(record, sort_keys=True) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        lines = path.read_text().splitlines()
+        # A crash mid-append can leave a partial last line: drop it, keep the rest.
+        return [json.loads(line) for line in lines if _is_json(line)]
+
+    def trim_metrics(self, after_step: int) -> None:
+        """Drop records logged after `after_step`: a resumed run logs them again."""
+        keep = [r for r in self.metrics() if r.get("step", -1) <= after_step]
+        atomic_write_text(self.path / "metrics.jsonl",
+                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+
+
+def _ends_mid_line(file) -> bool:
+    """Whether a binary file is non-empty and lacks a final newline."""
+    if file.seek(0, os.SEEK_END) == 0:
+        return False
+    file.seek(-1, os.SEEK_END)
+    return file.read(1) != b"\n"
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def run_path(root, kind: str, cfg, seed: int) -> Path:
+    return Path(root) / f"{kind}_{config_hash(cfg)}" / f"seed_{seed}"
+
+
+def open_run(root, kind: str, cfg, seed: int = None, extra: dict = None) -> Run:
+    """Create the run directory (or reopen it) and write/check its config.json.
+
+    `extra` keys sit at the top level of config.json beside kind/seed/config and are written
+    only on creation; refs read `steps_per_epoch` (for RUN@2ep) and `model_spec` (RUN@init).
+    """
+    seed = getattr(cfg, "seed", 0) if seed is None else seed
+    run = Run(run_path(root, kind, cfg, seed))
+    clash = sorted({"kind", "seed", "config"} & set(extra or {}))
+    if clash:
+        raise ValueError(f"open_run: extra may not set {', '.join(clash)}")
+    record = {"kind": kind, "seed": seed, "config": to_dict(cfg), **(extra or {})}
+    config_file = run.path / "config.json"
+    if config_file.exists():
+        found = json.loads(config_file.read_text())
+        if found.get("kind") != kind or found.get("config") != record["config"]:
+            raise UserError(f"{config_file} holds another config than this command's "
+                            f"(hash collision or changed defaults); use another --store")
+        return run
+    run.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config_file, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return run
+
+
+def find_run(path) -> Run:
+    """A run from its seed directory, or from `<kind>_<hash>/` when it holds one seed."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return Run(path)
+    seeds = sorted(p.name for p in path.glob("seed_*") if (p / "config.json").exists())
+    if len(seeds) == 1:
+        return Run(path / seeds[0])
+    if seeds:
+        raise UserError(f"{path} holds several runs ({', '.join(seeds)}); name one, "
+                        f"e.g. {path / seeds[0]}")
+    raise UserError(f"no run at {path} (expected a directory with config.json)")
