@@ -1,0 +1,223 @@
+"""What the training engines share: devices and precision, the step clock, data splits,
+checkpoint save/restore for resume, NaN guards and progress bars.
+
+The loop itself stays in each engine, flat, reading top to bottom (train.py, distill.py).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from runs.checkpoint import read_checkpoint, set_rng_state
+from runs.config import parse_steps
+from runs.data import ImageData, load_dataset
+from runs.errors import UserError
+from runs.gpu_loader import Augment, GPULoader
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' is CUDA when present, else CPU; anything else is checked, not trusted."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: cannot parse {name!r}; valid: auto, cpu, cuda, cuda:N") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
+    return device
+
+
+def use_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 autocast on CUDA by default; fp32 on CPU (bf16 there is slow and changes bits)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def prepare(model: nn.Module, device: torch.device, compile_model: bool = False) -> nn.Module:
+    """Move to the device (channels_last on CUDA); optionally wrap in torch.compile.
+
+    Returns the module to call; the original (uncompiled) one keeps the weights and is
+    the one to checkpoint (`runs.checkpoint.unwrap` finds it either way).
+    """
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if compile_model:
+        return torch.compile(model)
+    return model
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Iteration <-> (epoch, batch) for a loader that drops the last partial batch."""
+    steps_per_epoch: int
+
+    def position(self, step: int) -> tuple[int, int]:
+        return divmod(step, self.steps_per_epoch)
+
+    def is_epoch_end(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0
+
+
+def batches(loader: GPULoader, start_step: int, num_steps: int):
+    """Yield (step_after, x, y) from `start_step` to `num_steps`, crossing epochs.
+
+    step_after counts the iteration just taken (1-based), matching checkpoint names.
+    """
+    clock = Clock(len(loader))
+    step = start_step
+    while step < num_steps:
+        epoch, first = clock.position(step)
+        for x, y in loader.epoch(epoch, start_batch=first):
+            step += 1
+            yield step, x, y
+            if step >= num_steps:
+                return
+
+
+def train_loader(data: ImageData, batch_size: int, device, data_seed: int,
+                 augment: Augment = Augment()) -> GPULoader:
+    if batch_size < 1 or batch_size > len(data.y):
+        raise UserError(f"--batch-size {batch_size}: must be between 1 and the "
+                        f"{len(data.y)} training images")
+    return GPULoader(data.x, data.y, data.info.mean, data.info.std, batch_size, device,
+                     shuffle=True, drop_last=True, augment=augment, data_seed=data_seed)
+
+
+def eval_loader(data: ImageData, device, batch_size: int = 1024) -> GPULoader:
+    return GPULoader(data.x, data.y, data.info.mean, data.info.std, batch_size, device,
+                     shuffle=False)
+
+
+def holdout(data: ImageData, size: int, seed: int) -> tuple[ImageData, ImageData]:
+    """Split `size` images off train, stratified by class and seeded: (train, validation).
+
+    Model selection (best epoch, early stopping) uses the validation part, never test.
+    """
+    if size <= 0:
+        return data, None
+    if size >= len(data.y):
+        raise UserError(f"--val-size {size}: must be below the {len(data.y)} training images")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.y), generator=gen)
+    classes = data.y[order]
+    # Round-robin over classes in shuffled order: each class gives its share to validation.
+    rank = torch.zeros_like(order)
+    for c in classes.unique():
+        members = (classes == c).nonzero().squeeze(1)
+        rank[members] = torch.arange(len(members))
+    frac = rank.float() / torch.bincount(classes)[classes].float()
+    val = order[torch.argsort(frac, stable=True)[:size]]
+    keep = torch.ones(len(data.y), dtype=torch.bool)
+    keep[val] = False
+    return (ImageData(data.x[keep], data.y[keep], data.info),
+            ImageData(data.x[val], data.y[val], data.info))
+
+
+def load_splits(dataset: str, root: str, subset: int, seed: int, **options):
+    """(train, test) of a dataset, train subset per class when `subset` > 0."""
+    kwargs = dict(root=root or None, seed=seed, **options)
+    train = load_dataset(dataset, split="train", subset=subset or None, **kwargs)
+    test = load_dataset(dataset, split="test", **kwargs)
+    return train, test
+
+
+def check_finite(loss: torch.Tensor, step: int, run) -> None:
+    """Stop on a NaN/Inf loss, naming the step and the last good checkpoint kept."""
+    if torch.isfinite(loss).all():
+        return
+    last = run.latest_step() if run is not None else None
+    kept = f"; last good checkpoint: {run.ckpt_path(last)}" if last is not None else ""
+    raise UserError(f"loss is {loss.item()} at step {step}{kept} (lower the learning rate?)")
+
+
+def progress(total: int, initial: int, desc: str):
+    """A tqdm bar that is quiet when stderr is not a TTY (CI, logs)."""
+    return tqdm(total=total, initial=initial, desc=desc, disable=None, dynamic_ncols=True,
+                unit="step")
+
+
+def restore(path, model: nn.Module, optimizer=None, scheduler=None,
+            modules: dict = None) -> dict:
+    """Load a resume checkpoint in place: weights, optimiser, schedule, extra modules, RNG."""
+    payload = read_checkpoint(path)
+    model.load_state_dict(payload["model"]["state"])
+    for name, module in (modules or {}).items():
+        state = payload["modules"][name]["state"]
+        if state is not None:
+            module.load_state_dict(state)
+    if optimizer is not None and payload.get("optimizer"):
+        optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and payload.get("scheduler"):
+        scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"])
+    return payload
+
+
+class Timer:
+    """Images per second over a run, for the summary line."""
+
+    def __init__(self):
+        self.start, self.images = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.images += n
+
+    def rate(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Flags that change where and how fast a run executes, not what it computes."""
+    p.add_argument("--store", default="store", help="root folder of the run store")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+
+def config_with_steps(cfg, steps: str, save_at, steps_per_epoch: int):
+    """Resolve '160ep'-style flags to iterations now that the epoch length is known."""
+    num_steps = parse_steps(steps, steps_per_epoch, flag="--steps")
+    points = tuple(sorted({parse_steps(t, steps_per_epoch) for t in save_at}))
+    late = [p for p in points if p > num_steps]
+    if late:
+        raise UserError(f"--save-at {late[0]} is past the end of training ({num_steps} steps)")
+    return dataclasses.replace(cfg, num_steps=num_steps, save_at=points)
+
+def check_window(losses: list, last_step: int, run) -> None:
+    """Fail on the first non-finite loss of the window, naming its step."""
+    stacked = torch.stack(losses)
+    bad = ~torch.isfinite(stacked)
+    if bad.any():
+        first = last_step - len(losses) + 1 + int(bad.int().argmax())
+        check_finite(stacked[bad][:1], first, run)
+
+
+def latest_state(run) -> tuple[int, object] | None:
+    """(step, path) of the newest full training state: a kept step or the resume file."""
+    saved = [(step, run.ckpt_path(step)) for step in run.steps()]
+    if resume_path(run).exists():
+        saved.append((read_checkpoint(resume_path(run))["step"], resume_path(run)))
+    return max(saved) if saved else None
+
+
+def resume_path(run):
+    return run.ckpt_dir / "resume.pt"
+
