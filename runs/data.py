@@ -1,0 +1,191 @@
+"""Datasets as whole uint8 tensors: one entry, `load_dataset(name, ...)`, over a registry.
+
+    data = load_dataset("cifar10", root="~/data", split="train")
+    data.x  # (50000, 3, 32, 32) uint8, CPU, contiguous: moved to the device once, whole
+    data.y  # (50000,) int64
+    data.info  # DatasetInfo: num_classes, per-channel train mean/std on [0, 1], size, names
+
+Registered names (each a loader in `runs/datasets/`): cifar10, cifar100, stl10, tinyimagenet,
+mnist, fashionmnist, digits (embedded, no root: the default small set), noise, npz, toy.
+After loading, the generic options apply in this order: `channels` (1 <-> 3), `size` (resize),
+`subset` (N images per class). `info` always describes the data as returned.
+"""
+
+import inspect
+import operator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from runs.datasets import arrays, cifar, mnist, stl10, synthetic, tinyimagenet  # noqa: F401
+from runs.datasets.base import DATASETS, DatasetInfo, ImageData, pixel_stats
+from runs.datasets.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
+from runs.errors import UserError, unknown
+
+__all__ = ["CIFAR10_CLASSES", "CIFAR100_CLASSES", "CIFAR10_SUBSET", "DATASETS", "DatasetInfo",
+           "ImageData", "cifar10_subset_path", "convert_channels", "dataset_info",
+           "load_dataset", "pixel_stats", "resize", "take_subset"]
+
+# Real CIFAR-10 images for tests and CPU-sized checks (5085 train / 1017 test), kept in the
+# shared folder beside the repository, never inside it. Load with `cifar10_subset_path()`.
+CIFAR10_SUBSET = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_subset.npz"
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for RGB -> grey, as PIL's convert("L")
+_CHUNK = 4096  # images per float32 temporary when converting: bounds memory on 100k-image sets
+_GENERIC = ("root", "split", "download", "size", "channels", "subset", "seed")
+
+
+def cifar10_subset_path() -> Path | None:
+    """The path of the shared real CIFAR-10 subset, or None where it is absent (tests skip)."""
+    return CIFAR10_SUBSET if CIFAR10_SUBSET.is_file() else None
+
+
+def load_dataset(name: str, root=None, split: str = "train", download: bool = False,
+                 size=None, channels: int | None = None, subset: int | None = None,
+                 seed: int = 0, **options) -> ImageData:
+    """Load one split of a registered dataset whole, then apply channels, size and subset.
+
+    root: where the files are (see each loader; None for digits, noise, toy and Debian's
+    Fashion-MNIST). download: fetch missing files with torchvision where it can.
+    size: int or (H, W), antialiased bilinear resize. channels: 1 or 3. subset: N images per
+    class, drawn with `seed`. seed also drives digits' split and the generated sets.
+    options: the dataset's own keyword options (e.g. npz's class_names, noise's count).
+    """
+    loader = _loader(name, options)
+    if split not in loader.splits:
+        raise UserError(f"{name}: {unknown('split', split, loader.splits)}")
+    _check_channels(channels)
+    image_size = _check_size(size)
+    data = loader(_as_path(root), split, download, seed, **options)
+    data = convert_channels(data, channels)
+    data = resize(data, image_size)
+    return take_subset(data, subset, seed, split)
+
+
+def dataset_info(name: str, root=None, download: bool = False, size=None,
+                 channels: int | None = None, seed: int = 0, split: str | None = None,
+                 subset: int | None = None, **options) -> DatasetInfo:
+    """The metadata `load_dataset` would attach, without decoding pixels where possible.
+
+    Datasets with published statistics answer from constants (TinyImageNet reads its class
+    names from root when given); the others load their train split. split and subset are
+    accepted so one set of keywords serves both calls; they do not change the metadata.
+    """
+    loader = _loader(name, options)
+    _check_channels(channels)
+    image_size = _check_size(size)
+    if loader.info is not None:
+        info = loader.info(_as_path(root), **options)
+    else:
+        info = loader(_as_path(root), "train", download, seed, **options).info
+    return _resized_info(_converted_info(info, channels), image_size)
+
+
+def _loader(name: str, options: dict):
+    """The registered loader, after checking `options` against its keyword-only parameters."""
+    loader = DATASETS.get(name)
+    own = [param.name for param in inspect.signature(loader).parameters.values()
+           if param.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key in options:
+        if key not in own:
+            valid = ", ".join(own) if own else "none of its own"
+            raise UserError(f"{name}: unknown option {key!r}; valid: {valid} "
+                            f"(and the generic {', '.join(_GENERIC)})")
+    return loader
+
+
+def _as_path(root) -> Path | None:
+    return None if root is None else Path(root).expanduser()
+
+
+def _check_channels(channels) -> None:
+    if channels not in (None, 1, 3):
+        raise UserError(f"channels: expected 1 (grey) or 3 (RGB), got {channels!r}")
+
+
+def _check_size(size) -> tuple[int, int] | None:
+    """None, or (H, W) from an int or a pair of positive ints."""
+    if size is None:
+        return None
+    try:
+        pair = tuple(size) if hasattr(size, "__len__") else (size, size)
+        pair = tuple(operator.index(n) for n in pair)  # ints (numpy's too), not floats
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 1:
+        raise UserError(f"size: expected a positive int or (H, W), got {size!r}")
+    return pair
+
+
+def _converted_info(info: DatasetInfo, channels: int | None) -> DatasetInfo:
+    """Metadata after a channel change: grey stats repeated, or RGB stats mixed by LUMA.
+
+    The grey std of RGB data needs the channels' covariance, which the published constants
+    lack; sum(w_c * std_c) is exact for fully correlated channels (an upper bound, within a
+    few per cent for natural images, whose channels correlate at about 0.9).
+    """
+    if channels is None or channels == info.channels:
+        return info
+    if channels == 3:
+        return replace(info, channels=3, mean=info.mean * 3, std=info.std * 3)
+    mean = sum(w * m for w, m in zip(LUMA, info.mean))
+    std = sum(w * s for w, s in zip(LUMA, info.std))
+    return replace(info, channels=1, mean=(mean,), std=(std,))
+
+
+def _resized_info(info: DatasetInfo, image_size: tuple[int, int] | None) -> DatasetInfo:
+    return info if image_size is None else replace(info, image_size=image_size)
+
+
+def convert_channels(data: ImageData, channels: int | None) -> ImageData:
+    """Grey -> RGB by repeating the channel; RGB -> grey by BT.601 luminance, rounded."""
+    if channels is None or channels == data.info.channels:
+        return data
+    if channels == 3:
+        x = data.x.expand(-1, 3, -1, -1).contiguous()  # (N, 1, H, W) -> (N, 3, H, W)
+    else:
+        weights = torch.tensor(LUMA).view(1, 3, 1, 1)
+        x = torch.empty((len(data), 1, *data.x.shape[2:]), dtype=torch.uint8)
+        for start in range(0, len(data), _CHUNK):
+            rgb = data.x[start:start + _CHUNK].float()  # (B, 3, H, W) in 0..255
+            x[start:start + _CHUNK] = (rgb * weights).sum(1, keepdim=True).round().clamp(0, 255)
+    return ImageData(x=x, y=data.y, info=_converted_info(data.info, channels))
+
+
+def resize(data: ImageData, image_size: tuple[int, int] | None) -> ImageData:
+    """Antialiased bilinear resize on float pixels, rounded back to uint8 (N, C, H', W')."""
+    if image_size is None or image_size == tuple(data.x.shape[2:]):
+        return data
+    x = torch.empty((len(data), data.x.shape[1], *image_size), dtype=torch.uint8)
+    for start in range(0, len(data), _CHUNK):
+        part = data.x[start:start + _CHUNK].float()  # (B, C, H, W) in 0..255
+        part = F.interpolate(part, size=image_size, mode="bilinear", antialias=True,
+                             align_corners=False)
+        x[start:start + _CHUNK] = part.round().clamp(0, 255)
+    return ImageData(x=x, y=data.y, info=_resized_info(data.info, image_size))
+
+
+def take_subset(data: ImageData, per_class: int | None, seed: int, split: str) -> ImageData:
+    """`per_class` images of every class (drawn with `seed`), kept in their original order.
+
+    An all-unlabeled split (labels -1, STL-10's "unlabeled") gives `per_class` images in all.
+    """
+    if per_class is None:
+        return data
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise UserError(f"subset: expected a positive number of images per class, "
+                        f"got {per_class!r}")
+    generator = torch.Generator().manual_seed(seed)
+    unlabeled = bool((data.y < 0).all())
+    groups = [torch.arange(len(data))] if unlabeled else [
+        (data.y == label).nonzero().flatten() for label in range(data.info.num_classes)]
+    picks = []
+    for label, index in enumerate(groups):
+        if len(index) < per_class:
+            what = "unlabeled" if unlabeled else f"class {label} ({data.info.class_names[label]})"
+            raise UserError(f"subset={per_class}: {data.info.name} {what} has only "
+                            f"{len(index)} images in split {split!r}")
+        picks.append(index[torch.randperm(len(index), generator=generator)[:per_class]])
+    keep = torch.cat(picks).sort().values
+    return ImageData(x=data.x[keep].contiguous(), y=data.y[keep], info=data.info)

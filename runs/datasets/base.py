@@ -1,0 +1,157 @@
+"""What every dataset loader shares: the result types, the registry, statistics and the cache.
+
+A loader is a function registered in `DATASETS` under its own name and called as
+`fn(root, split, download, seed, **options) -> ImageData`: `root` is a `Path` or None, `split`
+one of the loader's `splits`. Its keyword-only options are the dataset's own options; the
+generic ones (`size`, `channels`, `subset`) are applied afterwards by `runs.data`.
+"""
+
+import hashlib
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runs.errors import UserError
+from runs.registry import Registry
+
+DATASETS = Registry("dataset")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Metadata of a dataset as loaded (after the `channels` and `size` options)."""
+
+    name: str  # registered name: "cifar10", "npz", ...
+    num_classes: int  # labels are 0..num_classes-1 (-1 marks unlabeled images)
+    mean: tuple[float, ...]  # per channel, [0, 1] scale, of the train split
+    std: tuple[float, ...]  # per channel, [0, 1] scale, of the train split
+    image_size: tuple[int, int]  # (H, W) in pixels
+    channels: int  # C: 1 (grey) or 3 (RGB)
+    class_names: tuple[str, ...]  # num_classes names, index = label
+
+
+@dataclass
+class ImageData:
+    """One split of a dataset, whole, as it lives on the device: uint8 pixels and int64 labels."""
+
+    x: torch.Tensor  # (N, C, H, W) uint8, CPU, contiguous
+    y: torch.Tensor  # (N,) int64; -1 for unlabeled images
+    info: DatasetInfo
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def dataset(*splits: str, info: Callable[..., DatasetInfo] | None = None):
+    """Register a loader with its valid splits and, optionally, a pixel-free metadata function.
+
+    `info(root, **options) -> DatasetInfo` lets `dataset_info` answer without decoding images;
+    without it, `dataset_info` loads the train split and takes its `.info`.
+    """
+
+    def add(fn):
+        fn.splits = splits
+        fn.info = info
+        return DATASETS.register(fn)
+
+    return add
+
+
+def _writable(array: np.ndarray, dtype) -> np.ndarray:
+    """C-contiguous, writable (torch warns on read-only buffers such as np.frombuffer's)."""
+    array = np.ascontiguousarray(array, dtype=dtype)
+    return array if array.flags.writeable else array.copy()
+
+
+def to_image_data(x: np.ndarray, y: np.ndarray, info: DatasetInfo) -> ImageData:
+    """Wrap numpy arrays, checking the layout the rest of the toolkit relies on."""
+    x_t = torch.from_numpy(_writable(x, np.uint8))  # (N, C, H, W) uint8
+    y_t = torch.from_numpy(_writable(y, np.int64))  # (N,) int64
+    assert x_t.ndim == 4 and x_t.shape[1] == info.channels, (x_t.shape, info)
+    assert y_t.shape == (x_t.shape[0],), (y_t.shape, x_t.shape)
+    return ImageData(x=x_t, y=y_t, info=info)
+
+
+def pixel_stats(x: torch.Tensor | np.ndarray):
+    """Per-channel (mean, std) of uint8 images (N, C, H, W) on the [0, 1] scale.
+
+    From exact per-channel histograms of the 256 values (bincount is fast and exact, where
+    summing 10^8 uint8 values in float32 is neither).
+    """
+    x = torch.as_tensor(x)
+    values = torch.arange(256, dtype=torch.float64) / 255  # (256,) on the [0, 1] scale
+    mean, std = [], []
+    for channel in range(x.shape[1]):
+        counts = torch.bincount(x[:, channel].reshape(-1), minlength=256).double()  # (256,)
+        m = (counts * values).sum() / counts.sum()
+        var = (counts * (values - m) ** 2).sum() / counts.sum()
+        mean.append(m.item())
+        std.append(var.sqrt().item())
+    return tuple(mean), tuple(std)
+
+
+def no_data(name: str, path: Path, download_supported: bool = True) -> UserError:
+    """The one-line error for a missing file or folder, with how to get it."""
+    if download_supported:
+        hint = "pass download=True, or download it and point root at the folder holding it"
+    else:
+        hint = "download it by hand and point root at the folder holding it"
+    return UserError(f"{name}: no data at {path} ({hint})")
+
+
+def download_failed(name: str, root: Path, err: Exception) -> UserError:
+    """A failed download (no network, bad checksum) as one line; torchvision's span several."""
+    return UserError(f"{name}: download to {root} failed: {' '.join(str(err).split())}")
+
+
+def need_root(name: str, holds: str) -> UserError:
+    """The error for a loader called without the `root` it needs."""
+    return UserError(f"{name}: no root given; pass root=<the folder holding {holds}>")
+
+
+def _fingerprint(sources: list[Path]) -> str:
+    """A cheap stamp of the source files: names, sizes and modification times."""
+    digest = hashlib.sha1()
+    for path in sources:
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+
+
+def cached_arrays(cache_dir: Path, key: str, sources: list[Path],
+                  decode: Callable[[], tuple[np.ndarray, np.ndarray]]):
+    """Return `decode()`'s (x, y), decoding once and caching them as .npy files in `cache_dir`.
+
+    The cache is valid while the source files keep their sizes and modification times; the
+    stamp is written last, so an interrupted write is simply decoded again. A read-only
+    `cache_dir` only costs a warning: the data is still returned.
+    """
+    x_path, y_path = cache_dir / f"{key}_x.npy", cache_dir / f"{key}_y.npy"
+    stamp_path = cache_dir / f"{key}.stamp"
+    stamp = _fingerprint(sources)
+    if stamp_path.is_file() and stamp_path.read_text() == stamp:
+        try:
+            return np.load(x_path), np.load(y_path)
+        except (OSError, ValueError, EOFError):
+            pass  # a damaged cache is decoded again below
+    x, y = decode()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _save_atomic(x_path, x)
+        _save_atomic(y_path, y)
+        stamp_path.write_text(stamp)
+    except OSError as err:
+        warnings.warn(f"could not cache decoded images in {cache_dir}: {err}", stacklevel=2)
+    return x, y
