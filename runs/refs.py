@@ -46,9 +46,19 @@ class Loaded:
 
     def input_record(self) -> dict:
         """The provenance entry results store under `inputs`."""
-        from runs.results import file_sha256
-        return {"ref": self.ref, "path": str(self.path) if self.path else None,
-                "sha256": file_sha256(self.path) if self.path else None, "step": self.step}
+        return file_record(self.ref, self.path, self.step)
+
+
+def file_record(ref: str, path: Path | None, step: int | None) -> dict:
+    from runs.results import file_sha256
+    return {"ref": ref, "path": str(path) if path else "", "step": step,
+            "sha256": file_sha256(path) if path else ""}
+
+
+def ref_record(ref: str) -> dict:
+    """The provenance record of a reference without loading its weights."""
+    path, step, _ = resolve_file(parse_ref(ref))
+    return file_record(ref, path, step)
 
 
 def parse_ref(text: str) -> Ref:

@@ -159,7 +159,8 @@ def _input_records(inputs) -> list[dict]:
         if isinstance(item, Mapping):
             if not {"path", "sha256"} <= set(item):
                 raise ValueError(f"an input record needs 'path' and 'sha256', got {item}")
-            records.append({"path": str(item["path"]), "sha256": str(item["sha256"])})
+            # Extra keys (the reference as written, its step) travel along as given.
+            records.append({**item, "path": str(item["path"]), "sha256": str(item["sha256"])})
         else:
             records.append({"path": str(item), "sha256": file_sha256(item)})
     return records
