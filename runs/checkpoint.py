@@ -8,6 +8,7 @@ A checkpoint is a dict:
                means "rebuild from the spec's seed" (random teachers are stored that way)
     optimizer, scheduler   their state_dicts, or None
     config     the run's config (dict), rng (torch CPU/CUDA states), extra (anything JSON-able)
+               (numpy values in config and extra are stored as Python numbers)
 """
 
 from pathlib import Path
@@ -61,10 +62,20 @@ def save_checkpoint(path, model: nn.Module, step: int, *, config: dict = None,
         "modules": {name: entry for name, entry in (modules or {}).items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "config": config or {}, "rng": rng_state(), "extra": extra or {},
+        "config": _plain(config or {}), "rng": rng_state(), "extra": _plain(extra or {}),
     }
     atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
     return Path(path)
+
+
+def _plain(data):
+    """numpy scalars and arrays as Python numbers and lists, at any depth: the weights-only
+    loader refuses numpy objects, so a file holding one could never be read back."""
+    if isinstance(data, dict):
+        return {key: _plain(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return (list if isinstance(data, list) else tuple)(_plain(v) for v in data)
+    return data.tolist() if type(data).__module__ == "numpy" else data
 
 
 def read_checkpoint(path, trusted: bool = False) -> dict:

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +151,10 @@ class Session:
     bf16: bool
     center: torch.Tensor | None = None
     step: int = 0
+    # Running loss sums of the current epoch and their count: saved in every checkpoint, so
+    # an epoch resumed mid-way logs the mean over all its steps, not only the resumed ones.
+    sums: dict = field(default_factory=dict)
+    count: int = 0
 
 
 def load_data(cfg: DistillConfig):
@@ -226,9 +230,11 @@ def start_state(s: Session) -> int:
         save(s, 0, s.run.ckpt_path(0))
         return 0
     step, path = latest
-    payload = engine.restore(path, s.student.model, s.optimizer, {"head": s.student.head})
+    payload = engine.restore(path, s.student.model, s.optimizer, modules={"head": s.student.head})
     if s.center is not None:
         s.center.copy_(payload["extra"]["center"])
+    s.sums = {k: v.to(s.device) for k, v in payload["extra"].get("epoch_sums", {}).items()}
+    s.count = payload["extra"].get("epoch_count", 0)
     s.run.trim_metrics(step)
     return step
 
@@ -238,7 +244,8 @@ def save(s: Session, step: int, path) -> None:
                # The teacher is rebuilt from its seed: it never changes (checked by tests).
                "teacher": module_entry(s.teacher.model, with_state=False),
                "teacher_head": module_entry(s.teacher.head, with_state=False)}
-    extra = {"kind": "distill", "steps_per_epoch": len(s.loader)}
+    extra = {"kind": "distill", "steps_per_epoch": len(s.loader), "epoch_count": s.count,
+             "epoch_sums": {k: v.cpu() for k, v in s.sums.items()}}
     if s.center is not None:
         extra["center"] = s.center.cpu()
     save_checkpoint(path, unwrap(s.student).model, step, config=dataclasses.asdict(s.cfg),
@@ -293,15 +300,15 @@ def fit(s: Session, stop_at: int = None) -> None:
     per_epoch, last_epoch = len(s.loader), num_epochs(s.cfg, len(s.loader))
     keep = set(s.cfg.save_at) | {s.cfg.num_steps}
     init_knn = probe_now(s, 0, last_epoch) if s.step == 0 else None
-    sums, count, window = {}, 0, []
+    window = []
     with engine.progress(s.cfg.num_steps, s.step, f"distill {s.run.path.parent.name}") as bar:
         for step, x, _ in engine.batches(s.loader, s.step, s.cfg.num_steps):
             out = distill_step(s, x)
             s.step = step
             bar.update(1)
             window.append(out["loss"])
-            sums = {k: sums.get(k, 0) + v for k, v in out.items()}
-            count += 1
+            s.sums = {k: s.sums.get(k, 0) + v for k, v in out.items()}
+            s.count += 1
             if init_knn is not None:  # epoch 0: the first batch's losses at init
                 close_epoch(s, 0, out, 1, init_knn)
                 init_knn = None
@@ -311,8 +318,8 @@ def fit(s: Session, stop_at: int = None) -> None:
                 window = []
             if epoch_end:
                 epoch = -(-step // per_epoch)
-                close_epoch(s, epoch, sums, count, probe_now(s, epoch, last_epoch))
-                sums, count = {}, 0
+                close_epoch(s, epoch, s.sums, s.count, probe_now(s, epoch, last_epoch))
+                s.sums, s.count = {}, 0
             if step in keep:
                 save(s, step, s.run.ckpt_path(step))
             elif epoch_end or step == stop_at:

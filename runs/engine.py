@@ -143,8 +143,8 @@ def check_finite(loss: torch.Tensor, step: int, run) -> None:
     """Stop on a NaN/Inf loss, naming the step and the last good checkpoint kept."""
     if torch.isfinite(loss).all():
         return
-    last = run.latest_step() if run is not None else None
-    kept = f"; last good checkpoint: {run.ckpt_path(last)}" if last is not None else ""
+    last = latest_state(run) if run is not None else None  # a kept step or resume.pt
+    kept = f"; last good checkpoint: {last[1]}" if last is not None else ""
     raise UserError(f"loss is {loss.item()} at step {step}{kept} (lower the learning rate?)")
 
 
@@ -192,14 +192,19 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
 
+
 def config_with_steps(cfg, steps: str, save_at, steps_per_epoch: int):
     """Resolve '160ep'-style flags to iterations now that the epoch length is known."""
+    if steps_per_epoch < 1:  # else '2ep' would fail blaming --steps
+        raise UserError(f"--batch-size {cfg.batch_size}: larger than the training set (not "
+                        f"one full batch per epoch)")
     num_steps = parse_steps(steps, steps_per_epoch, flag="--steps")
     points = tuple(sorted({parse_steps(t, steps_per_epoch) for t in save_at}))
     late = [p for p in points if p > num_steps]
     if late:
         raise UserError(f"--save-at {late[0]} is past the end of training ({num_steps} steps)")
     return dataclasses.replace(cfg, num_steps=num_steps, save_at=points)
+
 
 def check_window(losses: list, last_step: int, run) -> None:
     """Fail on the first non-finite loss of the window, naming its step."""

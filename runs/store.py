@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from runs.config import config_hash, to_dict
+from runs.config import config_hash, non_default, to_dict
 from runs.errors import UserError
 
 CKPT_DIGITS = 7  # step_0000000.pt: sorts by name up to 10M iterations
@@ -128,14 +128,17 @@ def open_run(root, kind: str, cfg, seed: int = None, extra: dict = None) -> Run:
     """
     seed = getattr(cfg, "seed", 0) if seed is None else seed
     run = Run(run_path(root, kind, cfg, seed))
-    clash = sorted({"kind", "seed", "config"} & set(extra or {}))
+    clash = sorted({"kind", "seed", "config", "identity"} & set(extra or {}))
     if clash:
         raise ValueError(f"open_run: extra may not set {', '.join(clash)}")
-    record = {"kind": kind, "seed": seed, "config": to_dict(cfg), **(extra or {})}
+    # `identity` (the non-default fields, what the hash covers) decides whether a stored
+    # run is this one: adding a field with a default later does not orphan old runs.
+    record = {"kind": kind, "seed": seed, "config": to_dict(cfg), "identity": non_default(cfg),
+              **(extra or {})}
     config_file = run.path / "config.json"
     if config_file.exists():
         found = json.loads(config_file.read_text())
-        if found.get("kind") != kind or found.get("config") != record["config"]:
+        if found.get("kind") != kind or found.get("identity") != record["identity"]:
             raise UserError(f"{config_file} holds another config than this command's "
                             f"(hash collision or changed defaults); use another --store")
         return run

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +78,12 @@ def build_model(cfg: TrainConfig, num_classes: int, channels: int):
                             in_channels=channels, seed=cfg.seed)
     from runs.refs import load_model
     model = load_model(cfg.init, num_classes=num_classes, fc_seed=cfg.seed).model
-    if model.spec.get("name") != cfg.model:
-        raise UserError(f"--init {cfg.init} is a {model.spec.get('name')}, not --model "
-                        f"{cfg.model}")
+    wanted = {"name": cfg.model, "width": cfg.width, "in_channels": channels}
+    bad = [f"{k} {model.spec.get(k)!r}, not {v!r}" for k, v in wanted.items()
+           if model.spec.get(k) != v]  # a silent width change would train another network
+    if bad:
+        raise UserError(f"--init {cfg.init} does not fit this run (--model {cfg.model} "
+                        f"--width {cfg.width}, {channels}-channel data): {'; '.join(bad)}")
     return model
 
 
@@ -124,6 +127,9 @@ class Session:
     bf16: bool
     step: int = 0
     images_per_second: float = 0.0
+    # Training losses since the last evaluation: saved in every checkpoint, so an epoch
+    # resumed mid-way logs the mean over all its steps, not only the resumed ones.
+    losses: list = field(default_factory=list)
 
 
 def load_data(cfg: TrainConfig) -> tuple:
@@ -144,11 +150,12 @@ def setup(cfg: TrainConfig, store: str, data: tuple = None, device="auto", preci
     check_input_size(model, train.info.channels, train.info.image_size)
     loader = engine.train_loader(train, cfg.batch_size, device, cfg.data_seed,
                                  Augment(cfg.flip, cfg.crop_padding))
-    run = open_run(store, "train", cfg, extra={"steps_per_epoch": len(loader),
-                                               "model_spec": model.spec})
     forward = engine.prepare(model, device, compile_model)
     optimizer, scheduler = make_optimizer(cfg, model, device)
-    mask = Mask(model, load_mask(cfg.mask), cfg.mask) if cfg.mask else None
+    mask = Mask(model, load_mask(cfg.mask), cfg.mask) if cfg.mask else None  # on the device
+    # Only now, with every flag checked, does the run directory appear.
+    run = open_run(store, "train", cfg, extra={"steps_per_epoch": len(loader),
+                                               "model_spec": model.spec})
     evals = {name: engine.eval_loader(data, device) for name, data in
              (("val", val), ("test", test)) if data is not None}
     s = Session(cfg, run, model, forward, optimizer, scheduler, mask, loader, evals, device,
@@ -157,13 +164,13 @@ def setup(cfg: TrainConfig, store: str, data: tuple = None, device="auto", preci
     return s
 
 
-
 def start_state(s: Session) -> int:
     """Resume from the newest checkpoint of this run, else rewind, else step 0 (saved)."""
     latest = engine.latest_state(s.run)
     if latest:
         step, path = latest
-        engine.restore(path, s.model, s.optimizer, s.scheduler)
+        payload = engine.restore(path, s.model, s.optimizer, s.scheduler)
+        s.losses = list(payload["extra"].get("losses", torch.empty(0)).to(s.device).unbind())
         s.run.trim_metrics(step)
         return step
     step = rewind_to(s) if s.cfg.rewind else 0
@@ -179,7 +186,11 @@ def rewind_to(s: Session) -> int:
     from runs.refs import load_model
     loaded = load_model(s.cfg.rewind)
     payload = loaded.payload
-    if loaded.model.spec != s.model.spec:
+    if payload.get("extra", {}).get("kind", "train") != "train":
+        raise UserError(f"--rewind {s.cfg.rewind}: a {payload['extra']['kind']} checkpoint "
+                        f"holds no SGD state; start from its weights with --init REF:encoder")
+    # The seed is not compared: every weight comes from the checkpoint.
+    if without_seed(loaded.model.spec) != without_seed(s.model.spec):
         raise UserError(f"--rewind {s.cfg.rewind} is a {loaded.model.spec.get('name')} "
                         f"({loaded.model.spec}), not this run's {s.model.spec}")
     s.model.load_state_dict(loaded.model.state_dict())
@@ -190,10 +201,15 @@ def rewind_to(s: Session) -> int:
     return int(payload.get("step", 0))
 
 
+def without_seed(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k != "seed"}
+
+
 def save(s: Session, step: int, path) -> None:
+    losses = torch.stack(s.losses).cpu() if s.losses else torch.empty(0)
     save_checkpoint(path, unwrap(s.model), step, config=dataclasses.asdict(s.cfg),
                     optimizer=s.optimizer, scheduler=s.scheduler,
-                    extra={"kind": "train", "steps_per_epoch": len(s.loader)})
+                    extra={"kind": "train", "steps_per_epoch": len(s.loader), "losses": losses})
 
 
 def train_step(s: Session, x, y) -> torch.Tensor:
@@ -227,22 +243,22 @@ def is_eval_step(s: Session, step: int) -> bool:
 
 def fit(s: Session, stop_at: int = None) -> None:
     """The loop. `stop_at` ends early without DONE (tests use it to simulate a crash)."""
-    cfg, losses = s.cfg, []
+    cfg = s.cfg
     keep = set(cfg.save_at) | {cfg.num_steps}
     timer = engine.Timer()
     s.images_per_second = 0.0
     with engine.progress(cfg.num_steps, s.step, f"train {s.run.path.parent.name}") as bar:
         for step, x, y in engine.batches(s.loader, s.step, cfg.num_steps):
-            losses.append(train_step(s, x, y))
+            s.losses.append(train_step(s, x, y))
             s.step = step
             timer.add(len(y))
             bar.update(1)
             epoch_end = step % len(s.loader) == 0
             if step in keep or epoch_end or step == stop_at:
-                engine.check_window(losses, step, s.run)
+                engine.check_window(s.losses, step, s.run)
             if is_eval_step(s, step):
-                log_eval(s, step, losses)
-                losses = []
+                log_eval(s, step, s.losses)
+                s.losses = []
             if step in keep:
                 save(s, step, s.run.ckpt_path(step))
             elif epoch_end or step == stop_at:
