@@ -87,18 +87,25 @@ def probe_all(train_x, train_y, test_x, test_y, num_classes, probes, ks, seeds,
     return out
 
 
+def load_encoder(ref: str, info):
+    """The encoder a reference names, checked against the dataset's images."""
+    from runs.models.base import check_input_size
+    from runs.refs import load_model
+    model = load_model(ref).model
+    want = model.spec.get("in_channels", info.channels)
+    if want != info.channels:
+        raise UserError(f"{ref} takes {want}-channel images, {info.name} has "
+                        f"{info.channels}; pass --channels {want}")
+    check_input_size(model, info.channels, info.image_size)
+    return model.encoder
+
+
 def embed(ref: str, data: tuple, device: torch.device, batch_size: int):
     """(train features, test features) of one checkpoint's encoder, or of `pixels`."""
     train, test = data
     if ref == PIXELS:
         return pixel_features(train.x).to(device), pixel_features(test.x).to(device)
-    from runs.refs import load_model
-    loaded = load_model(ref)
-    want = loaded.model.spec.get("in_channels", train.info.channels)
-    if want != train.info.channels:
-        raise UserError(f"{ref} takes {want}-channel images, {train.info.name} has "
-                        f"{train.info.channels}; pass --channels {want}")
-    encoder = loaded.model.encoder.to(device)
+    encoder = load_encoder(ref, train.info).to(device)
     feats = [extract_features(encoder, d.x, d.info.mean, d.info.std, batch_size, device)
              for d in (train, test)]
     return feats[0], feats[1]
@@ -187,6 +194,9 @@ def main(argv=None) -> int:
     kwargs = dict(root=args.data_root or None, size=args.size, channels=args.channels)
     data = (load_dataset(args.dataset, split="train", subset=args.subset or None, **kwargs),
             load_dataset(args.dataset, split="test", **kwargs))
+    for ref in args.refs:  # every reference checked before a result file exists
+        if ref != PIXELS:
+            load_encoder(ref, data[0].info)
     with open_probe_result(args, labels, device, shard) as result:
         run_probes(args, data, labels, result, device)
         path = result.path
