@@ -89,15 +89,32 @@ def probe_all(train_x, train_y, test_x, test_y, num_classes, probes, ks, seeds,
 
 def load_encoder(ref: str, info):
     """The encoder a reference names, checked against the dataset's images."""
+    return load_checked(ref, info).model.encoder
+
+
+def describe(ref: str, info) -> dict:
+    """What a probed row is, for tables and figures: role, architecture, training data."""
+    if ref == PIXELS:
+        return {"ref": ref, "role": "pixels", "model": "", "trained_on": ""}
+    loaded = load_checked(ref, info)
+    kind = (loaded.payload.get("extra") or {}).get("kind", "")
+    role = "teacher" if "teacher" in ref.rsplit("@", 1)[-1] else \
+        {"distill": "student", "train": "supervised"}.get(kind, "checkpoint")
+    return {"ref": ref, "role": role, "model": loaded.model.spec.get("name", ""),
+            "trained_on": loaded.config.get("dataset", "")}
+
+
+def load_checked(ref: str, info):
     from runs.models.base import check_input_size
     from runs.refs import load_model
-    model = load_model(ref).model
+    loaded = load_model(ref)
+    model = loaded.model
     want = model.spec.get("in_channels", info.channels)
     if want != info.channels:
         raise UserError(f"{ref} takes {want}-channel images, {info.name} has "
                         f"{info.channels}; pass --channels {want}")
     check_input_size(model, info.channels, info.image_size)
-    return model.encoder
+    return loaded
 
 
 def embed(ref: str, data: tuple, device: torch.device, batch_size: int):
@@ -138,7 +155,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def open_probe_result(args, labels: list[str], device, shard):
+def open_probe_result(args, labels: list[str], device, shard, rows: list[dict]):
     from runs.results import MetricSpec, create_result, shard_path
     config = {k: v for k, v in vars(args).items()
               if k not in ("out", "overwrite", "shard", "device", "batch_size")}
@@ -150,7 +167,8 @@ def open_probe_result(args, labels: list[str], device, shard):
     from runs.refs import ref_record
     inputs = [ref_record(ref) for ref in args.refs if ref != PIXELS]
     return create_result(path, "probe", coords, {"accuracy": metric}, ("checkpoint",),
-                         config, inputs, str(device), overwrite=args.overwrite, shard=shard)
+                         config, inputs, str(device), attrs={"checkpoints": rows},
+                         overwrite=args.overwrite, shard=shard)
 
 
 def run_probes(args, data, labels, result, device) -> None:
@@ -194,10 +212,9 @@ def main(argv=None) -> int:
     kwargs = dict(root=args.data_root or None, size=args.size, channels=args.channels)
     data = (load_dataset(args.dataset, split="train", subset=args.subset or None, **kwargs),
             load_dataset(args.dataset, split="test", **kwargs))
-    for ref in args.refs:  # every reference checked before a result file exists
-        if ref != PIXELS:
-            load_encoder(ref, data[0].info)
-    with open_probe_result(args, labels, device, shard) as result:
+    # Every reference is checked (and described) before a result file exists.
+    rows = [describe(ref, data[0].info) for ref in args.refs]
+    with open_probe_result(args, labels, device, shard, rows) as result:
         run_probes(args, data, labels, result, device)
         path = result.path
     from runs.results import open_result
