@@ -1,0 +1,62 @@
+"""Draw paper-style figures from stored HDF5 results: `python -m figures NAME|all`.
+
+Each figure reads result files only (never a model or a checkpoint): point --results at a
+folder (searched recursively for *.h5) or at one file. Writes NAME.pdf and NAME.png (and
+tables as .md/.tex where they apply) into --out.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from figures import distill_curves, probe_table
+from runs.errors import UserError, cli, unknown
+
+FIGURES = {m.NAME: m for m in (probe_table, distill_curves)}
+
+
+def register(module) -> None:
+    """Add a figure module (NAME, ANALYSIS, draw(results_dir, out_dir))."""
+    FIGURES[module.NAME] = module
+
+
+def draw(name: str, results, out) -> list[Path]:
+    if name not in FIGURES:
+        raise unknown("figure", name, [*FIGURES, "all"])
+    return FIGURES[name].draw(Path(results), Path(out))
+
+
+def draw_all(results, out) -> tuple[list[Path], list[str]]:
+    """Every figure whose results exist; the others are reported, not fatal."""
+    paths, skipped = [], []
+    for name in FIGURES:
+        try:
+            paths += draw(name, results, out)
+        except UserError as err:
+            skipped.append(str(err))
+    return paths, skipped
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m figures", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help=f"one of: {', '.join(FIGURES)}, or all")
+    p.add_argument("--results", default="results", help="folder or file of HDF5 results")
+    p.add_argument("--out", default="figures_out", help="folder for the figures")
+    args = p.parse_args(argv)
+    if args.name == "all":
+        paths, skipped = draw_all(args.results, args.out)
+        for reason in skipped:
+            print(f"skipped: {reason}", file=sys.stderr)
+        if not paths:
+            raise UserError(f"no figure could be drawn from {args.results}")
+    else:
+        paths = draw(args.name, args.results, args.out)
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

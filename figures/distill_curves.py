@@ -1,0 +1,86 @@
+"""Probe accuracy of student and teacher over distillation epochs.
+
+One line per distinct setting (model, dataset, alpha, ...; seeds pooled): the student as a
+mean with a band of +-1 std over seeds, its teacher dashed in the same colour. Several
+alphas give the paper's locality figure; a noise-input run gives the random-input control.
+"""
+
+from collections import defaultdict
+
+import numpy as np
+
+from figures import style
+from figures.sources import load
+
+NAME = "distill-curves"
+ANALYSIS = "distill"
+SEED_FIELDS = ("seed", "teacher_seed")
+
+
+def setting(config: dict) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in config.items() if k not in SEED_FIELDS))
+
+
+# Fields worth naming in a legend when they differ between lines of one panel.
+LEGEND_FIELDS = ("alpha", "width", "out_dim", "subset", "lr", "teacher_temp", "centering")
+
+
+def probed_on(config: dict) -> str:
+    """The dataset whose test split the k-NN probe used (the panel title)."""
+    name = config.get("probe_dataset") or config["dataset"]
+    root = config.get("probe_root") or config.get("data_root") or ""
+    return "cifar10-subset" if name == "npz" and "cifar10_subset" in root else name
+
+
+def label(config: dict, varying: set) -> str:
+    inputs = "noise inputs" if config["dataset"] == "noise" else "images"
+    extra = [f"{k}={config[k]}" for k in LEGEND_FIELDS if k in varying]
+    return ", ".join([config["model"], inputs, *extra])
+
+
+def group(results) -> dict:
+    """{panel: {setting: [results over seeds]}}."""
+    panels = defaultdict(lambda: defaultdict(list))
+    for res in results:
+        panels[probed_on(res.config)][setting(res.config)].append(res)
+    return panels
+
+
+def varying_fields(groups) -> set:
+    configs = [runs[0].config for runs in groups.values()]
+    return {k for k in configs[0] if k not in SEED_FIELDS
+            and len({str(c.get(k)) for c in configs}) > 1}
+
+
+def curves(runs, model_index: int):
+    """(epochs, mean, std) over seeds of knn_accuracy at the probed epochs, in %."""
+    epochs = np.asarray(runs[0].coords["epoch"], dtype=float)
+    stack = np.stack([100 * r.metrics["knn_accuracy"][:, model_index] for r in runs
+                      if len(r.coords["epoch"]) == len(epochs)])
+    probed = np.isfinite(stack).all(0)
+    return epochs[probed], stack[:, probed].mean(0), stack[:, probed].std(0)
+
+
+def draw(results_dir, out_dir) -> list:
+    panels = group(load(results_dir, ANALYSIS, NAME))
+    fig, axes = style.figure(width=style.COLUMN * min(len(panels), 2), height=2.6,
+                             ncols=len(panels), squeeze=False)
+    for ax, (title, groups) in zip(axes[0], sorted(panels.items())):
+        draw_panel(ax, groups)
+        ax.set_title(f"k-NN probe on {title}", fontsize="small")
+    axes[0][0].set_ylabel("k-NN test accuracy (%)")
+    return style.save(fig, out_dir, NAME)
+
+
+def draw_panel(ax, groups) -> None:
+    varying = varying_fields(groups)
+    for color, (_, runs) in zip(style.PALETTE, sorted(groups.items())):
+        models = [str(m) for m in runs[0].coords["model"]]
+        x, mean, std = curves(runs, models.index("student"))
+        name = label(runs[0].config, varying)
+        ax.plot(x, mean, color=color, marker="o", ms=2.5, label=f"student ({name})")
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+        x, mean, _ = curves(runs, models.index("teacher"))
+        ax.plot(x, mean, color=color, ls="--", lw=1, label=f"teacher ({name})")
+    ax.set_xlabel("distillation epoch")
+    ax.legend(frameon=False, fontsize="x-small")

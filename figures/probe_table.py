@@ -1,0 +1,110 @@
+"""Probing table: pixels, teacher and student per dataset and architecture.
+
+Grouped bars with error bars (std over checkpoints and probe seeds), plus the same numbers
+as Markdown and LaTeX tables; the paper's values are marked beside the reproduction when
+`--paper` is given and the dataset/architecture is one of the paper's.
+"""
+
+import json
+from collections import defaultdict
+
+import numpy as np
+
+from figures import style
+from figures.paper_values import reference
+from figures.sources import load
+
+NAME = "probe-table"
+ANALYSIS = "probe"
+ROLES = ("pixels", "teacher", "student", "supervised", "checkpoint")
+
+
+def collect(results, probe: str, features: str = "raw") -> dict:
+    """{(dataset, model): {role: [accuracy %, ...]}} pooled over checkpoints and seeds."""
+    table = defaultdict(lambda: defaultdict(list))
+    for res in results:
+        labels = [str(v) for v in res.coords["probe"]]
+        if probe not in labels:
+            continue
+        p, f = labels.index(probe), [str(v) for v in res.coords["features"]].index(features)
+        rows = json.loads(res.attrs.get("checkpoints", "[]"))
+        for i, row in enumerate(rows):
+            values = res.metrics["accuracy"][i, p, f]  # (seed,)
+            key = (res.config["dataset"], row["model"])
+            table[key][row["role"]] += [100 * v for v in values if np.isfinite(v)]
+    return _share_pixels(table)
+
+
+def _share_pixels(table) -> dict:
+    """The pixel row belongs to every architecture of its dataset."""
+    pixels = {ds: roles["pixels"] for (ds, model), roles in table.items() if not model}
+    out = {}
+    for (ds, model), roles in table.items():
+        if model:
+            out[(ds, model)] = dict(roles, **({"pixels": pixels[ds]} if ds in pixels else {}))
+    return out or {k: dict(v) for k, v in table.items()}
+
+
+def cell(values) -> str:
+    if not values:
+        return "–"
+    return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+
+
+def markdown(table: dict, probe: str) -> str:
+    roles = [r for r in ROLES if any(r in v for v in table.values())]
+    lines = [f"| dataset | model | {' | '.join(roles)} |", "|---" * (len(roles) + 2) + "|"]
+    for (ds, model), values in sorted(table.items()):
+        row = [cell(values.get(r, [])) + _paper(probe, ds, model, r) for r in roles]
+        lines.append(f"| {ds} | {model} | {' | '.join(row)} |")
+    return "\n".join(lines)
+
+
+def latex(table: dict) -> str:
+    roles = [r for r in ROLES if any(r in v for v in table.values())]
+    lines = [r"\begin{tabular}{ll" + "r" * len(roles) + "}", r"\toprule",
+             "dataset & model & " + " & ".join(roles) + r" \\", r"\midrule"]
+    for (ds, model), values in sorted(table.items()):
+        row = [cell(values.get(r, [])).replace("±", r"$\pm$") for r in roles]
+        lines.append(f"{ds} & {model} & " + " & ".join(row) + r" \\")
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"])
+
+
+def _paper(probe, ds, model, role) -> str:
+    ref = reference(probe, ds, model, role)
+    return "" if ref is None else f" (paper {ref:.2f})"
+
+
+def bars(table: dict, probe: str, paper: bool):
+    groups = sorted(table)
+    roles = [r for r in ROLES if any(r in v for v in table.values())]
+    fig, ax = style.figure(width=max(style.COLUMN, 1.1 * len(groups) + 1.2), height=2.4)
+    width = 0.8 / len(roles)
+    for j, role in enumerate(roles):
+        xs = np.arange(len(groups)) + (j - (len(roles) - 1) / 2) * width
+        vals = [table[g].get(role, []) for g in groups]
+        ax.bar(xs, [np.mean(v) if v else np.nan for v in vals], width,
+               yerr=[np.std(v) if v else 0 for v in vals], capsize=2, label=role,
+               color=style.ROLE_COLORS.get(role))
+        if paper:
+            refs = [reference(probe, g[0], g[1], role) for g in groups]
+            ax.scatter(xs, [np.nan if r is None else r for r in refs], marker="_", s=120,
+                       color="black", zorder=3, label="paper" if j == 0 else None)
+    ax.set_xticks(np.arange(len(groups)), [f"{ds}\n{model}" for ds, model in groups])
+    ax.set_ylabel(f"{probe} test accuracy (%)")
+    ax.legend(frameon=False, fontsize="small", ncol=2)
+    return fig
+
+
+def draw(results_dir, out_dir, probe: str = "knn@20", paper: bool = False) -> list:
+    table = collect(load(results_dir, ANALYSIS, NAME), probe)
+    paths = style.save(bars(table, probe, paper), out_dir, f"{NAME}_{_slug(probe)}")
+    for suffix, text in ((".md", markdown(table, probe)), (".tex", latex(table))):
+        path = out_dir / f"{NAME}_{_slug(probe)}{suffix}"
+        path.write_text(text + "\n")
+        paths.append(path)
+    return paths
+
+
+def _slug(probe: str) -> str:
+    return probe.replace("@", "").replace("-", "_")
