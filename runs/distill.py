@@ -8,7 +8,6 @@ untouched; the student starts at
 its own softmax outputs. No labels, no augmentation, no EMA, no centering by default.
 """
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -20,7 +19,7 @@ from torch import nn
 
 from runs import engine
 from runs.checkpoint import module_entry, save_checkpoint, unwrap
-from runs.config import add_config_args, arg, config_from_args
+from runs.config import arg
 from runs.data import load_dataset
 from runs.errors import UserError, cli
 from runs.gpu_loader import Augment
@@ -220,7 +219,11 @@ def setup(cfg: DistillConfig, store: str, data=None, device="auto", precision="a
     s = Session(cfg, run, student, forward, teacher, optimizer, loader, probe, result, device,
                 engine.use_bf16(device, precision))
     s.center = torch.zeros(cfg.out_dim, device=device) if cfg.centering else None
-    s.step = start_state(s)
+    try:
+        s.step = start_state(s)
+    except BaseException:
+        result.close()  # release the result's write lock before the error travels on
+        raise
     return s
 
 
@@ -362,26 +365,15 @@ metrics.jsonl and distill.h5 (k-NN accuracy of teacher and student per probed ep
 KL, teacher entropy). Re-running the same command resumes or skips finished work."""
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m runs.distill", description=HELP,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    engine.add_runtime_args(p)
-    p.add_argument("--steps", default="100ep",
-                   help="training length: iterations (e.g. 19500) or epochs (e.g. 100ep)")
-    p.add_argument("--save-at", nargs="*", default=[],
-                   help="keep checkpoints at these iterations or epochs (e.g. 1ep 10ep 500)")
-    add_config_args(p, DistillConfig, exclude=("num_steps", "save_at"), group="distillation")
-    return p
+def parser():
+    return engine.training_parser("python -m runs.distill", HELP, DistillConfig, "100ep", "19500")
 
 
 @cli
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     print(f"runs.distill {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
-    cfg = config_from_args(DistillConfig, args, num_steps=0, save_at=())
-    data = load_data(cfg)
-    cfg = engine.config_with_steps(cfg, args.steps, args.save_at,
-                                   len(data[0].y) // cfg.batch_size)
+    cfg, data = engine.config_and_data(DistillConfig, args, load_data)
     run = distill(cfg, args.store, data, args.device, args.precision, args.compile)
     summary = run.summary()
     print(f"distill {run.path}: k-NN teacher {pct(summary.get('knn_teacher'))}, student "

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from runs.checkpoint import read_checkpoint, set_rng_state
-from runs.config import parse_steps
+from runs.config import add_config_args, config_from_args, parse_steps
 from runs.data import ImageData, load_dataset
 from runs.errors import UserError
 from runs.gpu_loader import Augment, GPULoader
@@ -182,6 +182,28 @@ class Timer:
 
     def rate(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def training_parser(prog: str, description: str, config_cls, default_steps: str,
+                    steps_example: str) -> argparse.ArgumentParser:
+    """The CLI of a training engine: runtime flags, --steps/--save-at, one flag per field."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_runtime_args(p)
+    p.add_argument("--steps", default=default_steps, help=f"training length: iterations "
+                   f"(e.g. {steps_example}) or epochs (e.g. {default_steps})")
+    p.add_argument("--save-at", nargs="*", default=[],
+                   help="keep checkpoints at these iterations or epochs (e.g. 1ep 2ep 500)")
+    add_config_args(p, config_cls, exclude=("num_steps", "save_at"), group="configuration")
+    return p
+
+
+def config_and_data(config_cls, args, load_data):
+    """The config from parsed flags, with --steps/--save-at resolved once the data is known."""
+    cfg = config_from_args(config_cls, args, num_steps=0, save_at=())
+    data = load_data(cfg)
+    cfg = config_with_steps(cfg, args.steps, args.save_at, len(data[0].y) // cfg.batch_size)
+    return cfg, data
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,6 @@ sparsity mask, and resume: kill it and run the same command again, it continues 
 last checkpoint and ends with the same weights (bitwise on CPU).
 """
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 from runs import engine
 from runs.checkpoint import save_checkpoint, unwrap
-from runs.config import add_config_args, arg, config_from_args
+from runs.config import arg
 from runs.errors import UserError, cli
 from runs.gpu_loader import Augment
 from runs.masking import Mask, load_mask
@@ -153,6 +152,7 @@ def setup(cfg: TrainConfig, store: str, data: tuple = None, device="auto", preci
     forward = engine.prepare(model, device, compile_model)
     optimizer, scheduler = make_optimizer(cfg, model, device)
     mask = Mask(model, load_mask(cfg.mask), cfg.mask) if cfg.mask else None  # on the device
+    rewind = load_rewind(cfg, model) if cfg.rewind else None
     # Only now, with every flag checked, does the run directory appear.
     run = open_run(store, "train", cfg, extra={"steps_per_epoch": len(loader),
                                                "model_spec": model.spec})
@@ -160,11 +160,11 @@ def setup(cfg: TrainConfig, store: str, data: tuple = None, device="auto", preci
              (("val", val), ("test", test)) if data is not None}
     s = Session(cfg, run, model, forward, optimizer, scheduler, mask, loader, evals, device,
                 engine.use_bf16(device, precision))
-    s.step = start_state(s)
+    s.step = start_state(s, rewind)
     return s
 
 
-def start_state(s: Session) -> int:
+def start_state(s: Session, rewind=None) -> int:
     """Resume from the newest checkpoint of this run, else rewind, else step 0 (saved)."""
     latest = engine.latest_state(s.run)
     if latest:
@@ -173,7 +173,7 @@ def start_state(s: Session) -> int:
         s.losses = list(payload["extra"].get("losses", torch.empty(0)).to(s.device).unbind())
         s.run.trim_metrics(step)
         return step
-    step = rewind_to(s) if s.cfg.rewind else 0
+    step = rewind_to(s, rewind) if rewind is not None else 0
     if s.mask is not None:
         s.mask.apply_to_weights()
         s.mask.apply_to_optimizer(s.optimizer)
@@ -181,18 +181,24 @@ def start_state(s: Session) -> int:
     return step
 
 
-def rewind_to(s: Session) -> int:
-    """Copy the full training state of the --rewind checkpoint; returns its step."""
+def load_rewind(cfg: TrainConfig, model):
+    """The --rewind checkpoint, checked against this run's model before any file is made."""
     from runs.refs import load_model
-    loaded = load_model(s.cfg.rewind)
-    payload = loaded.payload
-    if payload.get("extra", {}).get("kind", "train") != "train":
-        raise UserError(f"--rewind {s.cfg.rewind}: a {payload['extra']['kind']} checkpoint "
-                        f"holds no SGD state; start from its weights with --init REF:encoder")
+    loaded = load_model(cfg.rewind)
+    kind = loaded.payload.get("extra", {}).get("kind", "train")
+    if kind != "train":
+        raise UserError(f"--rewind {cfg.rewind}: a {kind} checkpoint holds no SGD state; "
+                        f"start from its weights with --init REF:encoder")
     # The seed is not compared: every weight comes from the checkpoint.
-    if without_seed(loaded.model.spec) != without_seed(s.model.spec):
-        raise UserError(f"--rewind {s.cfg.rewind} is a {loaded.model.spec.get('name')} "
-                        f"({loaded.model.spec}), not this run's {s.model.spec}")
+    if without_seed(loaded.model.spec) != without_seed(model.spec):
+        raise UserError(f"--rewind {cfg.rewind} is a {loaded.model.spec.get('name')} "
+                        f"({loaded.model.spec}), not this run's {model.spec}")
+    return loaded
+
+
+def rewind_to(s: Session, loaded) -> int:
+    """Copy the full training state of the --rewind checkpoint; returns its step."""
+    payload = loaded.payload
     s.model.load_state_dict(loaded.model.state_dict())
     if payload.get("optimizer"):
         s.optimizer.load_state_dict(payload["optimizer"])
@@ -301,27 +307,15 @@ on a registered dataset. Runs live in STORE/train_<hash>/seed_<seed>/; re-runnin
 command skips a finished run and resumes an unfinished one from its latest checkpoint."""
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m runs.train", description=HELP,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    engine.add_runtime_args(p)
-    p.add_argument("--steps", default="160ep",
-                   help="training length: iterations (e.g. 31200) or epochs (e.g. 160ep)")
-    p.add_argument("--save-at", nargs="*", default=[],
-                   help="keep checkpoints at these iterations or epochs (e.g. 0 1ep 2ep 500)")
-    add_config_args(p, TrainConfig, exclude=("num_steps", "save_at"), group="training")
-    return p
-
-
+def parser():
+    return engine.training_parser("python -m runs.train", HELP, TrainConfig, "160ep", "31200")
 
 
 @cli
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     print(f"runs.train {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
-    cfg = config_from_args(TrainConfig, args, num_steps=0, save_at=())
-    data = load_data(cfg)
-    cfg = engine.config_with_steps(cfg, args.steps, args.save_at, len(data[0].y) // cfg.batch_size)
+    cfg, data = engine.config_and_data(TrainConfig, args, load_data)
     run = train(cfg, args.store, data, args.device, args.precision, args.compile)
     summary = run.summary()
     print(f"train {run.path}: {summary.get('step')} steps, test accuracy "

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Tiny models: thread start-up costs more than it saves, and `make test` runs two
+# pytest workers (xdist) on two cores.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

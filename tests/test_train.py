@@ -265,6 +265,13 @@ def test_rewind_to_a_distill_checkpoint_points_to_init(student, tmp_path):
         train(dataclasses.replace(CFG, rewind=f"{student.path}@last"), tmp_path, device="cpu")
 
 
+def test_bad_rewind_leaves_no_run_directory(reference, tmp_path):
+    other = dataclasses.replace(CFG, width=0.25, rewind=f"{reference.path}@8", num_steps=14)
+    with pytest.raises(UserError, match="--rewind"):
+        train(other, tmp_path)
+    assert not list(tmp_path.rglob("config.json"))
+
+
 def test_init_from_a_student_encoder(student, tmp_path):
     cfg = dataclasses.replace(CFG, init=f"{student.path}@last:encoder", seed=3, num_steps=2,
                               save_at=())
