@@ -16,7 +16,7 @@ from figures.sources import load
 
 NAME = "probe-table"
 ANALYSIS = "probe"
-ROLES = ("pixels", "teacher", "student", "supervised", "checkpoint")
+ROLES = ("pixels", "teacher", "student", "noise-student", "supervised", "checkpoint")
 
 
 def collect(results, probe: str, features: str = "raw") -> dict:

@@ -100,6 +100,8 @@ def describe(ref: str, info) -> dict:
     kind = (loaded.payload.get("extra") or {}).get("kind", "")
     role = "teacher" if "teacher" in ref.rsplit("@", 1)[-1] else \
         {"distill": "student", "train": "supervised"}.get(kind, "checkpoint")
+    if role == "student" and loaded.config.get("dataset") == "noise":
+        role = "noise-student"  # the random-input control
     return {"ref": ref, "role": role, "model": loaded.model.spec.get("name", ""),
             "trained_on": loaded.config.get("dataset", "")}
 

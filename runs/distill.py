@@ -349,6 +349,14 @@ def distill(cfg: DistillConfig, store: str = "store", data=None, device="auto",
     return s.run
 
 
+def distill_with_steps(cfg: DistillConfig, steps: str, save_at=(), store: str = "store",
+                       device="auto") -> Run:
+    """`distill` with '100ep'-style --steps and --save-at, resolved once the data is loaded."""
+    data = load_data(cfg)
+    cfg = engine.config_with_steps(cfg, steps, save_at, len(data[0].y) // cfg.batch_size)
+    return distill(cfg, store, data, device)
+
+
 def summarize(run: Run) -> dict:
     probed = [r for r in run.metrics() if r.get("knn_student") is not None]
     if not probed:

@@ -12,9 +12,8 @@ import dataclasses
 import statistics
 import sys
 
-from runs import engine
 from runs.data import cifar10_subset_path, load_dataset
-from runs.distill import DistillConfig, distill, load_data
+from runs.distill import DistillConfig, distill_with_steps, load_data
 from runs.errors import UserError, cli
 
 HEAD = dict(out_dim=4096, hidden_dim=512, bottleneck_dim=64)  # the small head of the README
@@ -51,9 +50,7 @@ def noise_config(cfg: DistillConfig, train) -> DistillConfig:
 
 
 def run_one(cfg: DistillConfig, steps: str, store: str, device: str) -> dict:
-    data = load_data(cfg)
-    cfg = engine.config_with_steps(cfg, steps, (), len(data[0].y) // cfg.batch_size)
-    return distill(cfg, store, data, device).summary()
+    return distill_with_steps(cfg, steps, (), store, device).summary()
 
 
 def pixel_knn(cfg: DistillConfig) -> float:

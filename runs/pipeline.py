@@ -1,0 +1,169 @@
+"""The whole study in one command: `python -m runs.pipeline --preset demo`.
+
+Stages, in order: distill (students on images, the noise control, optional alphas) ->
+probe -> interpolate / plane -> border -> imp -> figures. A preset is data (a JSON file in
+runs/presets/, or a path): per stage, the flags of that stage's command. Every stage calls
+its command's `main(argv)`, imported inside the stage, so `runs` depends on no analysis at
+import time; each command skips finished work, so re-running the pipeline resumes it.
+
+Layout under --out: store/ (runs), results/ (HDF5 results), figures/ (PDF, PNG, tables).
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from runs.errors import UserError, cli
+
+PRESETS = Path(__file__).with_name("presets")
+STAGES = ("distill", "probe", "interpolate", "border", "imp", "figures")
+
+
+@dataclass(frozen=True)
+class Layout:
+    out: Path
+
+    @property
+    def store(self) -> Path:
+        return self.out / "store"
+
+    @property
+    def results(self) -> Path:
+        return self.out / "results"
+
+    @property
+    def figures(self) -> Path:
+        return self.out / "figures"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.json"))
+
+
+def load_preset(name: str) -> dict:
+    """A preset by name (runs/presets/NAME.json) or by path to a JSON file."""
+    path = Path(name) if name.endswith(".json") else PRESETS / f"{name}.json"
+    if not path.is_file():
+        raise UserError(f"--preset {name!r}: no such preset; valid: {', '.join(preset_names())}"
+                        f" or a path to a .json file")
+    try:
+        preset = json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"--preset {path}: not valid JSON ({err})") from None
+    unknown = sorted(set(preset) - {*STAGES, "description", "seeds", "noise", "alphas"})
+    if unknown:
+        raise UserError(f"--preset {path}: unknown key(s) {', '.join(unknown)}; valid: "
+                        f"description, seeds, noise, alphas, {', '.join(STAGES)}")
+    return preset
+
+
+def flags(options: dict) -> list[str]:
+    """{"batch_size": 64, "save_at": ["1ep", "2ep"], "flip": false} -> CLI argv."""
+    argv = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def distill_configs(preset: dict) -> dict[str, list]:
+    """{group: [DistillConfig per seed]}: images, the noise control, one group per alpha."""
+    from runs.config import from_dict
+    from runs.distill import DistillConfig, load_data
+    fields = {k: v for k, v in preset["distill"].items() if k not in ("steps", "save_at")}
+    groups = {"images": [from_dict(DistillConfig, dict(fields, seed=s))
+                         for s in preset.get("seeds", [0])]}
+    for alpha in preset.get("alphas", []):
+        groups[f"alpha={alpha}"] = [from_dict(DistillConfig, dict(fields, seed=c.seed,
+                                                                  alpha=alpha))
+                                    for c in groups["images"]]
+    if preset.get("noise"):
+        from runs.reproduce import noise_config
+        train = load_data(groups["images"][0])[0]
+        groups["noise"] = [noise_config(c, train) for c in groups["images"]]
+    return groups
+
+
+def distill_stage(preset: dict, layout: Layout, device: str) -> dict[str, list]:
+    """Train every student; returns {group: [Run per seed]}."""
+    from runs.distill import distill_with_steps
+    steps = preset["distill"].get("steps", "100ep")
+    save_at = preset["distill"].get("save_at", [])
+    return {group: [distill_with_steps(cfg, steps, save_at, str(layout.store), device)
+                    for cfg in configs]
+            for group, configs in distill_configs(preset).items()}
+
+
+def probe_refs(students: dict) -> list[str]:
+    """pixels, then teacher and student of every seed, then the other groups' students."""
+    refs = ["pixels"]
+    for run in students["images"]:
+        refs += [f"{run.path}@last:teacher", f"{run.path}@last"]
+    for group, runs in students.items():
+        if group != "images":
+            refs += [f"{run.path}@last" for run in runs]
+    return refs
+
+
+def probe_stage(preset: dict, layout: Layout, students: dict, device: str) -> Path:
+    from probes.evaluate import main as probe_main
+    options = dict(preset.get("probe", {}))
+    base = preset["distill"]
+    options.setdefault("dataset", base.get("dataset"))
+    options.setdefault("data_root", base.get("data_root", ""))
+    out = layout.results / f"probe_{options['dataset']}.h5"
+    call(probe_main, [*probe_refs(students), *flags(options), "--out", str(out),
+                      "--device", device], "probe")
+    return out
+
+
+def figures_stage(layout: Layout) -> None:
+    from figures.__main__ import main as figures_main
+    call(figures_main, ["all", "--results", str(layout.out), "--out", str(layout.figures)],
+         "figures")
+
+
+def call(main, argv: list[str], stage: str) -> None:
+    """Run a stage's command; a non-zero exit stops the pipeline naming the stage."""
+    code = main(argv)
+    if code != 0:
+        raise UserError(f"stage {stage} failed (exit {code}); fix it and re-run the same "
+                        f"pipeline command to resume")
+
+
+def run_pipeline(preset: dict, layout: Layout, device: str, stages=STAGES) -> None:
+    students = distill_stage(preset, layout, device)
+    if "probe" in stages and "probe" in preset:
+        probe_stage(preset, layout, students, device)
+    if "figures" in stages:
+        figures_stage(layout)
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runs.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo", help=f"one of {', '.join(preset_names())}, "
+                   f"or a path to a preset .json")
+    p.add_argument("--out", default=None, help="output folder (default: out/<preset>)")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                   help="stages to run (distill always runs: later stages need its runs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = p.parse_args(argv)
+    print(f"runs.pipeline {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+    preset = load_preset(args.preset)
+    layout = Layout(Path(args.out or Path("out") / Path(args.preset).stem))
+    run_pipeline(preset, layout, args.device, args.stages)
+    print(f"pipeline {args.preset}: results in {layout.results}, figures in {layout.figures}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
