@@ -159,6 +159,32 @@ def load_model(ref: str, num_classes: int = None, fc_seed: int = None) -> Loaded
     return Loaded(model, ref, path, step, config, payload)
 
 
+def load_head(ref: str, payload: dict = None) -> nn.Module:
+    """The DINO head that goes with a distillation reference, on the CPU.
+
+    The student's head ("head") by default, the teacher's ("teacher_head") for `:teacher`;
+    a head stored without state (the random teacher's) is rebuilt from its seed. dinopl
+    Lightning checkpoints give their student's or teacher's head. `payload`: the checkpoint
+    already read (e.g. `Loaded.payload`), to skip reading it again.
+    """
+    parsed = parse_ref(ref)
+    path, _, _ = resolve_file(parsed)
+    teacher = "teacher" in parsed.parts
+    if parsed.arch == "dinopl":
+        from runs.dinopl import import_dinopl_head
+        return import_dinopl_head(path, "teacher" if teacher else "student")
+    if path is None or parsed.arch:
+        raise UserError(f"{ref} holds no DINO head: only distillation checkpoints (RUN@STEP, "
+                        f"RUN@STEP:teacher) and dinopl=FILE carry one")
+    payload = payload if payload and "modules" in payload else read_checkpoint(path)
+    role = "teacher_head" if teacher else "head"
+    modules = payload.get("modules") or {}
+    if role not in modules:
+        raise UserError(f"{ref}: {path} holds no DINO head ({role!r}); only distillation "
+                        f"checkpoints carry one (modules here: {', '.join(modules) or 'none'})")
+    return rebuild(modules[role], str(path))
+
+
 def _rebuild_init(run: Run) -> nn.Module:
     from runs.models.base import build
     spec = run.config().get("model_spec")

@@ -1,0 +1,340 @@
+"""The border of linear basins: `python -m landscape.border START... --children N`.
+
+For each start point, train N supervised children that differ only in their data-order seed
+(`data_seed` 0..N-1; same init, same hyper-parameters) through runs.train - ordinary runs in
+the store, reused and never trained twice - then interpolate every pair of children
+(theta(a) = (1 - a) theta_i + a theta_j on `--grid`, BN recalibrated by default) and store
+the train/test loss and error curves and the barriers (landscape.barrier): error barrier
+(Frankle et al. 2020), loss_barrier_mean and loss_barrier_linear (Entezari et al.), per pair
+and as mean with a 95 % t-interval over pairs per start point (the start's instability).
+
+Start points, given one by one (`random` = a fresh init from --seed, or any checkpoint
+reference: a distilled student as RUN@STEP:encoder gets a fresh fc) or generated:
+  --from-distill RUN           every saved step of a distillation run (RUN@STEP:encoder)
+  --alpha-runs RUN [RUN ...]   distillation runs made at several --alpha (RUN@last:encoder)
+  --rewind-steps RUN k1,k2     steps of a supervised run; children rewind to RUN@k (weights,
+                               optimiser, schedule) and train on with RUN's own config
+One result file (analysis `border`), one cell per start: kill and re-run resumes; --shard
+i/n gives each process whole start points (their children included).
+"""
+
+import argparse
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from landscape import geometry as G
+from landscape.barrier import NAMES, barriers, mean_ci
+from landscape.batchnorm import MODES, check_mode
+from landscape.interpolate import auto_points_per_pass
+from landscape.network import load_anchor
+from landscape.points import SPLITS, Measures, PointEvaluator, eval_data
+from runs import engine
+from runs.config import add_config_args, arg, config_from_args, from_dict, parse_steps
+from runs.errors import UserError, cli
+from runs.store import Run, find_run, run_path
+from runs.train import TrainConfig, load_data, train
+
+ANALYSIS = "border"
+STATS = ("mean", "ci_low", "ci_high")
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class BorderConfig:
+    children: int = arg(2, "SGD children per start point (differing only in data order)")
+    grid: str = arg("0:1:25", "interpolation coordinates between two children; must hold 0 "
+                              "and 1 (start:stop:num or a comma list)")
+    bn_mode: str = arg("recalibrate", "BatchNorm statistics per point", choices=MODES)
+    bn_samples: int = arg(2048, "fixed training images for BN recalibration (all of "
+                                 "train when it has fewer); 0 = all")
+    bn_batch_size: int = arg(256, "images per recalibration batch")
+    train_samples: int = arg(0, "train images measured (seeded draw); 0 = all")
+    test_samples: int = arg(0, "test images measured (seeded draw); 0 = all")
+    sample_seed: int = arg(0, "seed of the measured and BN image draws")
+
+
+@dataclass(frozen=True)
+class Start:
+    label: str  # the `start` coordinate: the reference as used, or "random"
+    init: str = ""  # TrainConfig.init of the children
+    rewind: str = ""  # TrainConfig.rewind of the children (supervised rewinding)
+    base: dict = field(default=None, compare=False)  # rewind: the parent run's TrainConfig
+    alpha: float = math.nan  # distillation alpha of the start, where it has one
+
+
+def child_configs(start: Start, template: TrainConfig, count: int) -> list[TrainConfig]:
+    """The N children of a start: its TrainConfig with data_seed 0..N-1."""
+    if start.rewind:
+        base = dataclasses.replace(from_dict(TrainConfig, start.base), init="", save_at=(),
+                                   rewind=start.rewind)
+    elif start.init:
+        from runs.refs import load_model
+        spec = load_model(start.init).model.spec
+        base = dataclasses.replace(template, init=start.init, rewind="", model=spec["name"],
+                                   width=spec["width"], save_at=())
+    else:
+        base = dataclasses.replace(template, init="", rewind="", save_at=())
+    return [dataclasses.replace(base, data_seed=i) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------- start points
+
+
+def distill_starts(run_dir: str) -> list[Start]:
+    """Every saved step of a distillation run, as encoders with a fresh fc."""
+    run = find_run(run_dir)
+    alpha = run.config().get("config", {}).get("alpha", math.nan)
+    return [Start(f"{run_dir}@{step}:encoder", init=f"{run_dir}@{step}:encoder", alpha=alpha)
+            for step in run.steps()]
+
+
+def alpha_starts(run_dirs) -> list[Start]:
+    """The last step of distillation runs made at different alphas."""
+    starts = []
+    for run_dir in run_dirs:
+        alpha = find_run(run_dir).config().get("config", {}).get("alpha", math.nan)
+        starts.append(Start(f"{run_dir}@last:encoder", init=f"{run_dir}@last:encoder",
+                            alpha=alpha))
+    return starts
+
+
+def rewind_starts(run_dir: str, steps: str) -> list[Start]:
+    """Steps k of a supervised run (iterations or 'Nep'), children rewinding to RUN@k."""
+    run = find_run(run_dir)
+    record = run.config()
+    if record.get("kind") != "train":
+        raise UserError(f"--rewind-steps {run_dir}: a {record.get('kind')} run; rewinding "
+                        f"needs a supervised (runs.train) run")
+    per_epoch = record.get("steps_per_epoch", 0)
+    starts = []
+    for item in steps.split(","):
+        step = parse_steps(item, per_epoch, flag="--rewind-steps")
+        if step not in run.steps():
+            raise UserError(f"--rewind-steps: {run_dir} has no checkpoint at step {step}; "
+                            f"saved: {', '.join(map(str, run.steps()))}")
+        ref = f"{run_dir}@{step}"
+        starts.append(Start(ref, rewind=ref, base=record["config"]))
+    return starts
+
+
+def given_starts(refs) -> list[Start]:
+    return [Start(RANDOM) if ref == RANDOM else Start(ref, init=ref) for ref in refs]
+
+
+def start_record(start: Start) -> dict:
+    if start.label == RANDOM:
+        return {"ref": RANDOM, "path": "", "step": 0, "sha256": ""}
+    from runs.refs import ref_record
+    return ref_record(start.init or start.rewind)
+
+
+# ---------------------------------------------------------------------------- one start
+
+
+def train_children(configs, data: tuple, store: str, device, precision,
+                   compile_model=False) -> list[Run]:
+    """Train (or reuse) every child on `data` (train, val, test); finished runs are skipped
+    by runs.train, so a re-run never trains a child twice."""
+    return [train(cfg, store, data, device, precision, compile_model) for cfg in configs]
+
+
+def pair_curves(runs: list[Run], cfg: BorderConfig, data, alphas, device, bf16,
+                per_pass: int) -> dict:
+    """loss, error: (pairs, alphas, splits) along the path between every pair of children."""
+    measures = Measures(("supervised",))
+    subjects = [load_anchor(f"{run.path}@last", True, False, data.num_classes).subject
+                for run in runs]
+    loss, error = [], []
+    for i, j in combinations(range(len(runs)), 2):
+        evaluator = PointEvaluator(subjects[i], G.line(subjects[i], subjects[j]).to(device),
+                                   cfg.bn_mode, data, measures, None, device, bf16)
+        points = []
+        for start in range(0, len(alphas), per_pass):
+            chunk = alphas[start:start + per_pass, None]
+            points += evaluator.evaluate(chunk, per_pass > 1)
+        loss.append([p["loss"] for p in points])
+        error.append([p["error"] for p in points])
+    return {"loss": np.array(loss), "error": np.array(error)}  # (pairs, alphas, splits)
+
+
+def start_values(curves: dict, alphas, start: Start, step) -> dict:
+    """Everything a start's cell holds: curves, barriers per pair, their mean and CI."""
+    per_pair = barriers(np.moveaxis(curves["loss"], 1, -1),
+                        np.moveaxis(curves["error"], 1, -1), alphas)  # (pairs, splits) each
+    summary = np.empty((len(NAMES), len(STATS), len(SPLITS)))  # (barrier, stat, split)
+    for b, name in enumerate(NAMES):
+        ci = mean_ci(per_pair[name], axis=0)
+        summary[b] = [ci[stat] for stat in STATS]
+    return {**curves, **per_pair, "barrier_summary": summary,
+            "start_step": math.nan if step is None else step, "start_alpha": start.alpha}
+
+
+# ---------------------------------------------------------------------------- the scan
+
+
+def layout(starts: list[Start], count: int, alphas) -> tuple[dict, dict]:
+    from runs.results import MetricSpec
+    pairs = [f"{i}-{j}" for i, j in combinations(range(count), 2)]
+    coords = {"start": [s.label for s in starts], "pair": pairs, "alpha": alphas,
+              "split": list(SPLITS), "barrier": list(NAMES), "stat": list(STATS)}
+    curve, per_pair = ("start", "pair", "alpha", "split"), ("start", "pair", "split")
+    metrics = {
+        "loss": MetricSpec(curve, "nats", "cross-entropy loss along the path"),
+        "error": MetricSpec(curve, "fraction", "classification error along the path"),
+        "error_barrier": MetricSpec(per_pair, "fraction", "error barrier (Frankle et al.)"),
+        "loss_barrier_mean": MetricSpec(per_pair, "nats", "loss barrier over the endpoints' "
+                                        "mean"),
+        "loss_barrier_linear": MetricSpec(per_pair, "nats", "loss barrier over the chord "
+                                          "(Entezari et al.)"),
+        "barrier_summary": MetricSpec(("start", "barrier", "stat", "split"), "",
+                                      "mean and 95 % t-interval over pairs"),
+        "start_step": MetricSpec(("start",), "steps", "step of the start checkpoint"),
+        "start_alpha": MetricSpec(("start",), "", "distillation alpha of the start"),
+    }
+    return coords, metrics
+
+
+def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store: str,
+           out: str, device="auto", precision="auto", points_per_pass: int = 0,
+           batch_size: int = 512, shard=None, overwrite=False, stop_after: int = None,
+           compile_model: bool = False) -> str:
+    """Run (or resume) the scan over start points; returns the result path.
+
+    template: the children's TrainConfig (num_steps set) for init and random starts;
+    stop_after: start points to finish before returning early, as if killed (tests).
+    """
+    from runs.results import create_result, parse_shard, shard_path
+    check(cfg, starts)
+    alphas = G.parse_grid(cfg.grid)
+    barriers(np.zeros(len(alphas)), np.zeros(len(alphas)), alphas)  # 0 and 1 on the grid
+    device = engine.resolve_device(device)
+    bf16 = engine.use_bf16(device, precision)
+    shard = parse_shard(shard) if isinstance(shard, str) else shard
+    children = {s.label: child_configs(s, template, cfg.children) for s in starts}
+    config = {"border": dataclasses.asdict(cfg), "train": dataclasses.asdict(template),
+              "starts": [s.label for s in starts], "precision": "bf16" if bf16 else "fp32"}
+    attrs = {"bn_mode": cfg.bn_mode, "children": {label: [str(run_path(store, "train", c,
+             c.seed)) for c in configs] for label, configs in children.items()}}
+    coords, metrics = layout(starts, cfg.children, alphas)
+    path = shard_path(out, *shard) if shard else out
+    per_pass = points_per_pass or auto_points_per_pass(device)
+    records = [start_record(s) for s in starts]
+    with create_result(path, ANALYSIS, coords, metrics, ("start",), config, records,
+                       str(device), attrs, overwrite, shard) as result:
+        for n, (index,) in enumerate(tqdm(result.missing(), desc=ANALYSIS, disable=None)):
+            if stop_after is not None and n >= stop_after:
+                break
+            configs = children[starts[index].label]
+            splits = load_data(configs[0])  # (train, val, test), shared by the children
+            runs = train_children(configs, splits, store, device, precision, compile_model)
+            data = measured_data(cfg, splits, device, batch_size)
+            curves = pair_curves(runs, cfg, data, alphas, device, bf16, per_pass)
+            result.write((index,), **start_values(curves, alphas, starts[index],
+                                                  records[index]["step"]))
+    return path
+
+
+def check(cfg: BorderConfig, starts: list[Start]) -> None:
+    if cfg.children < 2:
+        raise UserError(f"--children {cfg.children}: a barrier needs at least 2 children")
+    if not starts:
+        raise UserError("no start points: give START references (or 'random'), "
+                        "--from-distill RUN, --alpha-runs RUN..., or --rewind-steps RUN k1,k2")
+    labels = [s.label for s in starts]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"a start point is given twice: {labels}")
+    check_mode(cfg.bn_mode)
+
+
+def measured_data(cfg: BorderConfig, splits: tuple, device, batch_size: int):
+    """The children's own data: train (after their validation holdout) and test."""
+    train_split, _, test = splits
+    return eval_data(train_split, test, device, batch_size, cfg.train_samples,
+                     cfg.test_samples, cfg.bn_samples, cfg.bn_batch_size, cfg.sample_seed,
+                     with_bn=cfg.bn_mode == "recalibrate")
+
+
+def report(path: str) -> str:
+    """Per start: test error barrier and loss barriers, mean [95 % CI] over pairs."""
+    from runs.results import open_result
+    data = open_result(path, ANALYSIS)
+    test = list(data.coords["split"]).index("test")
+    lines = ["| start | " + " | ".join(f"{n} (test)" for n in NAMES) + " |",
+             "|---" * (len(NAMES) + 1) + "|"]
+    for s, label in enumerate(data.coords["start"]):
+        cells = []
+        for b in range(len(NAMES)):
+            mean, low, high = data.metrics["barrier_summary"][s, b, :, test]
+            cells.append(f"{mean:.4f} [{low:.4f}, {high:.4f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [f"{path}: {int(data.done.sum())} of {data.done.size} "
+                              f"start points done"])
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m landscape.border", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("starts", nargs="*", metavar="START", help="start points: checkpoint "
+                   "references or 'random'")
+    p.add_argument("--from-distill", default="", metavar="RUN", help="every saved step of "
+                   "this distillation run")
+    p.add_argument("--alpha-runs", nargs="*", default=[], metavar="RUN",
+                   help="distillation runs at several alphas (their last step)")
+    p.add_argument("--rewind-steps", nargs=2, default=None, metavar=("RUN", "STEPS"),
+                   help="a supervised run and comma-separated steps (e.g. 0,1ep,2ep)")
+    p.add_argument("--out", default="results/border.h5", help="HDF5 result file")
+    p.add_argument("--shard", default=None, help="i/n: only this shard's start points")
+    p.add_argument("--overwrite", action="store_true", help="replace a result of another "
+                   "config")
+    p.add_argument("--points-per-pass", type=int, default=0, help="path points evaluated "
+                   "together under vmap; 1 = reference path; 0 = auto (8 CUDA, 4 CPU)")
+    p.add_argument("--eval-batch-size", type=int, default=512, help="images per forward "
+                   "pass when measuring")
+    p.add_argument("--steps", default="160ep", help="children's training length: "
+                   "iterations or epochs (e.g. 160ep)")
+    engine.add_runtime_args(p)
+    add_config_args(p, BorderConfig, group="border scan")
+    add_config_args(p, TrainConfig, group="children's training (ignored by --rewind-steps)",
+                    exclude=("init", "rewind", "data_seed", "num_steps", "save_at", "mask"))
+    return p
+
+
+def collect_starts(args) -> list[Start]:
+    starts = given_starts(args.starts)
+    if args.from_distill:
+        starts += distill_starts(args.from_distill)
+    starts += alpha_starts(args.alpha_runs)
+    if args.rewind_steps:
+        starts += rewind_starts(*args.rewind_steps)
+    return starts
+
+
+@cli
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(G.join_negative(argv))
+    print(f"landscape.border {' '.join(argv)}", file=sys.stderr)
+    cfg = config_from_args(BorderConfig, args)
+    starts = collect_starts(args)
+    template = config_from_args(TrainConfig, args, num_steps=0, save_at=())
+    if any(not s.rewind for s in starts):  # rewinding children keep their parent's length
+        steps_per_epoch = len(load_data(template)[0].y) // template.batch_size
+        template = engine.config_with_steps(template, args.steps, (), steps_per_epoch)
+    path = border(cfg, starts, template, args.store, args.out, args.device, args.precision,
+                  args.points_per_pass, args.eval_batch_size, args.shard, args.overwrite,
+                  compile_model=args.compile)
+    print(report(path))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Parameter-space arithmetic: flatten, lerp, dot products, plane bases, random directions.
+
+`params` is a name -> tensor dict of the parameters a scan moves; `state` a full state_dict
+(parameters and BN buffers). Every function here is pure: it returns new tensors and never
+edits its inputs. Dot products and norms are accumulated in float64 (a ResNet18 has 11M
+weights: float32 sums would lose the digits that decide a plane's coordinates).
+"""
+
+import math
+
+import torch
+
+from runs.errors import UserError
+
+BASES = ("lstsq", "orthonormal")
+# sin of the angle at a below which c counts as on the line a-b (float32 weights carry
+# ~1e-7 relative noise, so an exactly collinear triple measures about that)
+COLLINEAR = 1e-5
+
+
+def flatten(params: dict) -> torch.Tensor:
+    """One 1-D vector (N,) of all tensors, in the dict's order."""
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+def unflatten(flat: torch.Tensor, like: dict) -> dict:
+    """The inverse of `flatten`: split (N,) back into tensors shaped like `like`'s."""
+    out, start = {}, 0
+    for name, ref in like.items():
+        out[name] = flat[start:start + ref.numel()].view_as(ref)
+        start += ref.numel()
+    if start != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} values, the shapes need {start}")
+    return out
+
+
+def lerp(state_a: dict, state_b: dict, alpha: float) -> dict:
+    """(1 - alpha) a + alpha b for floating tensors; integer ones (BN batch counts) from a.
+
+    torch.lerp is exact at both ends (alpha = 0 gives a, alpha = 1 gives b, bit for bit).
+    """
+    return {name: torch.lerp(a, state_b[name], alpha) if a.is_floating_point() else a.clone()
+            for name, a in state_a.items()}
+
+
+def subtract(a: dict, b: dict) -> dict:
+    """a - b, name by name."""
+    return {name: a[name] - b[name] for name in a}
+
+
+def dot(a: dict, b: dict) -> float:
+    """<a, b> over all tensors, summed in float64."""
+    return float(sum((a[name].double() * b[name].double()).sum() for name in a))
+
+
+def norm(params: dict) -> float:
+    """Euclidean norm of all tensors together, in float64."""
+    return math.sqrt(dot(params, params))
+
+
+def scale(params: dict, factor: float) -> dict:
+    return {name: p * factor for name, p in params.items()}
+
+
+def combine(origin: dict, directions: list[dict], coords) -> dict:
+    """origin + sum_k coords[k] directions[k] for one point (coords: K numbers)."""
+    out = {name: o.clone() for name, o in origin.items()}
+    for c, direction in zip(coords, directions):
+        for name in out:
+            out[name] += float(c) * direction[name]
+    return out
+
+
+def filter_normalized(params: dict, generator: torch.Generator, frozen=()) -> dict:
+    """A random direction with filter normalisation (Li et al. 2018).
+
+    d ~ N(0, I) drawn on the CPU from `generator` (same numbers on any device), then every
+    output filter (dim-0 slice) of every weight of 2 or more dims is rescaled to the norm of
+    the same filter of `params`. 1-D tensors (biases, BN affine) and names in `frozen` get
+    d = 0. Draws happen for every tensor of 2+ dims in order, frozen or not, so freezing a
+    layer does not change the other layers' directions.
+    """
+    out = {}
+    for name, theta in params.items():
+        if theta.ndim <= 1:
+            out[name] = torch.zeros_like(theta)
+            continue
+        d = torch.randn(theta.shape, generator=generator, dtype=torch.float32)
+        d = d.to(theta.device, theta.dtype)
+        d_norm = d.flatten(1).norm(dim=1)  # (O,) one norm per output filter
+        t_norm = theta.flatten(1).norm(dim=1)  # (O,)
+        factor = (t_norm / d_norm.clamp_min(1e-12)).view(-1, *[1] * (theta.ndim - 1))
+        out[name] = torch.zeros_like(theta) if name in frozen else d * factor
+    return out
+
+
+def plane_directions(a: dict, b: dict, c: dict, basis: str = "lstsq") -> list[dict]:
+    """Two directions spanning the plane through the parameter vectors a, b, c.
+
+    lstsq: d1 = b - a, d2 = c - a, so a, b, c sit at (0, 0), (1, 0), (0, 1) and any point's
+    coordinates are its least-squares fit in this (generally oblique) basis.
+    orthonormal: Gram-Schmidt of b - a and c - a, both scaled to |b - a|: one coordinate
+    unit is |b - a| on both axes, so distances (times that unit) and angles are true; b sits
+    at (1, 0) and c wherever its projection falls.
+    """
+    if basis not in BASES:
+        raise UserError(f"unknown plane basis {basis!r}; valid: {', '.join(BASES)}")
+    u, v = subtract(b, a), subtract(c, a)
+    unit = norm(u)
+    if unit == 0:
+        raise UserError("the first two checkpoints of the plane are identical; a plane needs "
+                        "three distinct, non-collinear checkpoints")
+    if basis == "lstsq":
+        _check_independent(u, v)
+        return [u, v]
+    e1 = scale(u, 1 / unit)
+    v_perp = subtract(v, scale(e1, dot(v, e1)))
+    perp = norm(v_perp)
+    if perp <= COLLINEAR * norm(v):
+        raise UserError("the three checkpoints are collinear; a plane needs three "
+                        "non-collinear checkpoints")
+    return [u, scale(v_perp, unit / perp)]
+
+
+def _check_independent(u: dict, v: dict) -> None:
+    uu, vv, uv = dot(u, u), dot(v, v), dot(u, v)
+    if uu * vv - uv * uv <= COLLINEAR ** 2 * uu * vv:  # sin^2 of the angle at a
+        raise UserError("the three checkpoints are collinear (or two coincide); a plane needs "
+                        "three non-collinear checkpoints")
+
+
+def project(origin: dict, directions: list[dict], theta: dict) -> list[float]:
+    """Least-squares coordinates of `theta` in the affine span origin + sum_k c_k d_k.
+
+    Solves the K x K normal equations G c = D^T (theta - origin) in float64.
+    """
+    delta = subtract(theta, origin)
+    gram = torch.tensor([[dot(di, dj) for dj in directions] for di in directions],
+                        dtype=torch.float64)
+    rhs = torch.tensor([dot(di, delta) for di in directions], dtype=torch.float64)
+    return torch.linalg.solve(gram, rhs).tolist()

@@ -1,0 +1,270 @@
+"""Metrics at many points of a scan, one parameter set at a time or P per pass.
+
+Two paths feed one measuring loop (`measure`):
+- the reference (`points_per_pass=1`): the real network, its weights copied in, BN
+  recalibrated in place by `batchnorm.recalibrate`, an ordinary forward per batch;
+- the batched path: P parameter sets stacked on a leading axis and evaluated by
+  torch.func.vmap over functional_call (convolutions become one grouped kernel per layer),
+  BN statistics recalibrated functionally per point (`batchnorm.BatchedBN`). Every image
+  batch is read once per pass for all P points, and the teacher's logits are computed once
+  per batch for all of them.
+
+Per point: loss and error (supervised), distillation cross-entropy and KL against a teacher,
+k-NN accuracy of the embeddings (train split as the bank, test as the queries; squared L2,
+majority vote, as the paper), and the parameter norm.
+"""
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+from landscape.batchnorm import BatchedBN, bn_layers, recalibrate, swap_batchnorm
+from landscape.geometry import Geometry, point_norms
+from landscape.network import Subject
+from runs.data import ImageData
+from runs.engine import autocast as engine_autocast
+from runs.engine import eval_loader
+from runs.errors import UserError, unknown
+from runs.gpu_loader import GPULoader
+
+METRICS = ("supervised", "distill", "knn", "norm")
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Measures:
+    metrics: tuple[str, ...]  # a subset of METRICS
+    knn_k: int = 20  # neighbours of the k-NN probe
+    teacher_temp: float = 1.0  # softmax temperatures of the distillation loss
+    student_temp: float = 1.0
+
+    def __post_init__(self):
+        for name in self.metrics:
+            if name not in METRICS:
+                raise unknown("metric", name, METRICS)
+        if not self.metrics:
+            raise UserError(f"--metrics: name at least one of {', '.join(METRICS)}")
+
+    @property
+    def needs_data(self) -> bool:
+        return bool({"supervised", "distill", "knn"} & set(self.metrics))
+
+    def specs(self) -> dict:
+        """name -> (non-point dims, units, long_name) of every metric a point yields."""
+        specs = {}
+        if "supervised" in self.metrics:
+            specs["loss"] = (("split",), "nats", "cross-entropy loss")
+            specs["error"] = (("split",), "fraction", "classification error")
+        if "distill" in self.metrics:
+            specs["distill_ce"] = (("split",), "nats", "distillation cross-entropy H(t, s)")
+            specs["distill_kl"] = (("split",), "nats", "KL(teacher || student)")
+        if "knn" in self.metrics:
+            specs["knn_accuracy"] = ((), "fraction",
+                                     f"k-NN accuracy (k={self.knn_k}, squared L2, majority)")
+        if "norm" in self.metrics:
+            specs["param_norm"] = ((), "", "L2 norm of the scanned parameters")
+        return specs
+
+
+@dataclass
+class EvalData:
+    splits: dict  # "train" / "test" -> GPULoader, fixed order, no augmentation
+    bn: GPULoader | None  # the fixed BN recalibration images, None unless recalibrating
+    num_classes: int
+    image_shape: tuple  # (C, H, W)
+
+
+def take(data: ImageData, count: int, seed: int, what: str) -> ImageData:
+    """`count` images drawn with `seed`, kept in their original order; 0 = all of them."""
+    if count == 0 or count == len(data.y):
+        return data
+    if not 0 < count <= len(data.y):
+        raise UserError(f"{what} {count}: must lie in 1..{len(data.y)} (the split's size) "
+                        f"or be 0 for all")
+    keep = torch.randperm(len(data.y), generator=torch.Generator().manual_seed(seed))[:count]
+    keep = keep.sort().values
+    return ImageData(data.x[keep], data.y[keep], data.info)
+
+
+def eval_data(train: ImageData, test: ImageData, device, batch_size: int = 512,
+              train_samples: int = 0, test_samples: int = 0, bn_samples: int = 0,
+              bn_batch_size: int = 256, seed: int = 0, with_bn: bool = True) -> EvalData:
+    """Fixed, un-augmented loaders: the train and test images measured, and the BN images.
+
+    The BN images are drawn from train with seed + 1 (another draw than the measured train
+    images), all of train when it holds fewer than bn_samples; recalibration averages
+    per-batch statistics, so bn_batch_size is part of what a result means and is recorded
+    with it.
+    """
+    splits = {"train": take(train, train_samples, seed, "--train-samples"),
+              "test": take(test, test_samples, seed, "--test-samples")}
+    loaders = {k: eval_loader(v, device, batch_size) for k, v in splits.items()}
+    bn = None
+    if with_bn:
+        images = take(train, min(bn_samples, len(train.y)), seed + 1, "--bn-samples")
+        bn = eval_loader(images, device, bn_batch_size)
+    return EvalData(loaders, bn, train.info.num_classes, tuple(train.x.shape[1:]))
+
+
+def images(loader: GPULoader):
+    """The normalised image batches of a loader, labels dropped."""
+    for x, _ in loader.epoch(0):
+        yield x
+
+
+@torch.no_grad()
+def measure(forward, data: EvalData, measures: Measures, teacher, num_points: int,
+            autocast) -> dict:
+    """metric -> (P, ...) tensor over both splits; see Measures.specs for the layout.
+
+    forward: images (B, C, H, W) -> {"embedding": (P, B, D), "logits": (P, B, K),
+    "head": (P, B, m)}; teacher: a Subject giving {"head": (B, m)}, or None.
+    """
+    sums = {split: _split_sums(forward, loader, measures, teacher, num_points, autocast)
+            for split, loader in data.splits.items()}
+    out = {}
+    for name, key in (("loss", "loss"), ("error", "wrong"), ("distill_ce", "ce"),
+                      ("distill_kl", "kl")):
+        if key in sums["train"]:
+            out[name] = torch.stack([sums[s][key] / sums[s]["count"] for s in SPLITS], 1)
+    if "knn" in measures.metrics:
+        out["knn_accuracy"] = _knn(sums, data, measures.knn_k)
+    return out
+
+
+def _split_sums(forward, loader, measures, teacher, num_points, autocast) -> dict:
+    """Sums over one split: loss, wrong, ce, kl (P,) float64 and embeddings (P, N, D)."""
+    device = loader.x.device
+    sums = {"count": 0}
+    feats = []
+    for x, y in loader.epoch(0):
+        with autocast():
+            out = forward(x)
+            target = teacher(x, parts=("head",))["head"] if "head" in out else None
+        if "logits" in out and "supervised" in measures.metrics:
+            logits = out["logits"].float()  # (P, B, K)
+            loss = F.cross_entropy(logits.transpose(1, 2), y.expand(num_points, -1),
+                                   reduction="none")  # (P, B)
+            _add(sums, "loss", loss.double().sum(1), device)
+            _add(sums, "wrong", (logits.argmax(-1) != y).double().sum(1), device)
+        if target is not None and "distill" in measures.metrics:
+            ce, kl = _distill(out["head"], target, measures)
+            _add(sums, "ce", ce, device)
+            _add(sums, "kl", kl, device)
+        if "knn" in measures.metrics:
+            feats.append(out["embedding"].float())  # (P, B, D)
+        sums["count"] += len(y)
+    if feats:
+        sums["feats"] = torch.cat(feats, 1)  # (P, N, D)
+    return sums
+
+
+def _add(sums: dict, key: str, value: torch.Tensor, device) -> None:
+    sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64, device=device)) + value
+
+
+def _distill(student, teacher, measures: Measures):
+    """Summed H(t, s) and KL(t || s) over the batch, per point: two (P,) float64."""
+    log_t = F.log_softmax(teacher.float() / measures.teacher_temp, dim=-1)  # (B, m)
+    p_t = log_t.exp()
+    entropy = -(p_t * log_t).sum()  # summed over the batch
+    log_s = F.log_softmax(student.float() / measures.student_temp, dim=-1)  # (P, B, m)
+    ce = -(p_t * log_s).sum((1, 2)).double()  # (P,)
+    return ce, ce - entropy.double()
+
+
+def _knn(sums: dict, data: EvalData, k: int) -> torch.Tensor:
+    from probes.knn import knn_accuracy
+    train_y, test_y = data.splits["train"].y, data.splits["test"].y
+    bank, queries = sums["train"]["feats"], sums["test"]["feats"]  # (P, N, D), (P, M, D)
+    accs = [knn_accuracy(bank[p], train_y, queries[p], test_y, k=k, metric="l2",
+                         num_classes=data.num_classes) for p in range(len(bank))]
+    return torch.tensor(accs, dtype=torch.float64)
+
+
+class PointEvaluator:
+    """Evaluates points of one geometry on one network, data set and BN mode."""
+
+    def __init__(self, subject: Subject, geometry: Geometry, bn_mode: str, data: EvalData,
+                 measures: Measures, teacher: Subject = None, device="cpu", bf16=False):
+        # A private copy: the reference path loads every point's weights into it.
+        self.subject = copy.deepcopy(subject).to(device)
+        if torch.device(device).type == "cuda":
+            self.subject.to(memory_format=torch.channels_last)  # as the loaders' images
+        self.geometry, self.bn_mode = geometry, bn_mode
+        self.data, self.measures, self.teacher = data, measures, teacher
+        self.device, self.bf16 = torch.device(device), bf16
+        if teacher is not None:
+            teacher.to(device).eval()
+        heads = [m for m in (subject.fc, subject.head) if m is not None]
+        heads_have_bn = any(bn_layers(m) for m in heads)
+        # BN lives in the encoder: recalibration need not run the heads (a 2^16-way layer).
+        self.recal_parts = ("embedding", "logits", "head") if heads_have_bn else ("embedding",)
+        self._twin = None
+
+    def autocast(self):
+        return engine_autocast(self.device, self.bf16) if self.bf16 else contextlib.nullcontext()
+
+    def evaluate(self, coords: np.ndarray, batched: bool = True) -> list[dict]:
+        """One {metric: numpy value} per row of coords (P, K), in order."""
+        coords = torch.as_tensor(np.asarray(coords, dtype=np.float64))
+        if batched:
+            values = self._batched(coords)
+        else:
+            per_point = [self._reference(row[None]) for row in coords]
+            values = {k: torch.cat([v[k] for v in per_point]) for k in per_point[0]}
+        return [{k: v[p].cpu().numpy() for k, v in values.items()} for p in range(len(coords))]
+
+    def _measure(self, forward, params: dict, num_points: int) -> dict:
+        out = {}
+        if self.measures.needs_data:
+            out = measure(forward, self.data, self.measures, self.teacher, num_points,
+                          self.autocast)
+        if "norm" in self.measures.metrics:
+            out["param_norm"] = point_norms(params)
+        return out
+
+    def _stored_mode(self) -> str:
+        """The buffers a point starts from: recalibration starts from A's (then resets)."""
+        return "interpolate" if self.bn_mode == "interpolate" else "keep"
+
+    @torch.no_grad()
+    def _reference(self, coords: torch.Tensor) -> dict:
+        """One point: weights copied into the real network, BN recalibrated in place."""
+        params = self.geometry.params_at(coords)
+        buffers = self.geometry.buffers_at(coords, self._stored_mode())
+        state = {k: v[0] for k, v in {**params, **buffers}.items()}
+        self.subject.load_state_dict(state, strict=True)
+        if self.bn_mode == "recalibrate" and self.measures.needs_data:
+            target = self.subject if len(self.recal_parts) > 1 else self.subject.encoder
+            recalibrate(target, images(self.data.bn), self.autocast)
+        self.subject.eval()
+
+        def forward(x):
+            return {k: v[None] for k, v in self.subject(x).items()}  # (1, B, ...)
+        return self._measure(forward, params, 1)
+
+    @torch.no_grad()
+    def _batched(self, coords: torch.Tensor) -> dict:
+        """P points in one pass under vmap; BN statistics per point, computed functionally."""
+        params = self.geometry.params_at(coords)  # name -> (P, *shape)
+        buffers = self.geometry.buffers_at(coords, self._stored_mode())
+        if self.bn_mode == "recalibrate" and self.measures.needs_data:
+            # running mean/var replaced; batch counts (and any other buffer) stay A's
+            bn = BatchedBN(self.twin, {"parts": self.recal_parts})
+            buffers.update(bn.recalibrate(params, images(self.data.bn), self.autocast))
+        call = vmap(lambda p, b, x: functional_call(self.twin, (p, b), (x,)),
+                    in_dims=(0, 0, None))
+        return self._measure(lambda x: call(params, buffers, x), params, len(coords))
+
+    @property
+    def twin(self):
+        """The network with functional BN layers, made once per evaluator."""
+        if self._twin is None:
+            self._twin = swap_batchnorm(self.subject).eval()
+        return self._twin

@@ -1,0 +1,536 @@
+"""Iterative magnitude pruning with rewinding: `python -m tickets.imp --levels L --rewind R`.
+
+Level 0 trains the dense network: from random init (`--rewind init@K`) or from a checkpoint
+(`--rewind RUN@last:encoder`, a distilled student's encoder under a fresh fc, at K = 0),
+keeping a checkpoint at step K. Level l >= 1 prunes the prunable weights that level l - 1
+kept, globally by magnitude of level l - 1's final weights, down to
+`tickets.prune.kept_count(total, rate, l)` (density 0.8^L rounded half-up), then restores
+the dense run's full training state at step K (weights, BatchNorm buffers, optimiser,
+schedule, data position) under the new mask and trains to the same final step.
+
+Every level is an ordinary `runs.train` run in the store: re-running skips finished levels
+and resumes an unfinished one. Masks are files in STORE/imp_<hash>/seed_<s>/<chain>/, the
+hash covering what decides them (training config, rewind point, rate, scope).
+
+Baselines (`--baselines`), branches of the same sweep over the same levels:
+  random   a global uniformly random mask with the ticket's per-level counts (nested, seeded
+           from the seed and level), rewound to K like the ticket;
+  reinit   the ticket's mask of level l on a fresh random init (seed + --reinit-seed-offset),
+           trained from step 0 to the final step (Frankle & Carbin's random reinitialisation).
+Level 0 is the dense run, shared by all branches.
+
+`--instability`: each cell also trains a sibling (same start point and mask, data seed + 1)
+and stores the error and loss barriers between the two on train and test
+(landscape.border's `pair_curves`, BatchNorm recalibrated).
+
+Results: HDF5 (analysis `imp`), coords branch x level x seed; a killed sweep resumes per cell
+and `--shard i/n` takes the seeds with index % n == i.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from runs import engine
+from runs.checkpoint import read_checkpoint
+from runs.config import add_config_args, arg, config_from_args, non_default, parse_steps
+from runs.errors import UserError, cli, unknown
+from runs.models import create_model
+from runs.registry import Registry
+from runs.store import Run, atomic_write_text, run_path
+from runs.train import TrainConfig, load_data, train
+from tickets.mask import SCOPES, dense_mask, num_kept, prunable_names, read_mask, save_mask
+from tickets.prune import (
+    check_levels,
+    check_rate,
+    derived_seed,
+    kept_count,
+    magnitude_prune,
+    random_prune,
+)
+
+
+@dataclass(frozen=True)
+class ImpConfig:
+    rewind: str = arg("init@0", "rewind point: init@K = step K (iterations or epochs, e.g. "
+                                "0, 1ep, 2ep) of the dense run from random init; or a "
+                                "checkpoint reference the dense run starts from, rewound to "
+                                "at K = 0 (e.g. store/distill_x/seed_0@last:encoder)")
+    levels: int = arg(10, "pruning levels after the dense level 0")
+    rate: float = arg(0.2, "fraction of the prunable weights pruned per level: level L keeps "
+                           "floor(N * (1 - rate)^L + 0.5) of the N prunable weights")
+    prune_scope: str = arg("weights", "prunable parameters: conv and linear weights, or all "
+                                      "parameters (as the paper's code did)", choices=SCOPES)
+    keep_output_dense: bool = arg(False, "never prune the output layer (fc)")
+    baselines: tuple[str, ...] = arg((), "control branches: random (random masks of the same "
+                                         "per-level counts, rewound like the ticket), reinit "
+                                         "(the ticket's masks on a fresh init from step 0)")
+    instability: bool = arg(False, "also train a second child per cell (another data seed) "
+                                   "and store the barriers between the two (landscape.border:"
+                                   " BN recalibrated on 2048 train images)")
+    barrier_grid: str = arg("0:1:25", "instability: interpolation coordinates between the "
+                                      "children, holding 0 and 1")
+    reinit_seed_offset: int = arg(1000, "reinit branch: init seed = seed + this")
+    child_data_seed_offset: int = arg(1, "instability: the second child's data seed is "
+                                         "--data-seed + this")
+
+
+# Fields that do not change any mask or any ticket run: left out of the mask folder's hash,
+# so extending --levels or adding a baseline reuses every finished level.
+NOT_IN_HASH = ("rewind", "levels", "baselines", "instability", "barrier_grid",
+               "reinit_seed_offset", "child_data_seed_offset")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A sweep resolved against its data: what every level of every seed trains."""
+    imp: ImpConfig
+    train: TrainConfig  # the dense run's config, seed 0; steps resolved; save_at holds K
+    store: Path
+    reference: str  # checkpoint the dense run starts from; "" = random init
+    rewind_step: int  # K: where levels >= 1 restart (0 for a reference)
+    shapes: dict  # prunable parameter name -> shape, in parameter order
+    num_train: int = 0  # training images after the validation holdout
+
+    @property
+    def total(self) -> int:
+        return int(sum(np.prod(shape, dtype=np.int64) for shape in self.shapes.values()))
+
+    @property
+    def branches(self) -> list[str]:
+        return ["ticket", *self.imp.baselines]
+
+
+def identity(plan: Plan) -> dict:
+    """What decides the masks (the folder hash covers exactly this)."""
+    imp = {k: v for k, v in non_default(plan.imp, exclude=()).items() if k not in NOT_IN_HASH}
+    train_cfg = dataclasses.replace(plan.train, save_at=())
+    return {"imp": imp, "train": non_default(train_cfg),
+            "rewind": plan.reference or f"init@{plan.rewind_step}"}
+
+
+def imp_dir(plan: Plan) -> Path:
+    text = json.dumps(identity(plan), sort_keys=True)
+    return plan.store / f"imp_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+# ---------------------------------------------------------------------------- level configs
+
+
+def dense_config(plan: Plan, seed: int) -> TrainConfig:
+    """Level 0: the dense run, from random init or from the reference's weights."""
+    return dataclasses.replace(plan.train, seed=seed, init=plan.reference)
+
+
+def rewind_ref(plan: Plan, seed: int) -> str:
+    return f"{run_path(plan.store, 'train', dense_config(plan, seed), seed)}@{plan.rewind_step}"
+
+
+def rewound(plan: Plan, seed: int, mask: Path) -> TrainConfig:
+    """The dense run's full state at step K under `mask`, trained to the final step."""
+    return dataclasses.replace(plan.train, seed=seed, rewind=rewind_ref(plan, seed),
+                               mask=str(mask), save_at=())
+
+
+def reinitialised(plan: Plan, seed: int, mask: Path) -> TrainConfig:
+    """A fresh init (another seed) under `mask`, trained from step 0 to the final step."""
+    return dataclasses.replace(plan.train, seed=seed + plan.imp.reinit_seed_offset,
+                               mask=str(mask), save_at=())
+
+
+@dataclass(frozen=True)
+class Branch:
+    chain: str  # the nested mask sequence it trains under: "ticket" or "random"
+    config: Callable[[Plan, int, Path], TrainConfig]  # (plan, seed, mask file) -> run config
+
+
+BRANCHES = Registry("branch")
+BRANCHES.register(Branch("ticket", rewound), name="ticket")
+BRANCHES.register(Branch("random", rewound), name="random")
+BRANCHES.register(Branch("ticket", reinitialised), name="reinit")
+
+
+def level_config(plan: Plan, seed: int, branch: str, level: int, mask: Path = None):
+    if level == 0:
+        return dense_config(plan, seed)
+    return BRANCHES.get(branch).config(plan, seed, mask)
+
+
+def child_config(plan: Plan, cfg: TrainConfig, level: int) -> TrainConfig:
+    """The second SGD child of a cell: same start and mask, another data order."""
+    if level == 0:  # the dense run passes step K on its way; its sibling restarts there
+        cfg = dataclasses.replace(cfg, init="", rewind=rewind_ref(plan, cfg.seed), save_at=())
+    return dataclasses.replace(cfg, data_seed=cfg.data_seed + plan.imp.child_data_seed_offset)
+
+
+# ---------------------------------------------------------------------------- the sweep
+
+
+@dataclass
+class Sweep:
+    """A plan plus what running it needs: the data (loaded once) and the runtime flags."""
+    plan: Plan
+    data: tuple  # (train, val or None, test), as runs.train.load_data returns
+    device: str = "auto"
+    precision: str = "auto"
+    compile_model: bool = False
+
+    _measured: object = None  # landscape's evaluation data, built on first use
+
+    def train(self, cfg: TrainConfig) -> Run:
+        """Train one run, or return it at once when the store holds it finished."""
+        return train(cfg, self.plan.store, self.data, self.device, self.precision,
+                     self.compile_model)
+
+    def measured(self):
+        """Fixed train (after the validation holdout) and test images, BN images: what
+        --instability measures children on (landscape.border.measured_data)."""
+        if self._measured is None:
+            from landscape.border import measured_data
+            self._measured = measured_data(border_config(self.plan), self.data,
+                                           engine.resolve_device(self.device), batch_size=512)
+        return self._measured
+
+
+def mask_file(plan: Plan, seed: int, chain: str, level: int) -> Path:
+    return imp_dir(plan) / f"seed_{seed}" / chain / f"level_{level:03d}.pt"
+
+
+def ensure_mask(sweep: Sweep, seed: int, chain: str, level: int) -> Path:
+    """The mask file of `chain` at `level` >= 1; made now (parents trained first) if missing."""
+    plan = sweep.plan
+    path = mask_file(plan, seed, chain, level)
+    if path.exists():
+        return path
+    if level > 1:
+        parent = read_mask(ensure_mask(sweep, seed, chain, level - 1))
+    else:
+        parent = {name: torch.ones(shape, dtype=torch.bool) for name, shape in
+                  plan.shapes.items()}
+    num_keep = kept_count(plan.total, plan.imp.rate, level)
+    if chain == "random":
+        mask = random_prune(parent, num_keep, derived_seed("random", seed, level))
+    else:
+        weights = final_weights(sweep, level_run(sweep, seed, "ticket", level - 1))
+        mask = magnitude_prune(weights, parent, num_keep)
+    return save_mask(path, mask)
+
+
+def final_weights(sweep: Sweep, run: Run) -> dict[str, torch.Tensor]:
+    """The prunable weights at the run's final step, on the sweep's device."""
+    state = read_checkpoint(run.ckpt_path(sweep.plan.train.num_steps))["model"]["state"]
+    device = engine.resolve_device(sweep.device)
+    return {name: state[name].to(device) for name in sweep.plan.shapes}
+
+
+def level_run(sweep: Sweep, seed: int, branch: str, level: int) -> Run:
+    """The finished run of one cell (trained now unless the store holds it done)."""
+    return sweep.train(cell_config(sweep, seed, branch, level))
+
+
+def cell_config(sweep: Sweep, seed: int, branch: str, level: int) -> TrainConfig:
+    mask = ensure_mask(sweep, seed, BRANCHES.get(branch).chain, level) if level else None
+    return level_config(sweep.plan, seed, branch, level, mask)
+
+
+def cell_values(sweep: Sweep, seed: int, branch: str, level: int) -> dict:
+    """Every metric of one (branch, level, seed) cell; trains what it needs."""
+    plan = sweep.plan
+    cfg = cell_config(sweep, seed, branch, level)
+    summary = sweep.train(cfg).summary()
+    kept = num_kept(read_mask(cfg.mask)) if cfg.mask else plan.total
+    values = {"remaining_weights": kept, "density": kept / plan.total,
+              **{key: nan_if_none(summary.get(key)) for key in SUMMARY_KEYS}}
+    if plan.imp.instability:
+        values.update(instability(sweep, cfg, level))
+    return values
+
+
+def instability(sweep: Sweep, cfg: TrainConfig, level: int) -> dict:
+    """Barriers between the cell's run and its sibling (same start and mask, another data
+    order), measured by landscape.border's public functions: {name: (split,)}."""
+    from landscape.barrier import NAMES, barriers
+    from landscape.border import pair_curves
+    sibling = sweep.train(child_config(sweep.plan, cfg, level))
+    first = Run(run_path(sweep.plan.store, "train", cfg, cfg.seed))
+    device = engine.resolve_device(sweep.device)
+    bf16, per_pass = engine.use_bf16(device, sweep.precision), 8 if device.type == "cuda" else 1
+    alphas = barrier_grid(sweep.plan.imp)
+    curves = pair_curves([first, sibling], border_config(sweep.plan), sweep.measured(),
+                         alphas, device, bf16, per_pass)  # (1 pair, alphas, splits) each
+    per_pair = barriers(np.moveaxis(curves["loss"], 1, -1),
+                        np.moveaxis(curves["error"], 1, -1), alphas)  # (1 pair, splits)
+    return {name: per_pair[name][0] for name in NAMES}
+
+
+def border_config(plan: Plan):
+    """landscape.border's settings for --instability: its defaults with our grid, and BN
+    recalibrated on all training images where there are fewer than its default count."""
+    from landscape.border import BorderConfig
+    cfg = BorderConfig(grid=plan.imp.barrier_grid)
+    if cfg.bn_samples >= plan.num_train:
+        cfg = dataclasses.replace(cfg, bn_samples=0)  # 0 = all
+    return cfg
+
+
+def barrier_grid(imp: ImpConfig) -> np.ndarray:
+    """The interpolation grid of --instability, checked to hold 0 and 1."""
+    from landscape.barrier import barriers
+    from landscape.geometry import parse_grid
+    alphas = parse_grid(imp.barrier_grid, flag="--barrier-grid")
+    barriers(np.zeros(len(alphas)), np.zeros(len(alphas)), alphas)  # UserError without 0, 1
+    return alphas
+
+
+def nan_if_none(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def run_sweep(sweep: Sweep, result, seeds: list[int], shard=None) -> None:
+    """Fill every missing cell this shard owns: seed by seed, level by level."""
+    plan = sweep.plan
+    # (0, 1) = every cell: shards split by seed, not by the flat cell index results uses.
+    todo = [cell for cell in result.missing(shard=(0, 1))
+            if shard is None or cell[2] % shard[1] == shard[0]]
+    for s, seed in enumerate(seeds):
+        cells = [c for c in todo if c[2] == s]
+        levels = sorted({c[1] for c in cells})
+        for level in tqdm(levels, desc=f"imp seed {seed}", unit="level", disable=None):
+            for b, _, _ in [c for c in cells if c[1] == level]:
+                result.write((b, level, s),
+                             **cell_values(sweep, seed, plan.branches[b], level))
+
+
+# ---------------------------------------------------------------------------- results
+
+POINT_DIMS = ("branch", "level", "seed")
+SUMMARY_KEYS = ("test_accuracy", "test_loss", "best_val_accuracy", "test_accuracy_at_best_val",
+                "best_val_step")
+
+
+def result_metrics(plan: Plan) -> dict:
+    """The metrics of an `imp` result: one value per (branch, level, seed) cell."""
+    from runs.results import MetricSpec
+
+    def spec(units, long_name, dtype="f4"):
+        return MetricSpec(POINT_DIMS, units, long_name, dtype)
+
+    metrics = {
+        "density": spec("fraction", "fraction of prunable weights remaining", "f8"),
+        "remaining_weights": spec("weights", "prunable weights remaining", "f8"),
+        "test_accuracy": spec("fraction", "test accuracy at the end of training"),
+        "test_loss": spec("nats", "test loss at the end of training"),
+        "best_val_accuracy": spec("fraction", "best validation accuracy (split off train)"),
+        "test_accuracy_at_best_val": spec("fraction", "test accuracy at the best-validation "
+                                                      "evaluation"),
+        "best_val_step": spec("iterations", "step of the best validation accuracy", "f8"),
+    }
+    if plan.imp.instability:
+        cell = (*POINT_DIMS, "split")
+        metrics.update(
+            error_barrier=spec("fraction", "error barrier between two SGD children "
+                                           "(Frankle et al. 2020)"),
+            loss_barrier_mean=spec("nats", "loss barrier over the children's mean loss"),
+            loss_barrier_linear=spec("nats", "loss barrier over the chord (Entezari et al.)"))
+        metrics = {k: dataclasses.replace(v, dims=cell) if "barrier" in k else v
+                   for k, v in metrics.items()}
+    return metrics
+
+
+def result_config(plan: Plan) -> dict:
+    config = {"imp": dataclasses.asdict(plan.imp), "train": dataclasses.asdict(plan.train),
+              "reference": plan.reference, "rewind_step": plan.rewind_step,
+              "prunable": list(plan.shapes), "prunable_weights": plan.total,
+              "mask_dir": str(imp_dir(plan))}
+    if plan.imp.instability:
+        config["border"] = dataclasses.asdict(border_config(plan))
+    return config
+
+
+def open_imp_result(plan: Plan, seeds: list[int], path, device, overwrite=False, shard=None):
+    """Create or resume the result file (a shard's own file when `shard` is given)."""
+    from runs.refs import ref_record
+    from runs.results import create_result, shard_path
+    coords = {"branch": plan.branches, "level": np.arange(plan.imp.levels + 1),
+              "seed": np.asarray(seeds)}
+    attrs = {}
+    if plan.imp.instability:
+        from landscape.points import SPLITS
+        coords["split"] = list(SPLITS)
+        attrs = {"bn_mode": border_config(plan).bn_mode}
+    inputs = [ref_record(plan.reference)] if plan.reference else []
+    path = shard_path(path, *shard) if shard else path
+    return create_result(path, "imp", coords, result_metrics(plan), POINT_DIMS,
+                         result_config(plan), inputs, str(engine.resolve_device(device)),
+                         attrs, overwrite=overwrite, shard=shard)
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def parse_rewind(text: str, steps_per_epoch: int) -> tuple[str, int]:
+    """(reference, K): "init@2ep" -> ("", 2 * steps_per_epoch); "RUN@last:encoder" -> (it, 0)."""
+    text = text.strip()
+    if text == "init" or text.startswith("init@"):
+        step = text.partition("@")[2] or "0"
+        return "", parse_steps(step, steps_per_epoch, flag="--rewind init@K")
+    return text, 0
+
+
+def check_reference(reference: str, cfg: TrainConfig, info) -> None:
+    """The reference must load and be this sweep's architecture (before anything trains)."""
+    from runs.refs import load_model
+    spec = load_model(reference, num_classes=info.num_classes).model.spec
+    wanted = {"name": cfg.model, "width": cfg.width, "in_channels": info.channels}
+    bad = [f"{k} {spec.get(k)!r}, not {v!r}" for k, v in wanted.items() if spec.get(k) != v]
+    if bad:
+        raise UserError(f"--rewind {reference} is another architecture than --model "
+                        f"{cfg.model} --width {cfg.width} on {info.channels}-channel "
+                        f"{info.name}: {'; '.join(bad)}")
+
+
+def check_options(imp: ImpConfig, seeds) -> None:
+    """What can be checked before the data is loaded."""
+    check_rate(imp.rate)
+    if imp.instability:
+        barrier_grid(imp)
+    for name in imp.baselines:
+        if name == "ticket" or name not in BRANCHES:
+            raise unknown("baseline", name, [b for b in BRANCHES.names() if b != "ticket"])
+    if len(set(imp.baselines)) != len(imp.baselines):
+        raise UserError(f"--baselines {' '.join(imp.baselines)}: names repeat")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: give distinct seeds")
+
+
+def make_plan(imp: ImpConfig, cfg: TrainConfig, store, data: tuple, steps: str,
+              save_at=()) -> Plan:
+    """Resolve steps and the rewind point, check every option; nothing trains here."""
+    info = data[0].info
+    cfg = dataclasses.replace(cfg, seed=0, init="", rewind="", mask="")
+    cfg = engine.config_with_steps(cfg, steps, save_at, len(data[0].y) // cfg.batch_size)
+    reference, step = parse_rewind(imp.rewind, len(data[0].y) // cfg.batch_size)
+    if step >= cfg.num_steps:
+        raise UserError(f"--rewind {imp.rewind}: step {step} is not before the end of "
+                        f"training ({cfg.num_steps} steps)")
+    cfg = dataclasses.replace(cfg, save_at=tuple(sorted({*cfg.save_at, step} - {0})))
+    if reference:
+        check_reference(reference, cfg, info)
+    model = create_model(cfg.model, num_classes=info.num_classes, width=cfg.width,
+                         in_channels=info.channels)
+    mask = dense_mask(model, prunable_names(model, imp.prune_scope, imp.keep_output_dense))
+    plan = Plan(imp, cfg, Path(store), reference, step,
+                {name: tuple(m.shape) for name, m in mask.items()}, len(data[0].y))
+    check_levels(imp.levels, plan.total, imp.rate)
+    return plan
+
+
+def write_identity(plan: Plan) -> None:
+    """STORE/imp_<hash>/imp.json: what the folder's masks were computed for."""
+    path = imp_dir(plan) / "imp.json"
+    if not path.exists():
+        atomic_write_text(path, json.dumps(identity(plan), indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------- CLI
+
+EPILOG = """examples:
+  # rewinding a random init to epoch 2, with both baselines, 3 seeds
+  python -m tickets.imp --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \\
+      --val-size 5000 --levels 24 --rewind init@2ep --baselines random reinit --seeds 0 1 2
+  # rewinding to a distilled student (its encoder under a fresh fc) at K = 0
+  python -m tickets.imp --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \\
+      --val-size 5000 --levels 24 --rewind store/distill_ab12cd34/seed_0@last:encoder
+  # four rewind points sharing one dense run per seed: give all of them to --save-at
+  python -m tickets.imp ... --rewind init@1ep --save-at 1ep 2ep 5ep"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tickets.imp", description=__doc__,
+                                epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter)
+    engine.add_runtime_args(p)
+    p.add_argument("--steps", default="160ep",
+                   help="training length of every level: iterations or epochs (e.g. 160ep)")
+    p.add_argument("--save-at", nargs="*", default=[],
+                   help="extra checkpoints of the dense run (step K is always kept); the "
+                        "same list lets sweeps with other K share one dense run")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="init seeds (fc seeds when rewinding to a reference): one IMP each")
+    p.add_argument("--out", default="results/imp.h5", help="HDF5 result file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a result file written for another config")
+    p.add_argument("--shard", default=None,
+                   help="i/n: run only the seeds with index %% n == i, into OUT.shardIofN.h5 "
+                        "(join with python -m runs.results merge)")
+    add_config_args(p, ImpConfig, group="pruning")
+    add_config_args(p, TrainConfig, group="training (every level)",
+                    exclude=("num_steps", "save_at", "init", "rewind", "mask", "seed"))
+    return p
+
+
+def summary_table(data) -> str:
+    """Markdown: one row per level, density and test accuracy (mean ± std over seeds)."""
+    branches = [str(b) for b in data.coords["branch"]]
+    head = ["level", "density (%)"] + [f"{b} test acc. (%)" for b in branches]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    acc, density = data.metrics["test_accuracy"] * 100, data.metrics["density"] * 100
+    for i, level in enumerate(data.coords["level"]):
+        cells = [str(int(level)), fmt(density[0, i])]
+        cells += [fmt(acc[b, i]) for b in range(len(branches))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fmt(values: np.ndarray) -> str:
+    """'mean ± std' in % over the finished seeds, 'n/a' if none."""
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return "n/a"
+    return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else \
+        f"{values[0]:.2f}"
+
+
+def sweep_from_args(args: argparse.Namespace) -> Sweep:
+    """Check the flags (cheap ones first), load the data, plan: nothing trains yet."""
+    imp = config_from_args(ImpConfig, args)
+    check_options(imp, args.seeds)
+    engine.resolve_device(args.device)
+    cfg = config_from_args(TrainConfig, args, num_steps=0, save_at=(), init="", rewind="",
+                           mask="", seed=0)
+    data = load_data(cfg)
+    plan = make_plan(imp, cfg, args.store, data, args.steps, args.save_at)
+    sweep = Sweep(plan, data, args.device, args.precision, args.compile)
+    if imp.instability:
+        sweep.measured()  # its options fail now, not after the first level
+    return sweep
+
+
+@cli
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    print(f"tickets.imp {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+    from runs.results import open_result, parse_shard
+    shard = parse_shard(args.shard) if args.shard else None
+    sweep = sweep_from_args(args)
+    plan = sweep.plan
+    with open_imp_result(plan, args.seeds, args.out, args.device, args.overwrite,
+                         shard) as result:
+        write_identity(plan)
+        run_sweep(sweep, result, args.seeds, shard)
+        path = result.path
+    print(summary_table(open_result(path, "imp")))
+    print(f"wrote {path} (masks in {imp_dir(plan)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

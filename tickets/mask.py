@@ -1,0 +1,96 @@
+"""Sparsity masks of lottery tickets: which parameters are prunable, counts, nesting, files.
+
+A mask is a dict parameter name -> bool tensor of the parameter's shape (True = kept), in
+the model's parameter order: the format `runs.masking` applies during training (`TrainConfig.
+mask`). Only prunable parameters have an entry; every other parameter stays dense.
+
+    names = prunable_names(model, scope="weights", keep_output_dense=False)
+    mask = dense_mask(model, names)            # all True: level 0
+    num_kept(mask), density(mask)              # 9,760 of 9,760 weights, 1.0
+    save_mask(path, mask); read_mask(path)     # atomic torch.save; strict load
+"""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runs.errors import unknown
+from runs.masking import load_mask
+from runs.store import atomic_write
+
+Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True = kept
+
+# "weights": the weight tensors of conv and linear layers (Frankle & Carbin's choice; BN
+# affine parameters and biases stay dense). "all": every parameter, as the paper's code did.
+SCOPES = ("weights", "all")
+PRUNABLE_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def output_layer(model: nn.Module) -> str:
+    """Module name of the output layer: `fc` of a registry model, else the last Linear."""
+    if isinstance(getattr(model, "fc", None), nn.Linear):
+        return "fc"
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no Linear output layer")
+    return linears[-1]
+
+
+def prunable_names(model: nn.Module, scope: str = "weights",
+                   keep_output_dense: bool = False) -> list[str]:
+    """Parameter names that magnitude pruning may remove, in `named_parameters` order."""
+    if scope not in SCOPES:
+        raise unknown("prune scope", scope, SCOPES)
+    if scope == "all":
+        names = [name for name, _ in model.named_parameters()]
+    else:
+        names = [f"{mod_name}.weight" if mod_name else "weight"
+                 for mod_name, module in model.named_modules()
+                 if isinstance(module, PRUNABLE_LAYERS) and module.weight is not None]
+        # The canonical order is the parameters' (it fixes the flat index ties break by).
+        order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+        names = sorted(names, key=order.__getitem__)
+    if keep_output_dense:
+        head = output_layer(model) + "."
+        names = [name for name in names if not name.startswith(head)]
+    return names
+
+
+def dense_mask(model: nn.Module, names) -> Masks:
+    """All-True masks for `names` (on the CPU): the unpruned network of level 0."""
+    params = dict(model.named_parameters())
+    return {name: torch.ones(params[name].shape, dtype=torch.bool) for name in names}
+
+
+def num_kept(mask: Masks) -> int:
+    return int(sum(int(m.sum()) for m in mask.values()))
+
+
+def num_total(mask: Masks) -> int:
+    return int(sum(m.numel() for m in mask.values()))
+
+
+def density(mask: Masks) -> float:
+    """Fraction of the prunable weights kept."""
+    return num_kept(mask) / max(num_total(mask), 1)
+
+
+def is_nested(inner: Masks, outer: Masks) -> bool:
+    """Whether `inner` keeps a subset of what `outer` keeps (same names and shapes)."""
+    if list(inner) != list(outer):
+        return False
+    return all(i.shape == o.shape and not (i.bool() & ~o.bool().to(i.device)).any()
+               for i, o in zip(inner.values(), outer.values()))
+
+
+def save_mask(path, mask: Masks) -> Path:
+    """Write a mask as bool CPU tensors, atomically (readers never see half a file)."""
+    cpu = {name: m.detach().bool().cpu() for name, m in mask.items()}
+    atomic_write(Path(path), lambda tmp: torch.save(cpu, tmp))
+    return Path(path)
+
+
+def read_mask(path) -> Masks:
+    """Read a mask file (UserError naming the file if it is missing or not a mask)."""
+    return load_mask(path)
