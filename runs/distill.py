@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runs import engine
+from runs import distributed, engine
 from runs.checkpoint import module_entry, save_checkpoint, unwrap
 from runs.config import arg
 from runs.data import load_dataset
@@ -154,6 +154,7 @@ class Session:
     # an epoch resumed mid-way logs the mean over all its steps, not only the resumed ones.
     sums: dict = field(default_factory=dict)
     count: int = 0
+    world: distributed.World = distributed.SINGLE  # torchrun ranks; rank 0 writes files
 
 
 def load_data(cfg: DistillConfig):
@@ -198,7 +199,7 @@ def setup(cfg: DistillConfig, store: str, data=None, device="auto", precision="a
         raise UserError(f"--steps must be at least 1 iteration (got {cfg.num_steps})")
     if not 0 <= cfg.alpha <= 1:
         raise UserError(f"--alpha {cfg.alpha}: must lie in [0, 1]")
-    device = engine.resolve_device(device)
+    world, device = distributed.start(engine.resolve_device(device))
     train, probe = data or load_data(cfg)
     info = train.info
     teacher = DinoNet(*build_pair(cfg, info.num_classes, info.channels, teacher_seed(cfg)))
@@ -207,28 +208,31 @@ def setup(cfg: DistillConfig, store: str, data=None, device="auto", precision="a
     check_input_size(student.model, info.channels, info.image_size)
     alpha_init(student, teacher, cfg.alpha)
     teacher.requires_grad_(False).eval().to(device)
+    student.model.fc.requires_grad_(False)  # never in the loss: DDP must not wait for it
     loader = engine.train_loader(train, cfg.batch_size, device, cfg.seed,
-                                 Augment(cfg.flip, cfg.crop_padding))
+                                 Augment(cfg.flip, cfg.crop_padding), world)
     run = open_run(store, "distill", cfg, extra={"steps_per_epoch": len(loader),
                                                  "model_spec": student.model.spec})
-    forward = engine.prepare(student, device, compile_model)
+    forward = engine.prepare(student, device, compile_model, world)
     params = [*student.model.encoder.parameters(), *student.head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    result = open_result(cfg, run, len(loader), device)
+    result = open_result(cfg, run, len(loader), device) if world.main else None
     s = Session(cfg, run, student, forward, teacher, optimizer, loader, probe, result, device,
-                engine.use_bf16(device, precision))
+                engine.use_bf16(device, precision), world=world)
     s.center = torch.zeros(cfg.out_dim, device=device) if cfg.centering else None
     try:
         s.step = start_state(s)
     except BaseException:
-        result.close()  # release the result's write lock before the error travels on
+        if result is not None:
+            result.close()  # release the result's write lock before the error travels on
         raise
     return s
 
 
 def start_state(s: Session) -> int:
     latest = engine.latest_state(s.run)
+    distributed.barrier(s.world)  # every rank has looked before rank 0 writes step 0
     if latest is None:
         save(s, 0, s.run.ckpt_path(0))
         return 0
@@ -238,11 +242,14 @@ def start_state(s: Session) -> int:
         s.center.copy_(payload["extra"]["center"])
     s.sums = {k: v.to(s.device) for k, v in payload["extra"].get("epoch_sums", {}).items()}
     s.count = payload["extra"].get("epoch_count", 0)
-    s.run.trim_metrics(step)
+    if s.world.main:
+        s.run.trim_metrics(step)
     return step
 
 
 def save(s: Session, step: int, path) -> None:
+    if not s.world.main:
+        return
     modules = {"head": module_entry(s.student.head),
                # The teacher is rebuilt from its seed: it never changes (checked by tests).
                "teacher": module_entry(s.teacher.model, with_state=False),
@@ -266,7 +273,7 @@ def distill_step(s: Session, x: torch.Tensor) -> dict:
     out["loss"].backward()
     s.optimizer.step()
     if s.center is not None:
-        batch_center = teacher_logits.float().mean(0)
+        batch_center = distributed.mean(teacher_logits.float().mean(0), s.world)
         s.center.mul_(s.cfg.center_momentum).add_(batch_center, alpha=1 - s.cfg.center_momentum)
     return {k: v.detach() for k, v in out.items()}
 
@@ -285,7 +292,8 @@ def knn_of(s: Session, encoder: nn.Module) -> float:
 def probe_now(s: Session, epoch: int, last_epoch: int) -> dict:
     """{"teacher": acc, "student": acc} at probe epochs (init and end always), else NaN."""
     every = s.cfg.probe_every
-    if not (epoch in (0, last_epoch) or (every > 0 and epoch % every == 0)):
+    probed = epoch in (0, last_epoch) or (every > 0 and epoch % every == 0)
+    if not (probed and s.world.main):
         return {"teacher": math.nan, "student": math.nan}
     if getattr(s, "teacher_knn", None) is None:
         s.teacher_knn = knn_of(s, s.teacher.model.encoder)  # constant: the teacher is frozen
@@ -293,7 +301,10 @@ def probe_now(s: Session, epoch: int, last_epoch: int) -> dict:
 
 
 def close_epoch(s: Session, epoch: int, sums: dict, count: int, knn: dict) -> None:
-    means = {k: (v / count).item() for k, v in sums.items()}
+    """Write one epoch's means (averaged over ranks) and probe accuracies (rank 0)."""
+    means = {k: distributed.mean(v / count, s.world).item() for k, v in sums.items()}
+    if not s.world.main:
+        return
     s.result.write({"epoch": epoch}, knn_accuracy=[knn["teacher"], knn["student"]], **means)
     s.run.log({"step": s.step, "epoch": epoch, **means,
                **{f"knn_{k}": (None if math.isnan(v) else v) for k, v in knn.items()}})
@@ -304,7 +315,8 @@ def fit(s: Session, stop_at: int = None) -> None:
     keep = set(s.cfg.save_at) | {s.cfg.num_steps}
     init_knn = probe_now(s, 0, last_epoch) if s.step == 0 else None
     window = []
-    with engine.progress(s.cfg.num_steps, s.step, f"distill {s.run.path.parent.name}") as bar:
+    desc = f"distill {s.run.path.parent.name}"
+    with engine.progress(s.cfg.num_steps, s.step, desc, s.world.main) as bar:
         for step, x, _ in engine.batches(s.loader, s.step, s.cfg.num_steps):
             out = distill_step(s, x)
             s.step = step
@@ -317,7 +329,7 @@ def fit(s: Session, stop_at: int = None) -> None:
                 init_knn = None
             epoch_end = step % per_epoch == 0 or step == s.cfg.num_steps
             if epoch_end or step in keep or step == stop_at:
-                engine.check_window(window, step, s.run)
+                engine.check_window(window, step, s.run, s.world)
                 window = []
             if epoch_end:
                 epoch = -(-step // per_epoch)
@@ -341,11 +353,14 @@ def distill(cfg: DistillConfig, store: str = "store", data=None, device="auto",
     try:
         fit(s, stop_at)
     finally:
-        s.result.close()
+        if s.result is not None:
+            s.result.close()
     if s.step < cfg.num_steps:
         return s.run
-    engine.resume_path(s.run).unlink(missing_ok=True)
-    s.run.mark_done(summarize(s.run))
+    if s.world.main:
+        engine.resume_path(s.run).unlink(missing_ok=True)
+        s.run.mark_done(summarize(s.run))
+    distributed.barrier(s.world)  # no rank returns before DONE exists
     return s.run
 
 
@@ -383,6 +398,10 @@ def main(argv=None) -> int:
     print(f"runs.distill {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
     cfg, data = engine.config_and_data(DistillConfig, args, load_data)
     run = distill(cfg, args.store, data, args.device, args.precision, args.compile)
+    world = distributed.from_env()
+    distributed.finish(world)
+    if not world.main:
+        return 0
     summary = run.summary()
     print(f"distill {run.path}: k-NN teacher {pct(summary.get('knn_teacher'))}, student "
           f"{pct(summary.get('knn_student_init'))} at init -> {pct(summary.get('knn_student'))}")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from runs import distributed
 from runs.checkpoint import read_checkpoint, set_rng_state
 from runs.config import add_config_args, config_from_args, parse_steps
 from runs.data import ImageData, load_dataset
@@ -50,18 +51,21 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def prepare(model: nn.Module, device: torch.device, compile_model: bool = False) -> nn.Module:
-    """Move to the device (channels_last on CUDA); optionally wrap in torch.compile.
+def prepare(model: nn.Module, device: torch.device, compile_model: bool = False,
+            world: distributed.World = distributed.SINGLE) -> nn.Module:
+    """Move to the device (channels_last on CUDA), wrap in DDP under torchrun, optionally
+    in torch.compile.
 
-    Returns the module to call; the original (uncompiled) one keeps the weights and is
+    Returns the module to call; the original (unwrapped) one keeps the weights and is
     the one to checkpoint (`runs.checkpoint.unwrap` finds it either way).
     """
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    forward = distributed.wrap(model, world, device)
     if compile_model:
-        return torch.compile(model)
-    return model
+        return torch.compile(forward)
+    return forward
 
 
 @dataclass(frozen=True)
@@ -93,12 +97,15 @@ def batches(loader: GPULoader, start_step: int, num_steps: int):
 
 
 def train_loader(data: ImageData, batch_size: int, device, data_seed: int,
-                 augment: Augment = Augment()) -> GPULoader:
+                 augment: Augment = Augment(),
+                 world: distributed.World = distributed.SINGLE) -> GPULoader:
+    """Shuffled, augmented, full batches; under torchrun each rank gets its share of each."""
     if batch_size < 1 or batch_size > len(data.y):
         raise UserError(f"--batch-size {batch_size}: must be between 1 and the "
                         f"{len(data.y)} training images")
     return GPULoader(data.x, data.y, data.info.mean, data.info.std, batch_size, device,
-                     shuffle=True, drop_last=True, augment=augment, data_seed=data_seed)
+                     shuffle=True, drop_last=True, augment=augment, data_seed=data_seed,
+                     part=distributed.rank_slice(batch_size, world))
 
 
 def eval_loader(data: ImageData, device, batch_size: int = 1024) -> GPULoader:
@@ -148,10 +155,11 @@ def check_finite(loss: torch.Tensor, step: int, run) -> None:
     raise UserError(f"loss is {loss.item()} at step {step}{kept} (lower the learning rate?)")
 
 
-def progress(total: int, initial: int, desc: str):
-    """A tqdm bar that is quiet when stderr is not a TTY (CI, logs)."""
-    return tqdm(total=total, initial=initial, desc=desc, disable=None, dynamic_ncols=True,
-                unit="step")
+def progress(total: int, initial: int, desc: str, show: bool = True):
+    """A tqdm bar that is quiet when stderr is not a TTY (CI, logs) or `show` is False
+    (ranks other than 0)."""
+    return tqdm(total=total, initial=initial, desc=desc, disable=None if show else True,
+                dynamic_ncols=True, unit="step")
 
 
 def restore(path, model: nn.Module, optimizer=None, scheduler=None,
@@ -228,9 +236,13 @@ def config_with_steps(cfg, steps: str, save_at, steps_per_epoch: int):
     return dataclasses.replace(cfg, num_steps=num_steps, save_at=points)
 
 
-def check_window(losses: list, last_step: int, run) -> None:
-    """Fail on the first non-finite loss of the window, naming its step."""
-    stacked = torch.stack(losses)
+def check_window(losses: list, last_step: int, run,
+                 world: distributed.World = distributed.SINGLE) -> None:
+    """Fail on the first non-finite loss of the window, naming its step.
+
+    Under torchrun the window is averaged over ranks first, so every rank stops together.
+    """
+    stacked = distributed.mean(torch.stack(losses), world)
     bad = ~torch.isfinite(stacked)
     if bad.any():
         first = last_step - len(losses) + 1 + int(bad.int().argmax())

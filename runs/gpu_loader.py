@@ -66,7 +66,7 @@ class GPULoader:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, mean, std, batch_size: int,
                  device="cpu", shuffle: bool = True, drop_last: bool = False,
-                 augment: Augment = Augment(), data_seed: int = 0):
+                 augment: Augment = Augment(), data_seed: int = 0, part: slice = slice(None)):
         if x.dtype != torch.uint8 or x.ndim != 4:
             raise ValueError(f"expected uint8 (N, C, H, W) images, got {x.dtype} {tuple(x.shape)}")
         self.x = x.to(device)  # (N, C, H, W) uint8
@@ -75,6 +75,7 @@ class GPULoader:
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.augment, self.data_seed = augment, data_seed
+        self.part = part  # this process's slice of every global batch (data parallel)
 
     def __len__(self) -> int:
         n = len(self.y)
@@ -85,9 +86,10 @@ class GPULoader:
         plan = plan_epoch(len(self.y), self.data_seed, epoch, self.shuffle, self.augment)
         device = self.x.device
         for i in range(start_batch, len(self)):
-            sel = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            idx = plan.order[sel].to(device, non_blocking=True)
-            yield self.batch(idx, plan.offsets[sel].to(device), plan.flips[sel].to(device))
+            rows = torch.arange(i * self.batch_size, min((i + 1) * self.batch_size, len(self.y)))
+            rows = rows[self.part]  # the global batch, or this rank's share of it
+            idx = plan.order[rows].to(device, non_blocking=True)
+            yield self.batch(idx, plan.offsets[rows].to(device), plan.flips[rows].to(device))
 
     def batch(self, idx, offsets=None, flips=None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.x[idx]  # (B, C, H, W) uint8, gathered on the device

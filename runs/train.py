@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from runs import engine
+from runs import distributed, engine
 from runs.checkpoint import save_checkpoint, unwrap
 from runs.config import arg
 from runs.errors import UserError, cli
@@ -126,6 +126,7 @@ class Session:
     bf16: bool
     step: int = 0
     images_per_second: float = 0.0
+    world: distributed.World = distributed.SINGLE  # torchrun ranks; rank 0 writes files
     # Training losses since the last evaluation: saved in every checkpoint, so an epoch
     # resumed mid-way logs the mean over all its steps, not only the resumed ones.
     losses: list = field(default_factory=list)
@@ -143,13 +144,13 @@ def setup(cfg: TrainConfig, store: str, data: tuple = None, device="auto", preci
     """Load data, open the run, build or restore model/optimiser: ready to train."""
     if cfg.num_steps < 1:
         raise UserError(f"--steps must be at least 1 iteration (got {cfg.num_steps})")
-    device = engine.resolve_device(device)
+    world, device = distributed.start(engine.resolve_device(device))
     train, val, test = data or load_data(cfg)
     model = build_model(cfg, train.info.num_classes, train.info.channels)
     check_input_size(model, train.info.channels, train.info.image_size)
     loader = engine.train_loader(train, cfg.batch_size, device, cfg.data_seed,
-                                 Augment(cfg.flip, cfg.crop_padding))
-    forward = engine.prepare(model, device, compile_model)
+                                 Augment(cfg.flip, cfg.crop_padding), world)
+    forward = engine.prepare(model, device, compile_model, world)
     optimizer, scheduler = make_optimizer(cfg, model, device)
     mask = Mask(model, load_mask(cfg.mask), cfg.mask) if cfg.mask else None  # on the device
     rewind = load_rewind(cfg, model) if cfg.rewind else None
@@ -159,7 +160,7 @@ def setup(cfg: TrainConfig, store: str, data: tuple = None, device="auto", preci
     evals = {name: engine.eval_loader(data, device) for name, data in
              (("val", val), ("test", test)) if data is not None}
     s = Session(cfg, run, model, forward, optimizer, scheduler, mask, loader, evals, device,
-                engine.use_bf16(device, precision))
+                engine.use_bf16(device, precision), world=world)
     s.step = start_state(s, rewind)
     return s
 
@@ -167,11 +168,13 @@ def setup(cfg: TrainConfig, store: str, data: tuple = None, device="auto", preci
 def start_state(s: Session, rewind=None) -> int:
     """Resume from the newest checkpoint of this run, else rewind, else step 0 (saved)."""
     latest = engine.latest_state(s.run)
+    distributed.barrier(s.world)  # every rank has looked before rank 0 writes step 0
     if latest:
         step, path = latest
         payload = engine.restore(path, s.model, s.optimizer, s.scheduler)
         s.losses = list(payload["extra"].get("losses", torch.empty(0)).to(s.device).unbind())
-        s.run.trim_metrics(step)
+        if s.world.main:
+            s.run.trim_metrics(step)
         return step
     step = rewind_to(s, rewind) if rewind is not None else 0
     if s.mask is not None:
@@ -212,6 +215,8 @@ def without_seed(spec: dict) -> dict:
 
 
 def save(s: Session, step: int, path) -> None:
+    if not s.world.main:
+        return
     losses = torch.stack(s.losses).cpu() if s.losses else torch.empty(0)
     save_checkpoint(path, unwrap(s.model), step, config=dataclasses.asdict(s.cfg),
                     optimizer=s.optimizer, scheduler=s.scheduler,
@@ -234,10 +239,16 @@ def train_step(s: Session, x, y) -> torch.Tensor:
 
 
 def log_eval(s: Session, step: int, losses: list) -> None:
+    """Rank 0 evaluates and logs; the training loss is averaged over ranks first."""
+    train_loss = distributed.mean(torch.stack(losses).mean(), s.world).item() if losses else None
+    if not s.world.main:
+        return
     record = {"step": step, "epoch": step / len(s.loader), "lr": s.scheduler.get_last_lr()[0],
-              "train_loss": torch.stack(losses).mean().item() if losses else None}
+              "train_loss": train_loss}
+    # Under DDP the plain module evaluates: DDP's forward would wait for the other ranks.
+    model = s.model if s.world.active else s.forward
     for name, loader in s.evals.items():
-        for key, value in evaluate(s.forward, loader, s.bf16).items():
+        for key, value in evaluate(model, loader, s.bf16).items():
             record[f"{name}_{key}"] = value
     s.run.log(record)
 
@@ -253,7 +264,8 @@ def fit(s: Session, stop_at: int = None) -> None:
     keep = set(cfg.save_at) | {cfg.num_steps}
     timer = engine.Timer()
     s.images_per_second = 0.0
-    with engine.progress(cfg.num_steps, s.step, f"train {s.run.path.parent.name}") as bar:
+    desc = f"train {s.run.path.parent.name}"
+    with engine.progress(cfg.num_steps, s.step, desc, s.world.main) as bar:
         for step, x, y in engine.batches(s.loader, s.step, cfg.num_steps):
             s.losses.append(train_step(s, x, y))
             s.step = step
@@ -261,7 +273,7 @@ def fit(s: Session, stop_at: int = None) -> None:
             bar.update(1)
             epoch_end = step % len(s.loader) == 0
             if step in keep or epoch_end or step == stop_at:
-                engine.check_window(s.losses, step, s.run)
+                engine.check_window(s.losses, step, s.run, s.world)
             if is_eval_step(s, step):
                 log_eval(s, step, s.losses)
                 s.losses = []
@@ -297,8 +309,10 @@ def train(cfg: TrainConfig, store: str = "store", data: tuple = None, device="au
     fit(s, stop_at)
     if stop_at is not None and s.step < cfg.num_steps:
         return s.run
-    engine.resume_path(s.run).unlink(missing_ok=True)
-    s.run.mark_done(summarize(s))
+    if s.world.main:
+        engine.resume_path(s.run).unlink(missing_ok=True)
+        s.run.mark_done(summarize(s))
+    distributed.barrier(s.world)  # no rank returns before DONE exists
     return s.run
 
 
@@ -317,6 +331,10 @@ def main(argv=None) -> int:
     print(f"runs.train {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
     cfg, data = engine.config_and_data(TrainConfig, args, load_data)
     run = train(cfg, args.store, data, args.device, args.precision, args.compile)
+    world = distributed.from_env()
+    distributed.finish(world)
+    if not world.main:
+        return 0
     summary = run.summary()
     print(f"train {run.path}: {summary.get('step')} steps, test accuracy "
           f"{fmt_pct(summary.get('test_accuracy'))}" + best_text(summary))
