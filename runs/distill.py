@@ -207,7 +207,7 @@ def setup(cfg: DistillConfig, store: str, data=None, device="auto", precision="a
                                   cfg.seed + STUDENT_SEED_OFFSET))
     check_input_size(student.model, info.channels, info.image_size)
     alpha_init(student, teacher, cfg.alpha)
-    teacher.requires_grad_(False).eval().to(device)
+    engine.prepare(teacher.requires_grad_(False).eval(), device)  # channels_last on CUDA
     student.model.fc.requires_grad_(False)  # never in the loss: DDP must not wait for it
     loader = engine.train_loader(train, cfg.batch_size, device, cfg.seed,
                                  Augment(cfg.flip, cfg.crop_padding), world)

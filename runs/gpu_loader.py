@@ -86,10 +86,12 @@ class GPULoader:
         plan = plan_epoch(len(self.y), self.data_seed, epoch, self.shuffle, self.augment)
         device = self.x.device
         for i in range(start_batch, len(self)):
-            rows = torch.arange(i * self.batch_size, min((i + 1) * self.batch_size, len(self.y)))
-            rows = rows[self.part]  # the global batch, or this rank's share of it
-            idx = plan.order[rows].to(device, non_blocking=True)
-            yield self.batch(idx, plan.offsets[rows].to(device), plan.flips[rows].to(device))
+            sel = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            # The global batch, then this rank's share of it (all of it for one process).
+            order, offsets, flips = (t[sel][self.part]
+                                     for t in (plan.order, plan.offsets, plan.flips))
+            idx = order.to(device, non_blocking=True)
+            yield self.batch(idx, offsets.to(device), flips.to(device))
 
     def batch(self, idx, offsets=None, flips=None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.x[idx]  # (B, C, H, W) uint8, gathered on the device

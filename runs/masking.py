@@ -25,7 +25,9 @@ class Mask:
             raise UserError(f"{source}: shape differs from the model's for {', '.join(shapes[:4])}")
         self.names = sorted(masks)
         self.params = [params[k] for k in self.names]
-        self.masks = [masks[k].to(params[k].device, params[k].dtype) for k in self.names]
+        # In each parameter's own layout (channels_last on CUDA): foreach kernels take their
+        # fast, fused path only when every pair of tensors has the same strides.
+        self.masks = [torch.zeros_like(params[k]).copy_(masks[k]) for k in self.names]
 
     def apply_to_weights(self) -> None:
         with torch.no_grad():

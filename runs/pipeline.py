@@ -11,6 +11,7 @@ Layout under --out: store/ (runs), results/ (HDF5 results), figures/ (PDF, PNG, 
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,47 @@ def probe_stage(preset: dict, layout: Layout, students: dict, device: str) -> Pa
     return out
 
 
+# `@group[seed]:part` in a preset names a run of the distill stage, e.g. `@images[0]:teacher`.
+TEMPLATE = re.compile(r"^@(?P<group>[^\[\]]+)\[(?P<index>\d+)\](?::(?P<part>\w+))?$")
+PARTS = {"last": "@last", "init": "@init", "teacher": "@last:teacher",
+         "encoder": "@last:encoder", None: ""}
+
+
+def resolve(value, students: dict):
+    """Replace `@group[i]:part` templates (in strings and lists) with run references."""
+    if isinstance(value, list):
+        return [resolve(v, students) for v in value]
+    match = TEMPLATE.match(value) if isinstance(value, str) else None
+    if not match:
+        return value
+    group, index, part = match["group"], int(match["index"]), match["part"]
+    if group not in students or index >= len(students[group]) or part not in PARTS:
+        raise UserError(f"preset template {value!r}: groups {', '.join(students)}, "
+                        f"index below the number of seeds, parts "
+                        f"{', '.join(p for p in PARTS if p)}")
+    return f"{students[group][index].path}{PARTS[part]}"
+
+
+def jobs_stage(stage: str, main, preset: dict, layout: Layout, students: dict,
+               device: str, store: bool = False, defaults: dict = None) -> None:
+    """Run every job of a stage: {"name", "refs": [...], flag: value, ...} -> main(argv)."""
+    for job in preset.get(stage, []):
+        job = {**(defaults or {}), **job}
+        name = job.pop("name", stage)
+        refs = resolve(job.pop("refs", []), students)
+        options = {k: resolve(v, students) for k, v in job.items()}
+        argv = [*refs, *flags(options), "--out", str(layout.results / f"{name}.h5"),
+                "--device", device]
+        call(main, argv + (["--store", str(layout.store)] if store else []), f"{stage} {name}")
+
+
+def training_defaults(preset: dict) -> dict:
+    """Children and IMP runs train the distilled architecture on the same data."""
+    base = preset["distill"]
+    keys = ("model", "width", "dataset", "data_root", "subset")
+    return {k: base[k] for k in keys if k in base}
+
+
 def figures_stage(layout: Layout) -> None:
     from figures.__main__ import main as figures_main
     call(figures_main, ["all", "--results", str(layout.out), "--out", str(layout.figures)],
@@ -142,6 +184,16 @@ def run_pipeline(preset: dict, layout: Layout, device: str, stages=STAGES) -> No
     students = distill_stage(preset, layout, device)
     if "probe" in stages and "probe" in preset:
         probe_stage(preset, layout, students, device)
+    if "interpolate" in stages:
+        from landscape.interpolate import main as interpolate_main
+        jobs_stage("interpolate", interpolate_main, preset, layout, students, device)
+    training = training_defaults(preset)
+    if "border" in stages:
+        from landscape.border import main as border_main
+        jobs_stage("border", border_main, preset, layout, students, device, True, training)
+    if "imp" in stages:
+        from tickets.imp import main as imp_main
+        jobs_stage("imp", imp_main, preset, layout, students, device, True, training)
     if "figures" in stages:
         figures_stage(layout)
 

@@ -1,0 +1,171 @@
+"""runs.bench: each fast path and its plain reference compute the same thing; the CLI writes
+its JSON. Speed is never asserted."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runs import bench as B
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def tiny_bench(**changes) -> B.Bench:
+    """ResNet18 at width 1/8, batch 8, no DataLoader workers: a second on a CPU."""
+    cfg = dataclasses.replace(B.QUICK, width=0.125, train_batch=8, distill_batch=8,
+                              eval_batch=8, out_dim=256, hidden_dim=64, workers=0, **changes)
+    return B.Bench(cfg, CPU)
+
+
+def test_gpu_loader_batches_equal_torchvision_batches():
+    data = B.synthetic_images(40, seed=3)
+    bench = tiny_bench()
+    fast = B.fast_loader(data, 8, CPU, shuffle=False, augment=False)
+    ref = B.reference_loader(data, 8, bench, shuffle=False, augment=False)
+    pairs = list(zip(fast.epoch(0), ref))
+    assert len(pairs) == 5
+    for (x_fast, y_fast), (x_ref, y_ref) in pairs:
+        # ToTensor (/255) then Normalize ((x - mean) / std): the GPULoader's arithmetic
+        torch.testing.assert_close(x_fast, x_ref, rtol=1e-6, atol=1e-6)
+        assert torch.equal(y_fast, y_ref)
+
+
+def test_augmented_batches_have_the_same_form():
+    data = B.synthetic_images(16, seed=0)
+    (x_fast, _), = list(B.fast_loader(data, 16, CPU).epoch(0))
+    (x_ref, _), = list(B.reference_loader(data, 16, tiny_bench()))
+    assert x_fast.shape == x_ref.shape and x_fast.dtype == x_ref.dtype
+
+
+def losses(runner: B.Runner, steps: int) -> torch.Tensor:
+    return torch.stack([runner.step() for _ in range(steps)])
+
+
+def test_train_step_fast_and_reference_agree():
+    bench, data = tiny_bench(), B.synthetic_images(32, seed=0)
+    fast = B.fast_train(bench, data, shuffle=False, augment=False, precision="fp32")
+    ref = B.reference_train(bench, data, shuffle=False, augment=False)
+    torch.testing.assert_close(losses(fast, 4), losses(ref, 4), rtol=1e-5, atol=1e-6)
+
+
+def test_distill_step_fast_and_reference_agree():
+    bench, data = tiny_bench(), B.synthetic_images(32, seed=0)
+    fast = B.fast_distill(bench, data, shuffle=False, precision="fp32")
+    ref = B.reference_distill(bench, data, shuffle=False)
+    torch.testing.assert_close(losses(fast, 4), losses(ref, 4), rtol=1e-5, atol=1e-6)
+
+
+def test_eval_fast_and_reference_agree():
+    bench, data = tiny_bench(), B.synthetic_images(20, seed=1)
+    fast, ref = B.fast_eval(bench, data).step(), B.reference_eval(bench, data).step()
+    assert fast["accuracy"] == ref["accuracy"]
+    assert fast["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_knn_fast_path_matches_sklearn(metric):
+    features = [t.double() if t.is_floating_point() else t
+                for t in B.synthetic_features(600, 200, 16, 5, seed=1)]
+    fast = B.fast_knn(features, CPU, metric)()
+    assert fast == B.sklearn_knn(*features, metric=metric)
+    assert 0.3 < fast < 1.0  # the features carry class structure, not too much
+
+
+def test_reference_linear_probe_learns_like_the_fast_one():
+    from probes.linear import linear_probe_sgd
+    features = B.synthetic_features(1000, 300, 16, 4, seed=2)
+    fast = linear_probe_sgd(*features, 4, epochs=5)["accuracy"]
+    ref = B.reference_linear_probe(*features, 4, epochs=5)
+    assert abs(fast - ref) < 0.05
+
+
+def test_landscape_batched_serial_and_reference_agree():
+    pytest.importorskip("landscape.points")
+    bench = tiny_bench(path_points=3, points_per_pass=3, bn_images=16, path_images=16,
+                       num_images=64, eval_images=32)
+    body = B.section_landscape(bench)
+    checks = body["comparisons"]["path3_bn_recalibrate"]["checks"]
+    assert checks["max_abs_loss_diff_fast"] < 1e-4
+    assert checks["max_abs_loss_diff_serial"] < 1e-4
+
+
+def test_prune_fast_and_reference_agree():
+    pytest.importorskip("tickets.prune")
+    comp = B.prune_comparison(tiny_bench(prune_repeats=1))
+    assert comp["checks"]["masks_equal"]
+
+
+def test_peak_table_and_comparison_arithmetic():
+    assert B.table_peak("NVIDIA H100 80GB HBM3") == 989.4
+    assert B.table_peak("NVIDIA H100 PCIe") == 756.0
+    assert B.table_peak("NVIDIA H200") == 989.4
+    assert B.table_peak("NVIDIA A100-SXM4-80GB") == 312.0
+    assert B.table_peak("NVIDIA L40S") == 362.0 and B.table_peak("NVIDIA L4") == 121.0
+    assert B.table_peak("NVIDIA A10G") is None and B.peak_tflops(CPU) is None
+    paths = {"fast": {"items": 100, "seconds": 1.0, "steps": 10},
+             "reference": {"items": 100, "seconds": 4.0, "steps": 10}}
+    comp = B.comparison("images/s", paths, B.Bench(B.QUICK, CPU, peak_tflops=1.0), 1e9)
+    assert comp["ratio"] == 4.0
+    assert comp["paths"]["fast"]["gflop_per_s"] == pytest.approx(100.0)
+    assert comp["paths"]["fast"]["mfu"] == pytest.approx(0.1)
+
+
+def test_a_failed_compile_falls_back_to_eager():
+    state = {"eager": False, "steps": 0}
+
+    def step():
+        if not state["eager"]:
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler\ndetails")
+        state["steps"] += 1
+
+    runner = B.Runner("test", 1, step, eager=lambda: state.update(eager=True))
+    record, _ = B.measure(runner, warmup=2, steps=3, device=CPU)
+    assert record["compile"] == ("failed, eager instead: RuntimeError: InvalidCxxCompiler: "
+                                 "no working C++ compiler")
+    assert state["steps"] == 5 and record["steps"] == 3
+
+
+def test_json_keeps_the_sections_of_earlier_runs(tmp_path):
+    path = tmp_path / "gpu.json"
+    B.write({"schema": B.SCHEMA, "sections": {"train": {"x": 1}}}, path)
+    B.write({"schema": B.SCHEMA, "sections": {"eval": {"x": 2}}}, path)
+    assert json.loads(path.read_text())["sections"] == {"train": {"x": 1}, "eval": {"x": 2}}
+
+
+def test_unknown_section_lists_the_valid_ones(capsys):
+    assert B.main(["--device", "cpu", "--sections", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and all(name in err for name in B.ORDER)
+
+
+def test_a_section_whose_package_is_missing_is_skipped(monkeypatch):
+    monkeypatch.setattr(B, "missing", lambda needs: "nothing here")
+    body = B.run_section("landscape", tiny_bench())
+    assert body["skipped"] == "nothing here" and "comparisons" not in body
+
+
+def test_cli_quick_section_writes_json(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "runs.bench", "--quick", "--device", "cpu", "--threads", "1",
+           "--sections", "eval", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = list(out.glob("cpu-*-quick.json"))
+    assert len(files) == 1 and "eval_forward" in proc.stdout
+    doc = json.loads(files[0].read_text())
+    for key in ("schema", "device_name", "torch_version", "git_sha", "created_utc", "quick",
+                "peak_bf16_tflops", "sections"):
+        assert key in doc
+    section = doc["sections"]["eval"]
+    assert section["config"]["eval_images"] == B.QUICK.eval_images
+    comp = section["comparisons"]["eval_forward"]
+    assert comp["flops_per_item"] > 0 and comp["ratio"] > 0
+    for path in ("fast", "reference"):
+        record = comp["paths"][path]
+        assert record["rate"] > 0 and record["gflop_per_s"] > 0 and record["mfu"] is None
