@@ -57,6 +57,14 @@ def model_spec(model: nn.Module) -> dict:
     return dict(getattr(model, "spec", {}))
 
 
+class GlobalAvgPool(nn.Module):
+    """(B, C, H, W) -> (B, C) mean over space. A plain mean rather than adaptive pooling:
+    it has a vmap batching rule (landscape points run under torch.func.vmap)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 def scaled(channels: int, width: float) -> int:
     """Channel count scaled by the width multiplier, at least 1."""
     return max(1, int(round(channels * width)))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv
 
-from runs.models.base import MODELS, Classifier, scaled
+from runs.models.base import MODELS, Classifier, GlobalAvgPool, scaled
 
 
 def _torchvision_encoder(block, layers, width, in_channels) -> tuple[nn.Module, int]:
@@ -28,6 +28,7 @@ def _torchvision_encoder(block, layers, width, in_channels) -> tuple[nn.Module, 
     net.layer4 = net._make_layer(block, planes[3], layers[3], stride=2)
     _kaiming_like_torchvision(net)
     embed_dim = planes[3] * block.expansion
+    net.avgpool = GlobalAvgPool()  # (B, C): torchvision's flatten after it is a no-op
     net.fc = nn.Identity()  # the encoder ends at global average pooling
     return net, embed_dim
 
@@ -97,7 +98,7 @@ def _cifar_resnet(depth, num_classes, width, in_channels) -> Classifier:
         for i in range(n):
             layers.append(_CifarBlock(cin, cout, 2 if stage > 0 and i == 0 else 1))
             cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers += [GlobalAvgPool()]
     encoder = nn.Sequential(*layers)
     for m in encoder.modules():
         if isinstance(m, nn.Conv2d):

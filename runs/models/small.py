@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from runs.models.base import MODELS, Classifier, scaled
+from runs.models.base import MODELS, Classifier, GlobalAvgPool, scaled
 
 
 @MODELS.register
@@ -17,7 +17,7 @@ def convnet(num_classes=10, width=1.0, in_channels=3) -> Classifier:
         if i < len(chans) - 1:
             layers.append(nn.MaxPool2d(2))
         cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]  # (B, 128 * width)
+    layers += [GlobalAvgPool()]  # (B, 128 * width)
     return Classifier(nn.Sequential(*layers), cin, num_classes)
 
 

@@ -6,7 +6,7 @@ embedding is 512-d at any input size (the public code hard-coded 512 only at 32x
 
 from torch import nn
 
-from runs.models.base import MODELS, Classifier, scaled
+from runs.models.base import MODELS, Classifier, GlobalAvgPool, scaled
 
 # Channel plans; "M" is a 2x2 max-pool. The last pool is replaced by global pooling.
 PLANS = {
@@ -28,7 +28,7 @@ def _vgg(depth, num_classes, width, in_channels) -> Classifier:
         cout = scaled(item, width)
         layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
         cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]  # (B, 512 * width)
+    layers += [GlobalAvgPool()]  # (B, 512 * width)
     encoder = nn.Sequential(*layers)
     for m in encoder.modules():  # torchvision's VGG init
         if isinstance(m, nn.Conv2d):
