@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m runs.reproduce --preset digits --seeds 0 --store demo_out/store
+	$(PY) -m runs.pipeline --preset demo --out demo_out
 
 test: $(STAMP)
 	$(PY) -m ruff check .

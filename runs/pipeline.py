@@ -53,10 +53,34 @@ def load_preset(name: str) -> dict:
         preset = json.loads(path.read_text())
     except ValueError as err:
         raise UserError(f"--preset {path}: not valid JSON ({err})") from None
-    unknown = sorted(set(preset) - {*STAGES, "description", "seeds", "noise", "alphas"})
+    valid = {*STAGES, "description", "seeds", "noise", "alphas", "train"}
+    unknown = sorted(set(preset) - valid)
     if unknown:
         raise UserError(f"--preset {path}: unknown key(s) {', '.join(unknown)}; valid: "
-                        f"description, seeds, noise, alphas, {', '.join(STAGES)}")
+                        f"{', '.join(sorted(valid))}")
+    return preset
+
+
+def override(preset: dict, assignments: list[str]) -> dict:
+    """Apply `stage.key=value` (or `key=value`) overrides; values are JSON or strings.
+
+    A stage that is a list of jobs gets the value in every job.
+    """
+    for item in assignments:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected STAGE.KEY=VALUE, e.g. "
+                            f"distill.data_root=~/data")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        *stage, key = path.split(".")
+        target = preset.get(stage[0]) if stage else preset
+        for place in (target if isinstance(target, list) else [target]):
+            if not isinstance(place, dict):
+                raise UserError(f"--set {item!r}: the preset has no stage {stage[0]!r}")
+            place[key] = value
     return preset
 
 
@@ -160,10 +184,11 @@ def jobs_stage(stage: str, main, preset: dict, layout: Layout, students: dict,
 
 
 def training_defaults(preset: dict) -> dict:
-    """Children and IMP runs train the distilled architecture on the same data."""
+    """Children and IMP runs train the distilled architecture on the same data, with the
+    preset's `train` flags (augmentation, batch size, ...) unless a job sets its own."""
     base = preset["distill"]
     keys = ("model", "width", "dataset", "data_root", "subset")
-    return {k: base[k] for k in keys if k in base}
+    return {**{k: base[k] for k in keys if k in base}, **preset.get("train", {})}
 
 
 def figures_stage(layout: Layout) -> None:
@@ -208,11 +233,16 @@ def main(argv=None) -> int:
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
                    help="stages to run (distill always runs: later stages need its runs)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--set", nargs="*", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a preset value, e.g. distill.data_root=~/data or "
+                        "seeds=[0] (VALUE is JSON, or a plain string)")
     args = p.parse_args(argv)
     print(f"runs.pipeline {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
-    preset = load_preset(args.preset)
+    preset = override(load_preset(args.preset), args.set)
     layout = Layout(Path(args.out or Path("out") / Path(args.preset).stem))
     run_pipeline(preset, layout, args.device, args.stages)
+    for table in sorted(layout.figures.glob("*.md")):
+        print(f"\n{table.stem}:\n{table.read_text()}")
     print(f"pipeline {args.preset}: results in {layout.results}, figures in {layout.figures}")
     return 0
 

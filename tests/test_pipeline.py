@@ -1,0 +1,103 @@
+"""runs.pipeline end to end on a reduced demo preset: every stage, every figure, resumable."""
+
+import json
+
+import pytest
+
+from runs.errors import UserError
+from runs.pipeline import flags, load_preset, main, resolve
+
+REDUCED = {
+    "description": "the demo preset, reduced for CI",
+    "seeds": [0],
+    "noise": True,
+    "distill": {"model": "convnet", "width": 0.25, "dataset": "digits", "subset": 40,
+                "batch_size": 50, "out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 16,
+                "steps": "2ep", "save_at": ["1ep"]},
+    "train": {"batch_size": 50, "crop_padding": 1, "flip": False},
+    "probe": {"probes": ["knn"], "seeds": [0]},
+    "interpolate": [{"name": "plane", "refs": ["@images[0]:teacher", "@images[0]:last",
+                                               "@noise[0]:last"],
+                     "teacher": "@images[0]:teacher", "metrics": ["distill", "knn", "norm"],
+                     "grid": "0:1:3", "train_samples": 100, "test_samples": 100}],
+    "border": [{"name": "lmc", "refs": ["random", "@images[0]:encoder"], "children": 2,
+                "steps": "1ep", "grid": "0:1:3", "test_samples": 100}],
+    "imp": [{"name": "imp", "rewind": "init@0", "levels": 1, "steps": "1ep", "val_size": 50,
+             "seeds": [0]}],
+}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    preset = root / "reduced.json"
+    preset.write_text(json.dumps(REDUCED))
+    assert main(["--preset", str(preset), "--out", str(root / "out")]) == 0
+    return root, preset
+
+
+@pytest.mark.slow
+def test_every_stage_and_figure(demo):
+    root, _ = demo
+    results = {p.stem for p in (root / "out" / "results").glob("*.h5")}
+    assert results == {"probe_digits", "plane", "lmc", "imp"}
+    figures = {p.stem for p in (root / "out" / "figures").glob("*.png")}
+    for name in ("probe-table_knn20", "distill-curves", "plane", "imp"):
+        assert name in figures, sorted(figures)
+    assert any(name.startswith("lmc") for name in figures)
+
+
+@pytest.mark.slow
+def test_rerun_trains_nothing(demo, monkeypatch):
+    root, preset = demo
+    ckpts = {p: p.stat().st_mtime_ns for p in (root / "out" / "store").rglob("*.pt")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("runs.train.fit", refuse)
+    monkeypatch.setattr("runs.distill.fit", refuse)
+    assert main(["--preset", str(preset), "--out", str(root / "out")]) == 0
+    assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
+
+
+def test_flags_and_templates():
+    assert flags({"batch_size": 64, "save_at": ["1ep", 2], "flip": False, "centering": True}) \
+        == ["--batch-size", "64", "--save-at", "1ep", "2", "--no-flip", "--centering"]
+
+    class Run:
+        path = "store/distill_ab/seed_0"
+
+    students = {"images": [Run()]}
+    assert resolve("@images[0]:teacher", students) == "store/distill_ab/seed_0@last:teacher"
+    assert resolve(["@images[0]", "random"], students) == ["store/distill_ab/seed_0", "random"]
+    with pytest.raises(UserError, match="groups images"):
+        resolve("@noise[0]:last", students)
+
+
+def test_bad_presets(tmp_path):
+    with pytest.raises(UserError, match="valid: .*demo"):
+        load_preset("no-such-preset")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"distill": {}, "plot": {}}))
+    with pytest.raises(UserError, match="unknown key.*plot"):
+        load_preset(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_preset(str(bad))
+
+
+def test_shipped_presets_load():
+    for name in ("demo", "cifar10-subset", "paper-cifar10"):
+        preset = load_preset(name)
+        assert "distill" in preset and preset["description"]
+
+
+def test_overrides():
+    from runs.pipeline import override
+    preset = {"distill": {"data_root": "data"}, "imp": [{"levels": 24}, {"levels": 24}]}
+    override(preset, ["distill.data_root=~/cifar", "imp.levels=3", "seeds=[0, 1]"])
+    assert preset == {"distill": {"data_root": "~/cifar"}, "imp": [{"levels": 3}, {"levels": 3}],
+                      "seeds": [0, 1]}
+    with pytest.raises(UserError, match="no stage 'border'"):
+        override(preset, ["border.children=2"])
