@@ -37,6 +37,7 @@ from landscape.points import SPLITS, Measures, PointEvaluator, eval_data
 from runs import engine
 from runs.config import add_config_args, arg, config_from_args, from_dict, parse_steps
 from runs.errors import UserError, cli
+from runs.launch import add_launcher_args, launch, launching
 from runs.store import Run, find_run, run_path
 from runs.train import TrainConfig, load_data, train
 
@@ -305,6 +306,7 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p, BorderConfig, group="border scan")
     add_config_args(p, TrainConfig, group="children's training (ignored by --rewind-steps)",
                     exclude=("init", "rewind", "data_seed", "num_steps", "save_at", "mask"))
+    add_launcher_args(p)
     return p
 
 
@@ -323,6 +325,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(G.join_negative(argv))
     print(f"landscape.border {' '.join(argv)}", file=sys.stderr)
+    if launching(args):
+        return launch(main, argv, args, args.out)
     cfg = config_from_args(BorderConfig, args)
     starts = collect_starts(args)
     template = config_from_args(TrainConfig, args, num_steps=0, save_at=())

@@ -39,6 +39,7 @@ from landscape.points import METRICS, SPLITS, EvalData, Measures, PointEvaluator
 from runs import engine
 from runs.config import add_config_args, arg, config_from_args
 from runs.errors import UserError, cli
+from runs.launch import add_launcher_args, launch, launching
 
 ANALYSIS = "interpolate"
 
@@ -326,6 +327,7 @@ def parser() -> argparse.ArgumentParser:
     for action in p._actions:  # name the valid metrics in --help
         if action.dest == "metrics":
             action.help += metrics
+    add_launcher_args(p)
     return p
 
 
@@ -334,6 +336,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(G.join_negative(argv))
     print(f"landscape.interpolate {' '.join(argv)}", file=sys.stderr)
+    if launching(args):
+        return launch(main, argv, args, args.out)
     cfg = config_from_args(InterpolateConfig, args, refs=tuple(args.refs), precision="")
     path = scan(cfg, args.out, args.device, args.precision, args.points_per_pass,
                 args.batch_size, args.shard, args.overwrite)

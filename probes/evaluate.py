@@ -19,6 +19,7 @@ from probes.linear import linear_probe_lbfgs, linear_probe_sgd, standardize
 from runs.data import load_dataset
 from runs.engine import resolve_device
 from runs.errors import UserError, cli
+from runs.launch import LAUNCH_FIELDS, add_launcher_args, launch, launching
 from runs.registry import Registry
 
 PROBES = Registry("probe")
@@ -154,13 +155,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, help="i/n: probe only this shard's checkpoints")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
+    add_launcher_args(p)
     return p
 
 
 def open_probe_result(args, labels: list[str], device, shard, rows: list[dict]):
     from runs.results import MetricSpec, create_result, shard_path
     config = {k: v for k, v in vars(args).items()
-              if k not in ("out", "overwrite", "shard", "device", "batch_size")}
+              if k not in ("out", "overwrite", "shard", "device", "batch_size", *LAUNCH_FIELDS)}
     coords = {"checkpoint": args.refs, "probe": labels, "features": list(FEATURES),
               "seed": args.seeds}
     metric = MetricSpec(("checkpoint", "probe", "features", "seed"), "fraction",
@@ -205,6 +207,8 @@ def table(accs: np.ndarray, refs, labels, features=FEATURES) -> str:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     print(f"probes.evaluate {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+    if launching(args):
+        return launch(main, argv, args, args.out)
     from runs.results import parse_shard
     shard = parse_shard(args.shard) if args.shard else None
     labels = probe_labels(args.probes, args.ks)

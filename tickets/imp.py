@@ -44,6 +44,7 @@ from runs import engine
 from runs.checkpoint import read_checkpoint
 from runs.config import add_config_args, arg, config_from_args, non_default, parse_steps
 from runs.errors import UserError, cli, unknown
+from runs.launch import add_launcher_args, launch, launching
 from runs.models import create_model
 from runs.registry import Registry
 from runs.store import Run, atomic_write_text, run_path
@@ -474,6 +475,7 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p, ImpConfig, group="pruning")
     add_config_args(p, TrainConfig, group="training (every level)",
                     exclude=("num_steps", "save_at", "init", "rewind", "mask", "seed"))
+    add_launcher_args(p)
     return p
 
 
@@ -518,6 +520,8 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     print(f"tickets.imp {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+    if launching(args):
+        return launch(main, argv, args, args.out)
     from runs.results import open_result, parse_shard
     shard = parse_shard(args.shard) if args.shard else None
     sweep = sweep_from_args(args)
