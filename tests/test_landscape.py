@@ -22,15 +22,6 @@ from runs.models import create_model
 from runs.models.head import create_head
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread costs more in hand-offs than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(seed=0, name="convnet", head=False) -> Subject:
     model = create_model(name, num_classes=4, width=0.125, seed=seed)
     dino = create_head(in_dim=model.embed_dim, out_dim=64, hidden_dim=32, bottleneck_dim=8,

@@ -33,13 +33,6 @@ DISTILL = DistillConfig(model="convnet", width=0.125, dataset="toy", data_option
 FAST = ["--device", "cpu", "--bn-samples", "64", "--bn-batch-size", "32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread costs more in hand-offs than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from runs.checkpoint import read_checkpoint, save_checkpoint
 from runs.distill import DistillConfig, distill
 from runs.models import create_model
 from runs.results import merge_results, open_result
+from tests.helpers import assert_same
 from tickets.imp import (
     Sweep,
     cell_config,
@@ -43,13 +44,6 @@ TOTAL = 36 + 288 + 1152 + 160  # prunable: conv weights (1 input channel) and fc
 LEVELS, REWIND_STEP = 3, STEPS_PER_EPOCH
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread costs more in hand-offs than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_main(argv) -> tuple[int, str, str]:
@@ -67,20 +61,6 @@ def snapshot(root) -> dict:
     return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
-def assert_same(a, b, where):
-    """Bitwise equality of nested dicts/lists of tensors and plain values."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def param_names() -> list[str]:

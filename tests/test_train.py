@@ -17,6 +17,7 @@ from runs.errors import UserError
 from runs.models import create_model
 from runs.store import Run
 from runs.train import TrainConfig, lr_factor, main, make_optimizer, train
+from tests.helpers import assert_same
 
 # toy 16x16: 256 train images, 32 held out, 224 left = 7 steps of 32 per epoch; 24 steps
 # cross the milestones at steps 12 and 18 and end mid-epoch 4.
@@ -27,29 +28,8 @@ TINY = ["--model", "convnet", "--width", "0.125", "--dataset", "toy", "--batch-s
         "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread costs more in hand-offs than it saves (3-5x on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def assert_same(a, b, where="payload"):
-    """Bitwise equality of nested dicts/lists of tensors and plain values."""
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def snapshot(root) -> dict:
