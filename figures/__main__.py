@@ -9,10 +9,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from figures import distill_curves, probe_table
+from figures import (
+    border_barriers,
+    distill_curves,
+    imp_curves,
+    lmc,
+    path_curves,
+    plane,
+    probe_table,
+)
 from runs.errors import UserError, cli, unknown
 
-FIGURES = {m.NAME: m for m in (probe_table, distill_curves)}
+FIGURES = {m.NAME: m for m in (probe_table, distill_curves, plane, path_curves, lmc,
+                                border_barriers, imp_curves)}
 
 
 def register(module) -> None:

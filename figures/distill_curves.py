@@ -61,15 +61,20 @@ def curves(runs, model_index: int):
     return epochs[probed], stack[:, probed].mean(0), stack[:, probed].std(0)
 
 
-def draw(results_dir, out_dir) -> list:
-    panels = group(load(results_dir, ANALYSIS, NAME))
+def build(results):
+    """One panel per probed dataset (returned unsaved)."""
+    panels = group(results)
     fig, axes = style.figure(width=style.COLUMN * min(len(panels), 2), height=2.6,
                              ncols=len(panels), squeeze=False)
     for ax, (title, groups) in zip(axes[0], sorted(panels.items())):
         draw_panel(ax, groups)
         ax.set_title(f"k-NN probe on {title}", fontsize="small")
-    axes[0][0].set_ylabel("k-NN test accuracy (%)")
-    return style.save(fig, out_dir, NAME)
+        ax.set_ylabel("k-NN test accuracy (%)")
+    return fig
+
+
+def draw(results_dir, out_dir) -> list:
+    return style.save(build(load(results_dir, ANALYSIS, NAME)), out_dir, NAME)
 
 
 def draw_panel(ax, groups) -> None:

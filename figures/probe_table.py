@@ -91,9 +91,15 @@ def bars(table: dict, probe: str, paper: bool):
             ax.scatter(xs, [np.nan if r is None else r for r in refs], marker="_", s=120,
                        color="black", zorder=3, label="paper" if j == 0 else None)
     ax.set_xticks(np.arange(len(groups)), [f"{ds}\n{model}" for ds, model in groups])
+    ax.set_xlabel("dataset and architecture")
     ax.set_ylabel(f"{probe} test accuracy (%)")
     ax.legend(frameon=False, fontsize="small", ncol=2)
     return fig
+
+
+def build(results, probe: str = "knn@20", paper: bool = False):
+    """The bar figure of the probe results (returned unsaved)."""
+    return bars(collect(results, probe), probe, paper)
 
 
 def draw(results_dir, out_dir, probe: str = "knn@20", paper: bool = False) -> list:

@@ -39,7 +39,11 @@ def linear_barrier(curve, alphas) -> np.ndarray:
     curve = np.asarray(curve, dtype=np.float64)
     alphas = np.asarray(alphas, dtype=np.float64)
     i0, i1, inside = _ends(alphas)
-    chord = (1 - alphas) * curve[..., i0, None] + alphas * curve[..., i1, None]
+    start, end = curve[..., i0, None], curve[..., i1, None]
+    # torch.lerp's two-sided form: exact at both ends and exactly flat when start == end,
+    # so identical endpoints give a barrier of exactly 0 ((1 - a) c + a c can miss c).
+    chord = np.where(alphas < 0.5, start + alphas * (end - start),
+                     end - (1 - alphas) * (end - start))
     return (curve - chord)[..., inside].max(-1)
 
 

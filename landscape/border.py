@@ -12,6 +12,7 @@ Start points, given one by one (`random` = a fresh init from --seed, or any chec
 reference: a distilled student as RUN@STEP:encoder gets a fresh fc) or generated:
   --from-distill RUN           every saved step of a distillation run (RUN@STEP:encoder)
   --alpha-runs RUN [RUN ...]   distillation runs made at several --alpha (RUN@last:encoder)
+  --alphas RUN 0,0.1,0.5,1     RUN's config distilled at each alpha (reused if in the store)
   --rewind-steps RUN k1,k2     steps of a supervised run; children rewind to RUN@k (weights,
                                optimiser, schedule) and train on with RUN's own config
 One result file (analysis `border`), one cell per start: kill and re-run resumes; --shard
@@ -75,8 +76,9 @@ def child_configs(start: Start, template: TrainConfig, count: int) -> list[Train
         base = dataclasses.replace(from_dict(TrainConfig, start.base), init="", save_at=(),
                                    rewind=start.rewind)
     elif start.init:
+        from runs.checkpoint import check_finite
         from runs.refs import load_model
-        spec = load_model(start.init).model.spec
+        spec = check_finite(load_model(start.init).model, start.init).spec  # before training
         base = dataclasses.replace(template, init=start.init, rewind="", model=spec["name"],
                                    width=spec["width"], save_at=())
     else:
@@ -103,6 +105,24 @@ def alpha_starts(run_dirs) -> list[Start]:
         starts.append(Start(f"{run_dir}@last:encoder", init=f"{run_dir}@last:encoder",
                             alpha=alpha))
     return starts
+
+
+def alpha_sweep_starts(run_dir: str, alphas: str, store: str) -> list[Start]:
+    """A distillation run's config at each alpha (distilled now unless the store has it),
+    then the students' last steps as start points: the basin border along alpha."""
+    from runs.distill import DistillConfig, distill
+    record = find_run(run_dir).config()
+    if record.get("kind") != "distill":
+        raise UserError(f"--alphas {run_dir}: a {record.get('kind')} run; the template must be "
+                        f"a distillation (runs.distill) run")
+    try:
+        values = [float(a) for a in alphas.split(",")]
+    except ValueError:
+        raise UserError(f"--alphas {alphas!r}: expected comma-separated numbers in [0, 1], "
+                        f"e.g. 0,0.1,0.5,1") from None
+    template = from_dict(DistillConfig, record["config"])
+    runs = [distill(dataclasses.replace(template, alpha=a), store) for a in values]
+    return alpha_starts([str(run.path) for run in runs])
 
 
 def rewind_starts(run_dir: str, steps: str) -> list[Start]:
@@ -212,6 +232,10 @@ def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store:
     """
     from runs.results import create_result, parse_shard, shard_path
     check(cfg, starts)
+    if points_per_pass < 0:
+        raise UserError(f"--points-per-pass {points_per_pass}: must be >= 1 (0 = auto)")
+    if batch_size < 1:  # now, not after the children have trained
+        raise UserError(f"--eval-batch-size {batch_size}: must be at least 1 image")
     alphas = G.parse_grid(cfg.grid)
     barriers(np.zeros(len(alphas)), np.zeros(len(alphas)), alphas)  # 0 and 1 on the grid
     device = engine.resolve_device(device)
@@ -246,7 +270,8 @@ def check(cfg: BorderConfig, starts: list[Start]) -> None:
         raise UserError(f"--children {cfg.children}: a barrier needs at least 2 children")
     if not starts:
         raise UserError("no start points: give START references (or 'random'), "
-                        "--from-distill RUN, --alpha-runs RUN..., or --rewind-steps RUN k1,k2")
+                        "--from-distill RUN, --alpha-runs RUN..., --alphas RUN a1,a2, or "
+                        "--rewind-steps RUN k1,k2")
     labels = [s.label for s in starts]
     if len(set(labels)) != len(labels):
         raise UserError(f"a start point is given twice: {labels}")
@@ -258,7 +283,7 @@ def measured_data(cfg: BorderConfig, splits: tuple, device, batch_size: int):
     train_split, _, test = splits
     return eval_data(train_split, test, device, batch_size, cfg.train_samples,
                      cfg.test_samples, cfg.bn_samples, cfg.bn_batch_size, cfg.sample_seed,
-                     with_bn=cfg.bn_mode == "recalibrate")
+                     with_bn=cfg.bn_mode == "recalibrate", batch_flag="--eval-batch-size")
 
 
 def report(path: str) -> str:
@@ -290,6 +315,10 @@ def parser() -> argparse.ArgumentParser:
                    "this distillation run")
     p.add_argument("--alpha-runs", nargs="*", default=[], metavar="RUN",
                    help="distillation runs at several alphas (their last step)")
+    p.add_argument("--alphas", nargs=2, default=None, metavar=("RUN", "ALPHAS"),
+                   help="a distillation run as template and comma-separated alphas (e.g. "
+                        "0,0.1,0.5,1): students distilled at each alpha (reused when in the "
+                        "store), their last steps as start points")
     p.add_argument("--rewind-steps", nargs=2, default=None, metavar=("RUN", "STEPS"),
                    help="a supervised run and comma-separated steps (e.g. 0,1ep,2ep)")
     p.add_argument("--out", default="results/border.h5", help="HDF5 result file")
@@ -315,6 +344,8 @@ def collect_starts(args) -> list[Start]:
     if args.from_distill:
         starts += distill_starts(args.from_distill)
     starts += alpha_starts(args.alpha_runs)
+    if args.alphas:
+        starts += alpha_sweep_starts(*args.alphas, args.store)
     if args.rewind_steps:
         starts += rewind_starts(*args.rewind_steps)
     return starts

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from runs.checkpoint import check_finite
 from runs.errors import UserError
 from runs.refs import load_head, load_model, parse_ref
 
@@ -64,6 +65,8 @@ def load_anchor(ref: str, with_fc: bool, with_head: bool, num_classes: int = Non
         check_classifier(ref, loaded, num_classes)
     head = load_head(ref, loaded.payload) if with_head else None
     own_fc = (fc if fc is not None else model.fc) if with_fc else None
+    parts = {"encoder": model.encoder, "fc": own_fc, "head": head}
+    check_finite(nn.ModuleDict({k: v for k, v in parts.items() if v is not None}), ref)
     subject = Subject(model.encoder, own_fc, head)
     spec = {"model": without_seed(model.spec, ("seed",) if with_fc else ("seed", "num_classes"))}
     if head is not None:

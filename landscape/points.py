@@ -49,6 +49,12 @@ class Measures:
                 raise unknown("metric", name, METRICS)
         if not self.metrics:
             raise UserError(f"--metrics: name at least one of {', '.join(METRICS)}")
+        if self.knn_k < 1:
+            raise UserError(f"--knn-k {self.knn_k}: must be at least 1 neighbour")
+        for flag, temp in (("--teacher-temp", self.teacher_temp),
+                           ("--student-temp", self.student_temp)):
+            if not 0 < temp < float("inf"):
+                raise UserError(f"{flag} {temp}: must be a positive number")
 
     @property
     def needs_data(self) -> bool:
@@ -93,14 +99,18 @@ def take(data: ImageData, count: int, seed: int, what: str) -> ImageData:
 
 def eval_data(train: ImageData, test: ImageData, device, batch_size: int = 512,
               train_samples: int = 0, test_samples: int = 0, bn_samples: int = 0,
-              bn_batch_size: int = 256, seed: int = 0, with_bn: bool = True) -> EvalData:
+              bn_batch_size: int = 256, seed: int = 0, with_bn: bool = True,
+              batch_flag: str = "--batch-size") -> EvalData:
     """Fixed, un-augmented loaders: the train and test images measured, and the BN images.
 
     The BN images are drawn from train with seed + 1 (another draw than the measured train
     images), all of train when it holds fewer than bn_samples; recalibration averages
     per-batch statistics, so bn_batch_size is part of what a result means and is recorded
-    with it.
+    with it. batch_flag: the flag that set batch_size, named when it is not positive.
     """
+    for flag, size in ((batch_flag, batch_size), ("--bn-batch-size", bn_batch_size)):
+        if size < 1:
+            raise UserError(f"{flag} {size}: must be at least 1 image")
     splits = {"train": take(train, train_samples, seed, "--train-samples"),
               "test": take(test, test_samples, seed, "--test-samples")}
     loaders = {k: eval_loader(v, device, batch_size) for k, v in splits.items()}

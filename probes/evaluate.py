@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     labels = probe_labels(args.probes, args.ks)
     if min(args.ks) < 1:
         raise UserError(f"--ks must be positive, got {args.ks}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1 image")
     device = resolve_device(args.device)
     kwargs = dict(root=args.data_root or None, size=args.size, channels=args.channels)
     data = (load_dataset(args.dataset, split="train", subset=args.subset or None, **kwargs),

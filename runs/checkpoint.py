@@ -64,8 +64,16 @@ def save_checkpoint(path, model: nn.Module, step: int, *, config: dict = None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "config": _plain(config or {}), "rng": rng_state(), "extra": _plain(extra or {}),
     }
-    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+    atomic_write(Path(path), lambda tmp: save_file(payload, tmp))
     return Path(path)
+
+
+def save_file(payload, path) -> None:
+    """torch.save through a Python file, so a full disk raises OSError(ENOSPC) (torch's own
+    writer raises "unexpected pos ..."); torch then fails again closing the archive, and
+    that RuntimeError carries the OSError (runs.errors.disk_full finds it)."""
+    with open(path, "wb") as file:
+        torch.save(payload, file)
 
 
 def _plain(data):
@@ -120,6 +128,17 @@ def load_state_strict(module: nn.Module, state: dict, source: str) -> nn.Module:
         name = model_spec(module).get("name", type(module).__name__)
         raise UserError(f"{source} does not fit model {name}: {problem}")
     module.load_state_dict(state, strict=True)
+    return module
+
+
+def check_finite(module: nn.Module, source: str) -> nn.Module:
+    """UserError naming `source` and the tensors that hold NaN or Inf: weights to train from
+    or to scan (a diverged run's) would make every step or metric NaN. Probes find such
+    weights through their features instead, naming the checkpoint there."""
+    broken = [name for name, value in module.state_dict().items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise UserError(f"{source} holds NaN or Inf values in {_listing(broken)}")
     return module
 
 

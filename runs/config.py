@@ -51,6 +51,20 @@ def config_hash(cfg, exclude=IDENTITY_EXCLUDE, length: int = 8) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def check_fields(cfg, rules: dict) -> None:
+    """A UserError naming the flag and value of the first field that breaks its rule.
+
+    rules: field name -> (test, what the value must be), e.g.
+        {"lr": (lambda v: 0 < v < math.inf, "must be a positive number")}
+    Comparisons are False for NaN, so a range test refuses `--lr nan` too.
+    """
+    for name, (test, must) in rules.items():
+        value = getattr(cfg, name)
+        if not test(value):
+            shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+            raise UserError(f"--{name.replace('_', '-')} {shown}: {must}")
+
+
 def from_dict(cls, data: dict):
     """Rebuild a config; unknown keys are an error naming them and the valid fields."""
     names = {f.name for f in dataclasses.fields(cls)}

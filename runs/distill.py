@@ -19,7 +19,7 @@ from torch import nn
 
 from runs import distributed, engine
 from runs.checkpoint import module_entry, save_checkpoint, unwrap
-from runs.config import arg
+from runs.config import arg, check_fields
 from runs.data import load_dataset
 from runs.errors import UserError, cli
 from runs.gpu_loader import Augment
@@ -64,6 +64,21 @@ class DistillConfig:
     probe_every: int = arg(0, "k-NN probe of student and teacher every N epochs; 0 = only "
                               "at init and end")
     probe_k: int = arg(20, "neighbours of the k-NN probe (squared L2, majority vote)")
+
+    def __post_init__(self):  # numbers torch would choke on, or silently misuse
+        positive = (lambda v: 0 < v < math.inf, "must be a positive number")
+        check_fields(self, {
+            "batch_size": (lambda v: v >= 1, "must be at least 1 image"),
+            **{name: (lambda v: v >= 1, "must be at least 1") for name in
+               ("out_dim", "hidden_dim", "bottleneck_dim", "probe_k")},
+            "teacher_temp": positive, "student_temp": positive, "lr": positive,
+            "weight_decay": (lambda v: 0 <= v < math.inf, "must be 0 or positive"),
+            "center_momentum": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+            "alpha": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+            "crop_padding": (lambda v: v >= 0, "must be 0 (no crop) or a number of pixels"),
+            "probe_every": (lambda v: v >= 0, "must be 0 (init and end) or a number of "
+                                              "epochs"),
+        })
 
 
 def data_options(cfg: DistillConfig) -> dict:

@@ -45,7 +45,7 @@ import h5py
 import numpy as np
 
 from runs import __version__
-from runs.errors import UserError, cli, unknown
+from runs.errors import UserError, cli, disk_full, unknown, with_filename
 
 SCHEMA = "results/1"
 # Provenance attrs that may differ between shards; a merge joins their distinct values.
@@ -387,10 +387,12 @@ def _write_skeleton(path, root, coords, specs, point_dims) -> None:
         with open(tmp, "rb+") as handle:  # durable before it takes the real name
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        if disk_full(err) is None:
+            raise
+        raise with_filename(err, path) from None  # a full disk: name the result, not tmp
 
 
 def _write_datasets(file, coords, specs, point_dims) -> None:
@@ -438,10 +440,15 @@ class Result:
         """
         index = self._index(cell)
         arrays = self._check_values(values)
-        for name, array in arrays.items():
-            self._file[name][self._selection(name, index)] = array
-        self._file[DONE][index] = True
-        self._file.flush()
+        try:
+            for name, array in arrays.items():
+                self._file[name][self._selection(name, index)] = array
+            self._file[DONE][index] = True
+            self._file.flush()
+        except Exception as err:  # a full disk: the cell stays not done, the file opens
+            if disk_full(err) is None:
+                raise
+            raise with_filename(err, self.path) from None
         self._done[index] = True
 
     def _check_values(self, values) -> dict[str, np.ndarray]:
@@ -516,8 +523,14 @@ class Result:
     def __enter__(self) -> "Result":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the error in flight is the one to report: after a failed write (a full
+            self.close()  # disk) HDF5's close can fail too, and would replace it
+        except Exception:
+            pass
 
 
 # ---------------------------------------------------------------------------- read

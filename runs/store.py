@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runs.config import config_hash, non_default, to_dict
-from runs.errors import UserError
+from runs.errors import UserError, disk_full, with_filename
 
 CKPT_DIGITS = 7  # step_0000000.pt: sorts by name up to 10M iterations
 _CKPT_NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -31,9 +31,11 @@ def atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise
+        if disk_full(err) is None:
+            raise
+        raise with_filename(err, path) from None  # a full disk: name the file
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -77,13 +79,19 @@ class Run:
 
     def log(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl, flushed to disk."""
-        with open(self.path / "metrics.jsonl", "ab+") as f:
-            # After a crash mid-append the last line is partial: start a new line, or this
-            # record would be glued to it and dropped with it by `metrics()`.
-            head = "\n" if _ends_mid_line(f) else ""
-            f.write((head + json.dumps(record, sort_keys=True) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
+        path = self.path / "metrics.jsonl"
+        try:
+            with open(path, "ab+") as f:
+                # After a crash mid-append the last line is partial: start a new line, or
+                # this record would be glued to it and dropped with it by `metrics()`.
+                head = "\n" if _ends_mid_line(f) else ""
+                f.write((head + json.dumps(record, sort_keys=True) + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            if disk_full(err) is None:
+                raise
+            raise with_filename(err, path) from None  # (a partial line is dropped later)
 
     def metrics(self) -> list[dict]:
         path = self.path / "metrics.jsonl"

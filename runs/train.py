@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from runs import distributed, engine
-from runs.checkpoint import save_checkpoint, unwrap
-from runs.config import arg
+from runs.checkpoint import check_finite, save_checkpoint, unwrap
+from runs.config import arg, check_fields
 from runs.errors import UserError, cli
 from runs.gpu_loader import Augment
 from runs.masking import Mask, load_mask
@@ -58,6 +58,21 @@ class TrainConfig:
                                        "--save-at; step 0 and the end are always kept)")
     eval_every: int = arg(1, "evaluate on validation and test every N epochs; 0 = at the end")
 
+    def __post_init__(self):  # numbers torch would choke on, or silently misuse
+        check_fields(self, {
+            "batch_size": (lambda v: v >= 1, "must be at least 1 image"),
+            "val_size": (lambda v: v >= 0, "must be 0 (none) or a number of images"),
+            "lr": (lambda v: 0 < v < math.inf, "must be a positive number"),
+            "momentum": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+            "weight_decay": (lambda v: 0 <= v < math.inf, "must be 0 or positive"),
+            "gamma": (lambda v: 0 < v <= 1, "the lr decay factor must lie in (0, 1]"),
+            "milestones": (lambda v: all(0 < m < 1 for m in v),
+                           "must be fractions of training in (0, 1), e.g. 0.5 0.75"),
+            "warmup_steps": (lambda v: v >= 0, "must be 0 (none) or a number of iterations"),
+            "crop_padding": (lambda v: v >= 0, "must be 0 (no crop) or a number of pixels"),
+            "eval_every": (lambda v: v >= 0, "must be 0 (at the end) or a number of epochs"),
+        })
+
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
     """Multiplier of cfg.lr after `step` iterations."""
@@ -76,7 +91,8 @@ def build_model(cfg: TrainConfig, num_classes: int, channels: int):
         return create_model(cfg.model, num_classes=num_classes, width=cfg.width,
                             in_channels=channels, seed=cfg.seed)
     from runs.refs import load_model
-    model = load_model(cfg.init, num_classes=num_classes, fc_seed=cfg.seed).model
+    model = check_finite(load_model(cfg.init, num_classes=num_classes, fc_seed=cfg.seed).model,
+                         cfg.init)
     wanted = {"name": cfg.model, "width": cfg.width, "in_channels": channels}
     bad = [f"{k} {model.spec.get(k)!r}, not {v!r}" for k, v in wanted.items()
            if model.spec.get(k) != v]  # a silent width change would train another network
@@ -130,6 +146,7 @@ class Session:
     # Training losses since the last evaluation: saved in every checkpoint, so an epoch
     # resumed mid-way logs the mean over all its steps, not only the resumed ones.
     losses: list = field(default_factory=list)
+    lock: object = None  # rank 0's runs.results.WriteLock on the run: one writer at a time
 
 
 def load_data(cfg: TrainConfig) -> tuple:
@@ -161,8 +178,21 @@ def setup(cfg: TrainConfig, store: str, data: tuple = None, device="auto", preci
              (("val", val), ("test", test)) if data is not None}
     s = Session(cfg, run, model, forward, optimizer, scheduler, mask, loader, evals, device,
                 engine.use_bf16(device, precision), world=world)
-    s.step = start_state(s, rewind)
+    # A second process training the same run would interleave checkpoints and metrics.
+    from runs.results import WriteLock  # runtime import: h5py only where a run trains
+    s.lock = WriteLock(run.path).acquire() if world.main else None
+    try:
+        s.step = start_state(s, rewind)
+    except BaseException:
+        release(s)
+        raise
     return s
+
+
+def release(s: Session) -> None:
+    if s.lock is not None:
+        s.lock.release()
+        s.lock = None
 
 
 def start_state(s: Session, rewind=None) -> int:
@@ -188,6 +218,7 @@ def load_rewind(cfg: TrainConfig, model):
     """The --rewind checkpoint, checked against this run's model before any file is made."""
     from runs.refs import load_model
     loaded = load_model(cfg.rewind)
+    check_finite(loaded.model, cfg.rewind)
     kind = loaded.payload.get("extra", {}).get("kind", "train")
     if kind != "train":
         raise UserError(f"--rewind {cfg.rewind}: a {kind} checkpoint holds no SGD state; "
@@ -306,13 +337,18 @@ def train(cfg: TrainConfig, store: str = "store", data: tuple = None, device="au
     if done.done:
         return done
     s = setup(cfg, store, data, device, precision, compile_model)
-    fit(s, stop_at)
-    if stop_at is not None and s.step < cfg.num_steps:
-        return s.run
-    if s.world.main:
-        engine.resume_path(s.run).unlink(missing_ok=True)
-        s.run.mark_done(summarize(s))
-    distributed.barrier(s.world)  # no rank returns before DONE exists
+    try:
+        if s.run.done:  # finished by another process while this one waited for the lock
+            return s.run
+        fit(s, stop_at)
+        if stop_at is not None and s.step < cfg.num_steps:
+            return s.run
+        if s.world.main:
+            engine.resume_path(s.run).unlink(missing_ok=True)
+            s.run.mark_done(summarize(s))
+        distributed.barrier(s.world)  # no rank returns before DONE exists
+    finally:
+        release(s)
     return s.run
 
 

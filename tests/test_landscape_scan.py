@@ -308,3 +308,22 @@ def test_border_bad_inputs_exit_2(tmp_path, capsys, flags, culprit):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and culprit in err
     assert not (tmp_path / "s").exists()
+
+
+def test_alpha_sweep_distils_each_alpha_and_reuses_the_template(runs, tmp_path):
+    store, out = runs["store"], tmp_path / "alphas.h5"
+    argv = ["--alphas", runs["student"], "0.5,1", "--store", str(store), "--out", str(out),
+            *BORDER]
+    assert border_module.main(argv) == 0
+    data = open_result(out, "border")
+    assert data.metrics["start_alpha"].tolist() == [0.5, 1.0] and data.done.all()
+    # alpha=1 is the template's own config: the existing run is the start, not a new one.
+    assert str(data.coords["start"][1]).startswith(runs["student"])
+    assert len(list(store.glob("distill_*/seed_*"))) == 2
+
+
+def test_alpha_sweep_needs_a_distillation_template(runs, tmp_path, capsys):
+    argv = ["--alphas", runs["A"].removesuffix("@last"), "0.5", "--store", str(tmp_path),
+            "--out", str(tmp_path / "x.h5"), *BORDER]
+    assert border_module.main(argv) == 2
+    assert "must be a distillation" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from runs.checkpoint import save_file
 from runs.errors import unknown
 from runs.masking import load_mask
 from runs.store import atomic_write
@@ -87,7 +88,7 @@ def is_nested(inner: Masks, outer: Masks) -> bool:
 def save_mask(path, mask: Masks) -> Path:
     """Write a mask as bool CPU tensors, atomically (readers never see half a file)."""
     cpu = {name: m.detach().bool().cpu() for name, m in mask.items()}
-    atomic_write(Path(path), lambda tmp: torch.save(cpu, tmp))
+    atomic_write(Path(path), lambda tmp: save_file(cpu, tmp))  # a full disk: OSError
     return Path(path)
 
 

@@ -1,0 +1,62 @@
+"""The border of linear basins (paper Sec. 6): one figure per `border` result.
+
+The test error barrier between SGD children of each start point, in the order the scan
+recorded them (a distillation trajectory, students at several alphas, or supervised rewind
+steps): every pair of children as a dot, their mean with its 95 % t-interval as error bars.
+"""
+
+import numpy as np
+
+from figures import style
+from figures.labels import start_names
+from figures.sources import figure_names, load, pick
+
+NAME = "border"
+ANALYSIS = "border"
+BARRIERS = {"error_barrier": ("error barrier", "%", 100),
+            "loss_barrier_mean": ("loss barrier", "nats", 1),
+            "loss_barrier_linear": ("loss barrier over the chord", "nats", 1)}
+
+
+def summary(result, barrier: str, split: str) -> tuple[np.ndarray, ...]:
+    """(mean, ci_low, ci_high) per start point, as the scan stored them."""
+    stats = pick(result, "barrier_summary", ("start", "stat"), barrier=barrier, split=split)
+    order = [str(s) for s in result.coords["stat"]]
+    return tuple(stats[:, order.index(name)] for name in ("mean", "ci_low", "ci_high"))
+
+
+def build(result, barrier: str = "error_barrier", split: str = "test"):
+    """The figure of one border result (returned unsaved)."""
+    what, unit, factor = BARRIERS[barrier]
+    names, xlabel = start_names(result)
+    mean, low, high = (v * factor for v in summary(result, barrier, split))
+    pairs = pick(result, barrier, ("start", "pair"), split=split) * factor
+    fig, ax = style.figure(width=max(style.COLUMN, 0.45 * len(names) + 1.2), height=2.4,
+                           layout="constrained")
+    x = np.arange(len(names))
+    jitter = np.linspace(-0.3, -0.12, pairs.shape[1])  # pairs just left of their mean
+    for j, offset in enumerate(jitter):
+        ax.scatter(x + offset, pairs[:, j], s=6, color="grey", alpha=0.6, lw=0,
+                   label="pair of children" if j == 0 else None, zorder=2)
+    has_ci = np.isfinite(low) & np.isfinite(high)
+    err = np.where(has_ci, [mean - low, high - mean], 0.0)
+    ax.errorbar(x, mean, yerr=err, fmt="o", ms=4, capsize=3, color=style.PALETTE[0],
+                label="mean, 95 % CI over pairs", zorder=3)
+    ax.axhline(0, color="black", lw=0.5, zorder=1)
+    ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0,
+                  ha="right" if len(names) > 4 else "center", fontsize="x-small")
+    ax.set_xlabel(xlabel, fontsize="small")
+    ax.set_ylabel(f"{split} {what} ({unit})", fontsize="small")
+    fig.legend(loc="outside lower center", ncol=2, frameon=False, fontsize="x-small")
+    children = result.config.get("border", {}).get("children", "")
+    ax.set_title(f"{children} SGD children per start, BN {result.attrs.get('bn_mode', '')}",
+                 fontsize="small")
+    return fig
+
+
+def draw(results_dir, out_dir) -> list:
+    results = load(results_dir, ANALYSIS, NAME)
+    paths = []
+    for result, name in zip(results, figure_names(results, NAME)):
+        paths += style.save(build(result), out_dir, name)
+    return paths

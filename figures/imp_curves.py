@@ -1,0 +1,147 @@
+"""Lottery tickets (paper Fig. 8): test accuracy vs % of weights remaining, from `imp` results.
+
+One panel per architecture and dataset; one colour per rewind point (init@K as the sweep
+was given, "student" for a distilled checkpoint), one line style per branch (the ticket,
+random masks, random re-initialisation). Sweeps with the same rewind point are pooled (the
+paper aggregates several student checkpoints): the mean over all their seeds with a band of
++-1 std. The x axis is logarithmic and reversed, so sparsity grows to the right. When the
+sweeps stored instability (--instability), a second row shows the test error barrier.
+"""
+
+from collections import defaultdict
+
+import numpy as np
+from matplotlib import ticker
+
+from figures import style
+from figures.labels import parse, ref_label
+from figures.sources import has, load
+
+NAME = "imp"
+ANALYSIS = "imp"
+BRANCH_STYLES = {"ticket": ("-", "o"), "random": ("--", "s"), "reinit": (":", "^")}
+BRANCH_NAMES = {"ticket": "", "random": ", random mask", "reinit": ", reinit"}
+REWIND_COLORS = [style.PALETTE[i] for i in (0, 2, 3, 4, 5, 6, 8, 9)]
+
+
+def rewind_label(result) -> str:
+    """'student' for a distilled checkpoint, the --rewind text (e.g. 'init@2ep') otherwise."""
+    reference = result.config.get("reference", "")
+    if reference:
+        return "student" if parse(reference)["kind"] == "distill" else ref_label(reference)
+    step = result.config.get("rewind_step", 0)
+    return str(result.config.get("imp", {}).get("rewind", f"init@{step}"))
+
+
+def panel_of(result) -> str:
+    train = result.config.get("train", {})
+    return f"{train.get('model', '')} on {train.get('dataset', '')}"
+
+
+def pooled(results, metric: str, split: str = None) -> dict:
+    """{branch: (density % (level,), values (level, seeds))} pooled over the results' seeds,
+    up to the levels all of them reached."""
+    levels = min(len(r.coords["level"]) for r in results)
+    out = {}
+    for branch in dict.fromkeys(str(b) for r in results for b in r.coords["branch"]):
+        density, values = [], []
+        for r in results:
+            branches = [str(b) for b in r.coords["branch"]]
+            if branch not in branches or metric not in r.metrics:
+                continue
+            b = branches.index(branch)
+            density.append(r.metrics["density"][b, :levels])  # (level, seed)
+            cell = r.metrics[metric][b, :levels]
+            if split is not None:
+                cell = cell[..., [str(s) for s in r.coords["split"]].index(split)]
+            values.append(cell)
+        if values:
+            out[branch] = (100 * np.nanmean(np.concatenate(density, 1), 1),
+                           np.concatenate(values, 1))
+    return out
+
+
+def groups(results) -> dict:
+    """{panel: {rewind label: [results]}}, rewind points ordered init@K by K, student last."""
+    panels = defaultdict(lambda: defaultdict(list))
+    key = lambda r: (bool(r.config.get("reference")), r.config.get("rewind_step", 0))  # noqa
+    for result in sorted(results, key=key):
+        panels[panel_of(result)][rewind_label(result)].append(result)
+    return panels
+
+
+def colors(panels) -> dict:
+    labels = list(dict.fromkeys(label for p in panels.values() for label in p))
+    others = iter(REWIND_COLORS)
+    return {label: style.ROLE_COLORS["student"] if label == "student" else next(others)
+            for label in labels}
+
+
+def draw_series(ax, density, values, color, linestyle, marker, label) -> None:
+    """Mean over seeds with a +-1 std band; levels without a finished seed are left out."""
+    count = np.isfinite(values).sum(1)
+    ok = count > 0
+    density, mean, std = density[ok], np.nanmean(values[ok], 1), np.nanstd(values[ok], 1)
+    ax.plot(density, mean, ls=linestyle, marker=marker, ms=2.5, color=color,
+            label=f"{label} (n={int(count.max())})")
+    ax.fill_between(density, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+
+
+def density_axis(ax, density) -> None:
+    """Log scale, reversed (sparser to the right), ticks at the levels' densities."""
+    ax.set_xscale("log")
+    ax.set_xlim(density.max() * 1.08, density.min() / 1.08)
+    step = max(1, -(-len(density) // 8))
+    ax.xaxis.set_major_locator(ticker.FixedLocator(density[::step]))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.set_xlabel("weights remaining (%, log scale)", fontsize="small")
+
+
+def draw_panel(ax, series: dict, palette: dict, metric: str, split: str = None) -> None:
+    factor = 100
+    all_density = []
+    for label, results in series.items():
+        for branch, (density, values) in pooled(results, metric, split).items():
+            ls, marker = BRANCH_STYLES.get(branch, ("-.", "d"))
+            draw_series(ax, density, factor * values, palette[label], ls, marker,
+                        f"{label}{BRANCH_NAMES.get(branch, f', {branch}')}")
+            all_density.append(density)
+    density_axis(ax, max(all_density, key=len))
+
+
+def build(results):
+    """The figure of every imp result given (returned unsaved)."""
+    panels = groups(results)
+    palette = colors(panels)
+    barriers = any(has(r, "error_barrier") for r in results)
+    rows = 2 if barriers else 1
+    fig, axes = style.figure(width=style.FULL if len(panels) > 1 else style.COLUMN,
+                             height=2.3 * rows + 0.5, ncols=len(panels), nrows=rows,
+                             squeeze=False, layout="constrained")
+    for col, (title, series) in enumerate(sorted(panels.items())):
+        ax = axes[0][col]
+        draw_panel(ax, series, palette, "test_accuracy")
+        ax.set_ylabel("test accuracy (%)", fontsize="small")
+        ax.set_title(title, fontsize="small")
+        if barriers:
+            ax = axes[1][col]
+            draw_panel(ax, {k: [r for r in v if has(r, "error_barrier")]
+                            for k, v in series.items()
+                            if any(has(r, "error_barrier") for r in v)},
+                       palette, "error_barrier", "test")
+            ax.set_ylabel("test error barrier (%)", fontsize="small")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    seen = dict(zip(labels, handles))
+    for ax in axes.ravel()[1:]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(seen.values(), seen.keys(), loc="outside lower center",
+               ncol=3 if len(panels) > 1 else 2,
+               frameon=False, fontsize="x-small",
+               title="mean ± 1 std over seeds (n seeds)", title_fontsize="x-small")
+    return fig
+
+
+def draw(results_dir, out_dir) -> list:
+    return style.save(build(load(results_dir, ANALYSIS, NAME)), out_dir, NAME)

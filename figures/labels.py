@@ -1,0 +1,84 @@
+"""Short, human names for what results record: checkpoint references, start points, units.
+
+A reference is `[NAME=]SOURCE[@STEP][:PART...]` (runs.refs); a run directory is
+`<store>/<kind>_<hash>/seed_<s>`. Parsed here by hand: runs.refs imports torch.
+"""
+
+import re
+from pathlib import PurePath
+
+import numpy as np
+
+_REF = re.compile(r"^(?:(?P<arch>[a-z][a-z0-9_]*)=)?(?P<source>[^@:]+)"
+                  r"(?:@(?P<step>[^:]+))?(?P<parts>(?::[a-z]+)*)$")
+_RUN = re.compile(r"^(?P<kind>[a-z]+)_[0-9a-f]+$")
+KINDS = {"distill": "student", "train": "supervised"}
+
+
+def parse(ref: str) -> dict:
+    """{"source", "step", "parts", "kind", "seed"} of a reference ('' where absent)."""
+    match = _REF.match(ref.strip())
+    if not match:
+        return {"source": ref, "step": "", "parts": (), "kind": "", "seed": ""}
+    source = PurePath(match["source"])
+    seed = source.name.removeprefix("seed_") if source.name.startswith("seed_") else ""
+    run = _RUN.match(source.parent.name) if seed else None
+    return {"source": match["source"], "step": match["step"] or "",
+            "parts": tuple(p for p in match["parts"].split(":") if p),
+            "kind": run["kind"] if run else "", "seed": seed}
+
+
+def ref_label(ref: str) -> str:
+    """'teacher', 'student init', 'student', 'student @8', 'supervised s1', 'x.pt'."""
+    if ref == "random":
+        return "random init"
+    info = parse(ref)
+    if "teacher" in info["parts"]:
+        return "teacher"
+    when = info["step"] or "last"
+    if info["kind"] == "distill":
+        return {"init": "student init", "0": "student init", "last": "student"}.get(
+            when, f"student @{when}")
+    if info["kind"]:
+        name = f"{KINDS.get(info['kind'], info['kind'])} s{info['seed']}"
+        return name if when == "last" else f"{name} @{when}"
+    return PurePath(info["source"]).name
+
+
+def unique(labels: list[str]) -> list[str]:
+    """Labels made distinct: repeated ones get their position's letter (A, B, ...)."""
+    return [f"{label} ({chr(65 + i)})" if labels.count(label) > 1 else label
+            for i, label in enumerate(labels)]
+
+
+def start_names(result) -> tuple[list[str], str]:
+    """(tick label per start point, x-axis label) of a `border` result, in recorded order.
+
+    A distillation trajectory reads 'step N' (or 'α=a' across --alpha-runs), supervised
+    rewind points 'k=N'; the random init is 'random init'. Mixed kinds keep their role.
+    """
+    labels = [str(s) for s in result.coords["start"]]
+    steps, alphas = result.metrics["start_step"], result.metrics["start_alpha"]
+    infos = [parse(label) for label in labels]
+    kinds = {info["kind"] for label, info in zip(labels, infos) if label != "random"}
+    alpha_set = {float(a) for a, info in zip(alphas, infos)
+                 if info["kind"] == "distill" and np.isfinite(a)}
+
+    def step(i) -> str:
+        return str(int(steps[i])) if np.isfinite(steps[i]) else infos[i]["step"] or "last"
+
+    names = []
+    for i, label in enumerate(labels):
+        if label == "random":
+            names.append("random init")
+        elif kinds == {"distill"}:
+            names.append(f"α={alphas[i]:g}" if len(alpha_set) > 1 else f"step {step(i)}")
+        elif kinds == {"train"}:
+            names.append(f"k={step(i)}")
+        else:
+            names.append(ref_label(label.rsplit("@", 1)[0] + f"@{step(i)}"))
+    distilled = "start: student α (init distance to the teacher)" if len(alpha_set) > 1 \
+        else "start: distillation step (iterations)"
+    axis = {frozenset({"distill"}): distilled,
+            frozenset({"train"}): "start: supervised step k (iterations)"}
+    return unique(names), axis.get(frozenset(kinds), "start point")

@@ -1,0 +1,169 @@
+"""Small result files in the exact layouts the analyses write, for the figure tests.
+
+Each builder lays its file out with the writer's own layout code (landscape.interpolate's
+`layout`, landscape.border's `layout` and `start_values`, tickets.imp's `result_metrics`,
+runs.distill's `open_result`, probes.evaluate's labels) and fills it with smooth synthetic
+values instead of training anything. Building them imports torch (the writers do); the
+figures that read them must not.
+"""
+
+import dataclasses
+from itertools import combinations
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from runs.results import MetricSpec, create_result
+
+RNG = np.random.default_rng(0)
+STUDENT = "store/distill_0123abcd/seed_0"
+SUPERVISED = "store/train_89abcdef/seed_{}"
+
+
+def interpolate(path, refs: list[str], grids: dict, metrics: tuple[str, ...],
+                kind: str, anchor_coords: dict, basis: str = "lstsq") -> Path:
+    """A 1-D path or 2-D plane, laid out by landscape.interpolate.layout."""
+    from landscape.interpolate import InterpolateConfig, layout
+    from landscape.points import Measures
+    cfg = InterpolateConfig(refs=tuple(refs), metrics=metrics, basis=basis, dataset="toy",
+                            teacher=refs[0] if "distill" in metrics else "")
+    parts = SimpleNamespace(encoder=1, fc=1 if "supervised" in metrics else None,
+                            head=1 if "distill" in metrics else None)
+    plan = SimpleNamespace(grids=grids, measures=Measures(metrics), cfg=cfg,
+                           geometry=SimpleNamespace(kind=kind, anchor_coords=anchor_coords,
+                                                    unit=3.5),
+                           anchors=[SimpleNamespace(subject=parts)])
+    coords, specs, point_dims, attrs = layout(plan)
+    with create_result(path, "interpolate", coords, specs, point_dims, cfg, [], "cpu",
+                       attrs) as result:
+        for cell in result.missing():
+            where = np.array([grids[d][i] for d, i in zip(point_dims, cell)])
+            result.write(cell, **_landscape(where, specs))
+    return Path(path)
+
+
+def _landscape(where: np.ndarray, specs: dict) -> dict:
+    """A bowl at the origin (the teacher, KL exactly 0) and another at (0, 1)."""
+    near = float(np.sum(where ** 2))
+    other = float(np.sum((where - np.eye(len(where))[-1]) ** 2))
+    bowl = min(near, 0.6 * other + 0.05)
+    values = {"loss": [0.3 + bowl, 0.4 + bowl], "error": [min(0.9, 0.05 + bowl / 3)] * 2,
+              "distill_kl": [bowl, 1.1 * bowl], "distill_ce": [2 + bowl, 2 + 1.1 * bowl],
+              "knn_accuracy": 0.6 - 0.1 * np.tanh(bowl), "param_norm": 5 + near}
+    return {name: np.asarray(values[name], dtype=float) for name in specs}
+
+
+def plane(path) -> Path:
+    """The paper's Fig. 5 plane: teacher, student at init, trained student."""
+    refs = [f"{STUDENT}@init:teacher", f"{STUDENT}@init", f"{STUDENT}@last"]
+    grid = np.linspace(-0.5, 1.5, 9)
+    return interpolate(path, refs, {"alpha": grid, "beta": grid}, ("distill", "knn", "norm"),
+                       "plane", {"A": [0.0, 0.0], "B": [1.0, 0.0], "C": [0.0, 1.0]})
+
+
+def path_1d(path) -> Path:
+    refs = [f"{SUPERVISED.format(0)}@last", f"{SUPERVISED.format(1)}@last"]
+    return interpolate(path, refs, {"alpha": np.linspace(-0.25, 1.25, 7)},
+                       ("supervised", "norm"), "line", {"A": [0.0], "B": [1.0]})
+
+
+def border(path, children: int = 3) -> Path:
+    """Random init and a distillation trajectory, laid out and summarised by
+    landscape.border (`layout`, `start_values`)."""
+    from landscape.border import BorderConfig, Start, layout, start_values
+    from runs.train import TrainConfig
+    starts = [Start("random"), *[Start(f"{STUDENT}@{s}:encoder", init=f"{STUDENT}@{s}:encoder",
+                                       alpha=1.0) for s in (0, 196, 392)]]
+    alphas = np.linspace(0, 1, 5)
+    coords, metrics = layout(starts, children, alphas)
+    num_pairs = len(list(combinations(range(children), 2)))
+    config = {"border": dataclasses.asdict(BorderConfig(children=children, grid="0:1:5")),
+              "train": dataclasses.asdict(TrainConfig(dataset="toy")),
+              "starts": [s.label for s in starts], "precision": "fp32"}
+    attrs = {"bn_mode": "recalibrate", "children": {s.label: [] for s in starts}}
+    with create_result(path, "border", coords, metrics, ("start",), config, [], "cpu",
+                       attrs) as result:
+        for (index,) in result.missing():
+            height = 0.3 / (1 + index)  # later starts: lower barriers
+            bump = height * np.sin(np.pi * alphas)[None, :, None]  # (1, alpha, 1)
+            error = 0.1 + bump + 0.03 * RNG.random((num_pairs, 1, 2))
+            curves = {"loss": 0.5 + 2 * error, "error": error}  # (pair, alpha, split)
+            step = 0 if index == 0 else int(starts[index].label.split("@")[1].split(":")[0])
+            result.write((index,), **start_values(curves, alphas, starts[index], step))
+    return Path(path)
+
+
+def imp(path, rewind: str = "init@1ep", reference: str = "", levels: int = 4,
+        seeds=(0, 1, 2), baselines=("random", "reinit"), instability: bool = True) -> Path:
+    """An IMP sweep: tickets.imp's metrics and coords, accuracies falling with sparsity."""
+    from tickets.imp import POINT_DIMS, ImpConfig, result_metrics
+    cfg = ImpConfig(rewind=rewind, levels=levels, baselines=tuple(baselines),
+                    instability=instability)
+    branches = ["ticket", *baselines]
+    coords = {"branch": branches, "level": np.arange(levels + 1), "seed": np.asarray(seeds)}
+    if instability:
+        coords["split"] = ["train", "test"]
+    config = {"imp": dataclasses.asdict(cfg), "train": {"model": "convnet", "dataset": "toy"},
+              "reference": reference, "rewind_step": 0 if reference else 17,
+              "prunable_weights": 1000}
+    metrics = result_metrics(SimpleNamespace(imp=cfg))
+    with create_result(path, "imp", coords, metrics, POINT_DIMS, config, [], "cpu",
+                       {"bn_mode": "recalibrate"} if instability else {}) as result:
+        for b, level, s in result.missing():
+            drop = {"ticket": 0.01, "random": 0.08, "reinit": 0.05}[branches[b]] * level
+            accuracy = 0.9 - drop + 0.02 * RNG.standard_normal()
+            values = {"density": 0.8 ** level, "remaining_weights": round(1000 * 0.8 ** level),
+                      "test_accuracy": accuracy, "test_loss": 1 - accuracy,
+                      "best_val_accuracy": accuracy, "test_accuracy_at_best_val": accuracy,
+                      "best_val_step": 100, "error_barrier": [drop, drop + 0.01],
+                      "loss_barrier_mean": [drop, drop], "loss_barrier_linear": [drop, drop]}
+            result.write((b, level, s), **{k: v for k, v in values.items() if k in metrics})
+    return Path(path)
+
+
+def distill(folder) -> Path:
+    """A distillation run's distill.h5, made by runs.distill.open_result."""
+    from runs.distill import DistillConfig, open_result
+    cfg = DistillConfig(model="convnet", dataset="toy", num_steps=40)
+    run = SimpleNamespace(path=Path(folder) / "distill_0123abcd" / "seed_0")
+    with open_result(cfg, run, steps_per_epoch=8, device="cpu") as result:
+        for (epoch,) in result.missing():
+            result.write((epoch,), knn_accuracy=[0.3, 0.3 + 0.04 * epoch], loss=3 - 0.1 * epoch,
+                         kl=1 - 0.1 * epoch, teacher_entropy=2.0)
+    return run.path / "distill.h5"
+
+
+def probe(path) -> Path:
+    """probes.evaluate's layout: checkpoint x probe x features x seed, rows in attrs."""
+    from probes.evaluate import FEATURES, probe_labels
+    refs = ["pixels", f"{STUDENT}@last:teacher", f"{STUDENT}@last"]
+    rows = [{"ref": refs[0], "role": "pixels", "model": "", "trained_on": ""},
+            {"ref": refs[1], "role": "teacher", "model": "resnet18", "trained_on": "cifar10"},
+            {"ref": refs[2], "role": "student", "model": "resnet18", "trained_on": "cifar10"}]
+    labels, seeds = probe_labels(["knn", "linear"], [20]), [0, 1, 2]
+    coords = {"checkpoint": refs, "probe": labels, "features": list(FEATURES), "seed": seeds}
+    metric = MetricSpec(("checkpoint", "probe", "features", "seed"), "fraction",
+                        "probe accuracy on the test split")
+    config = {"refs": refs, "dataset": "cifar10", "probes": ["knn", "linear"], "ks": [20],
+              "seeds": seeds}
+    with create_result(path, "probe", coords, {"accuracy": metric}, ("checkpoint",), config,
+                       [], "cpu", attrs={"checkpoints": rows}) as result:
+        for (index,) in result.missing():
+            base = (0.33, 0.37, 0.45)[index]
+            accuracy = base + 0.01 * RNG.standard_normal((len(labels), len(FEATURES),
+                                                          len(seeds)))
+            result.write((index,), accuracy=accuracy)
+    return Path(path)
+
+
+def all_results(folder) -> dict:
+    """Every fixture in `folder`: {name: path}."""
+    folder = Path(folder)
+    return {"plane": plane(folder / "plane.h5"), "path": path_1d(folder / "path.h5"),
+            "border": border(folder / "border.h5"),
+            "imp_init": imp(folder / "imp_init.h5"),
+            "imp_student": imp(folder / "imp_student.h5", rewind=f"{STUDENT}@last:encoder",
+                               reference=f"{STUDENT}@last:encoder", baselines=("reinit",),
+                               instability=False),
+            "distill": distill(folder / "store"), "probe": probe(folder / "probe.h5")}
