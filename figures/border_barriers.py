@@ -9,7 +9,7 @@ import numpy as np
 
 from figures import style
 from figures.labels import start_names
-from figures.sources import figure_names, load, pick
+from figures.sources import load, pick, save_each
 
 NAME = "border"
 ANALYSIS = "border"
@@ -56,7 +56,4 @@ def build(result, barrier: str = "error_barrier", split: str = "test"):
 
 def draw(results_dir, out_dir) -> list:
     results = load(results_dir, ANALYSIS, NAME)
-    paths = []
-    for result, name in zip(results, figure_names(results, NAME)):
-        paths += style.save(build(result), out_dir, name)
-    return paths
+    return save_each(results, NAME, build, out_dir)

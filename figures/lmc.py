@@ -10,7 +10,7 @@ from matplotlib import colormaps
 
 from figures import style
 from figures.labels import start_names
-from figures.sources import figure_names, load, pick
+from figures.sources import load, pick, save_each
 
 NAME = "lmc"
 ANALYSIS = "border"
@@ -62,7 +62,4 @@ def build(result, split: str = "test"):
 
 def draw(results_dir, out_dir) -> list:
     results = load(results_dir, ANALYSIS, NAME)
-    paths = []
-    for result, name in zip(results, figure_names(results, NAME)):
-        paths += style.save(build(result), out_dir, name)
-    return paths
+    return save_each(results, NAME, build, out_dir)

@@ -11,7 +11,7 @@ import numpy as np
 
 from figures import style
 from figures.labels import ref_label, unique
-from figures.sources import figure_names, has, load, pick
+from figures.sources import has, load, pick, save_each
 
 NAME = "interpolate-1d"
 ANALYSIS = "interpolate"
@@ -91,7 +91,4 @@ def build(result):
 def draw(results_dir, out_dir) -> list:
     results = load(results_dir, ANALYSIS, NAME,
                    where=lambda r: is_path(r) and any(has(r, p[0]) for p in PANELS), need=NEED)
-    paths = []
-    for result, name in zip(results, figure_names(results, NAME)):
-        paths += style.save(build(result), out_dir, name)
-    return paths
+    return save_each(results, NAME, build, out_dir)

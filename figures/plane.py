@@ -13,7 +13,7 @@ from matplotlib import colors, patheffects, ticker
 
 from figures import style
 from figures.labels import ref_label, unique
-from figures.sources import figure_names, has, load, pick
+from figures.sources import has, load, pick, save_each
 
 NAME = "plane"
 ANALYSIS = "interpolate"
@@ -157,7 +157,4 @@ def build(result):
 def draw(results_dir, out_dir) -> list:
     results = load(results_dir, ANALYSIS, NAME, where=lambda r: is_plane(r) and panels(r),
                    need=NEED)
-    paths = []
-    for result, name in zip(results, figure_names(results, NAME)):
-        paths += style.save(build(result), out_dir, name)
-    return paths
+    return save_each(results, NAME, build, out_dir)

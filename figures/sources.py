@@ -97,3 +97,12 @@ def figure_names(results: list[ResultData], figure: str) -> list[str]:
              for r, n in zip(results, stems)]
     return [n if n == figure or n.startswith(f"{figure}_") else f"{figure}_{n}"
             for n in stems]
+
+
+def save_each(results: list[ResultData], figure: str, build, out_dir) -> list:
+    """Draw and save one figure per result file (names from `figure_names`)."""
+    from figures import style
+    paths = []
+    for result, name in zip(results, figure_names(results, figure)):
+        paths += style.save(build(result), out_dir, name)
+    return paths

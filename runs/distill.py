@@ -411,11 +411,8 @@ def parser():
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     print(f"runs.distill {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
-    cfg, data = engine.config_and_data(DistillConfig, args, load_data)
-    run = distill(cfg, args.store, data, args.device, args.precision, args.compile)
-    world = distributed.from_env()
-    distributed.finish(world)
-    if not world.main:
+    run = engine.run_from_args(DistillConfig, args, load_data, distill)
+    if run is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     summary = run.summary()
     print(f"distill {run.path}: k-NN teacher {pct(summary.get('knn_teacher'))}, student "

@@ -214,6 +214,18 @@ def config_and_data(config_cls, args, load_data):
     return cfg, data
 
 
+def run_from_args(config_cls, args, load_data, run_fn):
+    """The body of an engine's main: config from flags, the run, torchrun teardown.
+
+    Returns the Run on rank 0 (or the only process), None on the other ranks.
+    """
+    cfg, data = config_and_data(config_cls, args, load_data)
+    run = run_fn(cfg, args.store, data, args.device, args.precision, args.compile)
+    world = distributed.from_env()
+    distributed.finish(world)
+    return run if world.main else None
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """Flags that change where and how fast a run executes, not what it computes."""
     p.add_argument("--store", default="store", help="root folder of the run store")
