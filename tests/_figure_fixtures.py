@@ -87,7 +87,7 @@ def border(path, children: int = 3) -> Path:
         for (index,) in result.missing():
             height = 0.3 / (1 + index)  # later starts: lower barriers
             bump = height * np.sin(np.pi * alphas)[None, :, None]  # (1, alpha, 1)
-            error = 0.1 + bump + 0.03 * RNG.random((num_pairs, 1, 2))
+            error = 0.1 + bump + 0.03 * RNG.random((num_pairs, len(alphas), 2))
             curves = {"loss": 0.5 + 2 * error, "error": error}  # (pair, alpha, split)
             step = 0 if index == 0 else int(starts[index].label.split("@")[1].split(":")[0])
             result.write((index,), **start_values(curves, alphas, starts[index], step))

@@ -1,82 +1,143 @@
-"""Every figure renders from small fixture results: files exist, are not blank, axes labelled;
-bad inputs name the file or the stage; figures never import torch."""
+"""Every registered figure renders from small result files in the writers' own layouts:
+PDF and PNG written, the PNG not blank, every axis labelled; `python -m figures all` draws
+them all without importing torch; wrong or missing results fail with a message that names
+the file and what the figure needs, or the stage that makes them."""
 
 import subprocess
 import sys
+from pathlib import Path
 
-import matplotlib.image as mpimg
+import matplotlib.image
+import numpy as np
 import pytest
 from _figure_fixtures import all_results
 
 from figures import style
 from figures.__main__ import FIGURES, draw, main
+from figures.sources import PRODUCERS
 from runs.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+# A result of another analysis for each figure's wrong-input check.
+WRONG = {"probe": "border", "distill": "probe", "interpolate": "imp_init", "border": "plane",
+         "imp": "path"}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("figure_results")
-    all_results(folder)
-    return folder
+def results(tmp_path_factory) -> dict:
+    """{"dir": folder holding every fixture, name: path}."""
+    folder = tmp_path_factory.mktemp("results")
+    return {"dir": folder, **all_results(folder)}
 
 
 @pytest.fixture
-def saved(monkeypatch):
-    """The matplotlib figures handed to style.save, captured before they are closed."""
-    figures, real = [], style.save
+def built(monkeypatch) -> list:
+    """The figures draw() saves, captured before saving (their axes inspected)."""
+    figures, save = [], style.save
 
     def capture(fig, out_dir, name):
-        figures.append((name, fig, [(ax.get_label(), ax.get_xlabel(), ax.get_ylabel(),
-                                     ax.has_data()) for ax in fig.axes]))
-        return real(fig, out_dir, name)
+        figures.append(([(ax.get_xlabel(), ax.get_ylabel(), ax.get_label(), ax.has_data())
+                         for ax in fig.axes if ax.get_visible()], name))
+        return save(fig, out_dir, name)
 
     monkeypatch.setattr(style, "save", capture)
     return figures
 
 
-@pytest.mark.parametrize("name", sorted(FIGURES))
-def test_figure_renders_labelled_and_not_blank(name, results, tmp_path, saved):
-    paths = draw(name, results, tmp_path)
-    pngs = [p for p in paths if p.suffix == ".png"]
-    assert pngs and all(p.with_suffix(".pdf").stat().st_size > 1000 for p in pngs)
-    for png in pngs:
-        assert mpimg.imread(png).std() > 0.02, f"{png} looks blank"
-    assert len(saved) == len(pngs)  # every figure went through style.save
-    for figure, _, axes in saved:
-        plotted = [a for a in axes if a[3] and a[0] != "<colorbar>"]
-        assert plotted, f"{figure}: nothing drawn"
-        assert all(xlabel for _, xlabel, _, _ in plotted), f"{figure}: an x axis is unlabelled"
-        assert any(ylabel for _, _, ylabel, _ in plotted), f"{figure}: no y axis label"
+def assert_labelled(labels, name) -> None:
+    assert any(data for *_, kind, data in labels if kind != "<colorbar>"), f"{name}: empty"
+    for xlabel, ylabel, kind, _ in labels:
+        if kind == "<colorbar>":  # a colour bar names its quantity along its long side
+            assert xlabel or ylabel, f"{name}: unlabelled colour bar"
+        else:
+            assert xlabel.strip() and ylabel.strip(), f"{name}: axes {kind!r} unlabelled"
 
 
-def test_all_writes_every_figure(results, tmp_path, capsys):
-    assert main(["all", "--results", str(results), "--out", str(tmp_path)]) == 0
-    written = {p.stem for p in tmp_path.glob("*.png")}
+def assert_image(png: Path) -> None:
+    pixels = matplotlib.image.imread(png)
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) > 200, png
+    assert pixels[..., :3].std() > 0.05, f"{png} looks blank"
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_every_figure_renders_labelled(name, results, built, tmp_path):
+    paths = draw(name, results["dir"], tmp_path)
+    pdfs = [p for p in paths if p.suffix == ".pdf"]
+    assert pdfs and all(p.read_bytes().startswith(b"%PDF") for p in pdfs)
+    for pdf in pdfs:
+        assert_image(pdf.with_suffix(".png"))
+    assert len(built) == len(pdfs)
+    for labels, fig_name in built:
+        assert_labelled(labels, fig_name)
+    assert callable(FIGURES[name].build) and FIGURES[name].ANALYSIS in PRODUCERS
+
+
+def test_figures_read_units_from_the_layouts(results):
+    """A few numbers that must land where the writers put them."""
+    from figures import border_barriers, imp_curves, plane
+    from runs.results import open_result
+    data = open_result(results["plane"])
+    labels = [a[0] for a in plane.anchors(data)]
+    assert labels == ["A: teacher", "B: student init", "C: student"]
+    border = open_result(results["border"])
+    mean, low, high = border_barriers.summary(border, "error_barrier", "test")
+    assert np.all(low <= mean) and np.all(mean <= high) and mean[0] > mean[-1]
+    imp = [open_result(results["imp_init"]), open_result(results["imp_student"])]
+    assert [imp_curves.rewind_label(r) for r in imp] == ["init@1ep", "student"]
+    density, values = imp_curves.pooled(imp[:1], "test_accuracy")["ticket"]
+    np.testing.assert_allclose(density, 100 * 0.8 ** np.arange(5))
+    assert values.shape == (5, 3)  # (level, seed)
+
+
+def test_all_from_the_command_line_without_torch(results, tmp_path):
+    """`python -m figures all` writes every figure; neither it nor drawing imports torch."""
+    out = tmp_path / "out"
+    code = ("import runpy, sys; sys.argv = ['figures', 'all', '--results', sys.argv[1], "
+            "'--out', sys.argv[2]]\n"
+            "try:\n    runpy.run_module('figures', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "assert 'torch' not in sys.modules, 'figures imported torch'")
+    done = subprocess.run([sys.executable, "-c", code, str(results["dir"]), str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "skipped" not in done.stderr
+    written = {p.name for p in out.iterdir()}
     for name in FIGURES:
-        if name == "probe-table":
-            name = "probe-table_knn20"
-        assert any(stem.startswith(name.split("-")[0]) for stem in written), name
-    assert "skipped" not in capsys.readouterr().err
+        assert any(n.startswith(name) and n.endswith(".pdf") for n in written), name
+        assert any(n.startswith(name) and n.endswith(".png") for n in written), name
 
 
-def test_wrong_analysis_names_the_file_and_what_is_needed(results, tmp_path):
-    with pytest.raises(UserError, match=r"probe\.h5 holds analysis 'probe'; figure imp needs "
-                                         r"'imp'"):
-        draw("imp", results / "probe.h5", tmp_path)
+@pytest.mark.parametrize("name", FIGURES)
+def test_wrong_analysis_names_the_file_and_the_need(name, results, tmp_path):
+    analysis = FIGURES[name].ANALYSIS
+    wrong = results[WRONG[analysis]]
+    with pytest.raises(UserError) as err:
+        draw(name, wrong, tmp_path)
+    assert str(wrong) in str(err.value) and repr(analysis) in str(err.value)
+    assert not list(tmp_path.iterdir())
 
 
-def test_missing_results_name_the_stage(tmp_path):
-    with pytest.raises(UserError, match=r"run the imp \(python -m tickets.imp\) stage"):
-        draw("imp", tmp_path, tmp_path / "out")
-    with pytest.raises(UserError, match="unknown figure 'bars'"):
+def test_a_line_is_not_a_plane(results, tmp_path):
+    with pytest.raises(UserError, match="not 2-D plane"):
+        draw("plane", results["path"], tmp_path)
+    with pytest.raises(UserError, match="not 1-D path"):
+        draw("interpolate-1d", results["plane"], tmp_path)
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_missing_results_name_the_stage(name, tmp_path):
+    with pytest.raises(UserError) as err:
+        draw(name, tmp_path, tmp_path / "out")
+    assert PRODUCERS[FIGURES[name].ANALYSIS] in str(err.value)
+
+
+def test_unknown_figure_lists_the_valid_ones(tmp_path):
+    with pytest.raises(UserError, match="unknown figure 'bars'.*plane"):
         draw("bars", tmp_path, tmp_path / "out")
 
 
-def test_figures_never_import_torch(results, tmp_path):
-    code = ("import sys; from figures.__main__ import main; "
-            f"main(['all', '--results', {str(results)!r}, '--out', {str(tmp_path)!r}]); "
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-1500:]
-    assert out.stdout.strip().splitlines()[-1] == "False"
+def test_all_on_an_empty_folder_fails_with_one_line(tmp_path, capsys):
+    assert main(["all", "--results", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "run the imp (python -m tickets.imp) stage first" in err
+    assert err.strip().splitlines()[-1].startswith("error: no figure could be drawn")
