@@ -11,6 +11,7 @@ from pathlib import Path
 
 from figures import (
     border_barriers,
+    data_size,
     distill_curves,
     imp_curves,
     lmc,
@@ -20,7 +21,7 @@ from figures import (
 )
 from runs.errors import UserError, cli, unknown
 
-FIGURES = {m.NAME: m for m in (probe_table, distill_curves, plane, path_curves, lmc,
+FIGURES = {m.NAME: m for m in (probe_table, distill_curves, data_size, plane, path_curves, lmc,
                                 border_barriers, imp_curves)}
 
 

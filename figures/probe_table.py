@@ -45,6 +45,12 @@ def _share_pixels(table) -> dict:
     return out or {k: dict(v) for k, v in table.items()}
 
 
+def roles_of(table: dict) -> list[str]:
+    """The roles present, in ROLES order, then the others (e.g. `student (alpha=1.0)`)."""
+    present = {r for v in table.values() for r in v}
+    return [r for r in ROLES if r in present] + sorted(present - set(ROLES))
+
+
 def cell(values) -> str:
     if not values:
         return "–"
@@ -52,7 +58,7 @@ def cell(values) -> str:
 
 
 def markdown(table: dict, probe: str) -> str:
-    roles = [r for r in ROLES if any(r in v for v in table.values())]
+    roles = roles_of(table)
     lines = [f"| dataset | model | {' | '.join(roles)} |", "|---" * (len(roles) + 2) + "|"]
     for (ds, model), values in sorted(table.items()):
         row = [cell(values.get(r, [])) + _paper(probe, ds, model, r) for r in roles]
@@ -61,7 +67,7 @@ def markdown(table: dict, probe: str) -> str:
 
 
 def latex(table: dict) -> str:
-    roles = [r for r in ROLES if any(r in v for v in table.values())]
+    roles = roles_of(table)
     lines = [r"\begin{tabular}{ll" + "r" * len(roles) + "}", r"\toprule",
              "dataset & model & " + " & ".join(roles) + r" \\", r"\midrule"]
     for (ds, model), values in sorted(table.items()):
@@ -77,7 +83,7 @@ def _paper(probe, ds, model, role) -> str:
 
 def bars(table: dict, probe: str, paper: bool):
     groups = sorted(table)
-    roles = [r for r in ROLES if any(r in v for v in table.values())]
+    roles = roles_of(table)
     fig, ax = style.figure(width=max(style.COLUMN, 1.1 * len(groups) + 1.2), height=2.4)
     width = 0.8 / len(roles)
     for j, role in enumerate(roles):

@@ -17,6 +17,7 @@ from probes.features import extract_features, pixel_features
 from probes.knn import knn_accuracies
 from probes.linear import linear_probe_lbfgs, linear_probe_sgd, standardize
 from runs.data import load_dataset
+from runs.distill import DistillConfig
 from runs.engine import resolve_device
 from runs.errors import UserError, cli
 from runs.launch import LAUNCH_FIELDS, add_launcher_args, launch, launching
@@ -93,6 +94,10 @@ def load_encoder(ref: str, info):
     return load_checked(ref, info).model.encoder
 
 
+# The recipe's student starts at its teacher (alpha tiny, not 0); other alphas are rows apart.
+RECIPE_ALPHA = DistillConfig.alpha
+
+
 def describe(ref: str, info) -> dict:
     """What a probed row is, for tables and figures: role, architecture, training data."""
     if ref == PIXELS:
@@ -103,6 +108,8 @@ def describe(ref: str, info) -> dict:
         {"distill": "student", "train": "supervised"}.get(kind, "checkpoint")
     if role == "student" and loaded.config.get("dataset") == "noise":
         role = "noise-student"  # the random-input control
+    elif role == "student" and loaded.config.get("alpha", RECIPE_ALPHA) != RECIPE_ALPHA:
+        role = f"student (alpha={loaded.config['alpha']})"  # not the recipe's init
     return {"ref": ref, "role": role, "model": loaded.model.spec.get("name", ""),
             "trained_on": loaded.config.get("dataset", "")}
 

@@ -54,7 +54,7 @@ from runs.registry import Registry
 from runs.store import atomic_write_text
 
 SCHEMA = "bench/1"
-COMPILE = ("auto", "on", "off")
+COMPILE = ("auto", "on", "off", *engine.COMPILE_MODES[1:])
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity). Matched as whole
 # words against torch.cuda.get_device_name, first match wins: the PCIe/NVL H100 before the
 # SXM one, and "A10" does not match "A10G" (whose peak is not listed: MFU n/a).
@@ -88,7 +88,8 @@ class BenchConfig:
     steps: int = arg(50, "timed steps per path")
     eval_passes: int = arg(3, "timed passes over the eval images per path (one untimed)")
     workers: int = arg(8, "DataLoader worker processes of the references (<= CPU count)")
-    compile: str = arg("auto", "torch.compile the fast paths: auto (CUDA only), on, off",
+    compile: str = arg("auto", "torch.compile the fast paths: auto (CUDA only), on, off, "
+                               "or a mode (reduce-overhead = with CUDA graphs)",
                        choices=COMPILE)
     feature_train: int = arg(50_000, "probe train features (rows)")
     feature_test: int = arg(10_000, "probe test features (rows)")
@@ -120,7 +121,7 @@ class Bench:
     cfg: BenchConfig
     device: torch.device
     peak_tflops: float | None = None  # dense bf16 peak; None = unknown (MFU n/a)
-    compile: bool = False  # torch.compile the fast paths (with an eager fallback)
+    compile: bool | str = False  # torch.compile (True or a mode), eager fallback on failure
 
     @property
     def bf16(self) -> bool:
@@ -371,10 +372,11 @@ def fast_train(bench: Bench, data: ImageData, shuffle=True, augment=True,
                   cfg.batch_size, step, eager, session=s)
 
 
-def describe(loader: str, bf16: bool, device, compiled: bool, extra: str = "") -> str:
+def describe(loader: str, bf16: bool, device, compiled: bool | str, extra: str = "") -> str:
+    mode = f" {compiled}" if isinstance(compiled, str) else ""
     parts = [loader, "bf16 autocast" if bf16 else "fp32",
-             "channels_last" if device.type == "cuda" else "", "torch.compile" if compiled
-             else "", extra]
+             "channels_last" if device.type == "cuda" else "",
+             f"torch.compile{mode}" if compiled else "", extra]
     return " + ".join(p for p in parts if p)
 
 
@@ -1097,7 +1099,10 @@ def check_sections(names: list[str]) -> list[str]:
     return [name for name in ORDER if name in names]
 
 
-def use_compile(choice: str, device: torch.device) -> bool:
+def use_compile(choice: str, device: torch.device) -> bool | str:
+    """False, True (the default mode) or a torch.compile mode name."""
+    if choice in engine.COMPILE_MODES:
+        return choice
     return choice == "on" or (choice == "auto" and device.type == "cuda")
 
 

@@ -192,7 +192,8 @@ def num_epochs(cfg: DistillConfig, steps_per_epoch: int) -> int:
     return -(-cfg.num_steps // steps_per_epoch)
 
 
-def open_result(cfg: DistillConfig, run: Run, steps_per_epoch: int, device):
+def open_result(cfg: DistillConfig, run: Run, steps_per_epoch: int, device,
+                train_images: int):
     from runs.results import MetricSpec, create_result
     epochs = list(range(num_epochs(cfg, steps_per_epoch) + 1))
     metrics = {
@@ -205,7 +206,8 @@ def open_result(cfg: DistillConfig, run: Run, steps_per_epoch: int, device):
     return create_result(run.path / "distill.h5", "distill",
                          {"epoch": epochs, "model": ["teacher", "student"]}, metrics,
                          ("epoch",), dataclasses.asdict(cfg), [], str(device),
-                         attrs={"steps_per_epoch": steps_per_epoch})
+                         attrs={"steps_per_epoch": steps_per_epoch,
+                                "train_images": train_images})
 
 
 def setup(cfg: DistillConfig, store: str, data=None, device="auto", precision="auto",
@@ -232,7 +234,7 @@ def setup(cfg: DistillConfig, store: str, data=None, device="auto", precision="a
     params = [*student.model.encoder.parameters(), *student.head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    result = open_result(cfg, run, len(loader), device) if world.main else None
+    result = open_result(cfg, run, len(loader), device, len(train.y)) if world.main else None
     s = Session(cfg, run, student, forward, teacher, optimizer, loader, probe, result, device,
                 engine.use_bf16(device, precision), world=world)
     s.center = torch.zeros(cfg.out_dim, device=device) if cfg.centering else None
@@ -278,6 +280,7 @@ def save(s: Session, step: int, path) -> None:
 
 
 def distill_step(s: Session, x: torch.Tensor) -> dict:
+    engine.mark_step()
     with torch.no_grad(), engine.autocast(s.device, s.bf16):
         teacher_logits = s.teacher(x)  # (B, m), eval mode: BN uses its default statistics
     with engine.autocast(s.device, s.bf16):

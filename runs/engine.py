@@ -51,10 +51,14 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def prepare(model: nn.Module, device: torch.device, compile_model: bool = False,
+# torch.compile modes; reduce-overhead also captures CUDA graphs (cudagraph trees) on CUDA.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def prepare(model: nn.Module, device: torch.device, compile_model: bool | str = False,
             world: distributed.World = distributed.SINGLE) -> nn.Module:
     """Move to the device (channels_last on CUDA), wrap in DDP under torchrun, optionally
-    in torch.compile.
+    in torch.compile (`compile_model`: True = the default mode, or one of COMPILE_MODES).
 
     Returns the module to call; the original (unwrapped) one keeps the weights and is
     the one to checkpoint (`runs.checkpoint.unwrap` finds it either way).
@@ -64,8 +68,15 @@ def prepare(model: nn.Module, device: torch.device, compile_model: bool = False,
         model.to(memory_format=torch.channels_last)
     forward = distributed.wrap(model, world, device)
     if compile_model:
-        return torch.compile(forward)
+        mode = "default" if compile_model is True else compile_model
+        return torch.compile(forward, mode=None if mode == "default" else mode)
     return forward
+
+
+def mark_step() -> None:
+    """Start of a training step: under CUDA graphs (reduce-overhead) the previous step's
+    outputs may be overwritten from here on; a no-op for eager models."""
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 @dataclass(frozen=True)
@@ -232,7 +243,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                   help="wrap the model in torch.compile (alone: the default mode); "
+                        "reduce-overhead adds CUDA graphs")
 
 
 def config_with_steps(cfg, steps: str, save_at, steps_per_epoch: int):

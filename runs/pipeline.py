@@ -10,6 +10,7 @@ Layout under --out: store/ (runs), results/ (HDF5 results), figures/ (PDF, PNG, 
 """
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -53,7 +54,7 @@ def load_preset(name: str) -> dict:
         preset = json.loads(path.read_text())
     except ValueError as err:
         raise UserError(f"--preset {path}: not valid JSON ({err})") from None
-    valid = {*STAGES, "description", "seeds", "noise", "alphas", "train"}
+    valid = {*STAGES, "description", "seeds", "noise", "alphas", "subsets", "train"}
     unknown = sorted(set(preset) - valid)
     if unknown:
         raise UserError(f"--preset {path}: unknown key(s) {', '.join(unknown)}; valid: "
@@ -99,7 +100,8 @@ def flags(options: dict) -> list[str]:
 
 
 def distill_configs(preset: dict) -> dict[str, list]:
-    """{group: [DistillConfig per seed]}: images, the noise control, one group per alpha."""
+    """{group: [DistillConfig per seed]}: images, the noise control, one group per alpha
+    and one per data size (`subsets`: train images per class)."""
     from runs.config import from_dict
     from runs.distill import DistillConfig, load_data
     fields = {k: v for k, v in preset["distill"].items() if k not in ("steps", "save_at")}
@@ -109,6 +111,9 @@ def distill_configs(preset: dict) -> dict[str, list]:
         groups[f"alpha={alpha}"] = [from_dict(DistillConfig, dict(fields, seed=c.seed,
                                                                   alpha=alpha))
                                     for c in groups["images"]]
+    for per_class in preset.get("subsets", []):
+        groups[f"subset={per_class}"] = [dataclasses.replace(c, subset=per_class)
+                                         for c in groups["images"]]
     if preset.get("noise"):
         from runs.reproduce import noise_config
         train = load_data(groups["images"][0])[0]
@@ -117,22 +122,31 @@ def distill_configs(preset: dict) -> dict[str, list]:
 
 
 def distill_stage(preset: dict, layout: Layout, device: str) -> dict[str, list]:
-    """Train every student; returns {group: [Run per seed]}."""
+    """Train every student; returns {group: [Run per seed]}.
+
+    The data-size groups take the full-data students' number of steps (not epochs): the
+    study varies the data, not the optimisation budget.
+    """
     from runs.distill import distill_with_steps
     steps = preset["distill"].get("steps", "100ep")
     save_at = preset["distill"].get("save_at", [])
-    return {group: [distill_with_steps(cfg, steps, save_at, str(layout.store), device)
-                    for cfg in configs]
-            for group, configs in distill_configs(preset).items()}
+    runs = {}
+    for group, configs in distill_configs(preset).items():
+        sized = group.startswith("subset=")
+        runs[group] = [distill_with_steps(
+            cfg, str(runs["images"][0].latest_step()) if sized else steps,
+            () if sized else save_at, str(layout.store), device) for cfg in configs]
+    return runs
 
 
 def probe_refs(students: dict) -> list[str]:
-    """pixels, then teacher and student of every seed, then the other groups' students."""
+    """pixels, then teacher and student of every seed, then the noise and alpha students
+    (the data-size students are read from their own k-NN curves by the data-size figure)."""
     refs = ["pixels"]
     for run in students["images"]:
         refs += [f"{run.path}@last:teacher", f"{run.path}@last"]
     for group, runs in students.items():
-        if group != "images":
+        if group != "images" and not group.startswith("subset="):
             refs += [f"{run.path}@last" for run in runs]
     return refs
 

@@ -255,6 +255,7 @@ def save(s: Session, step: int, path) -> None:
 
 
 def train_step(s: Session, x, y) -> torch.Tensor:
+    engine.mark_step()
     with engine.autocast(s.device, s.bf16):
         loss = F.cross_entropy(s.forward(x).float(), y)
     s.optimizer.zero_grad(set_to_none=True)

@@ -122,16 +122,31 @@ def imp(path, rewind: str = "init@1ep", reference: str = "", levels: int = 4,
     return Path(path)
 
 
-def distill(folder) -> Path:
-    """A distillation run's distill.h5, made by runs.distill.open_result."""
+# Distillation fixtures: (subset per class, dataset, train images, seeds); accuracy grows
+# with the data, noise inputs stay low.
+DISTILL_RUNS = ((0, "toy", 400, (0, 1)), (5, "toy", 10, (0, 1)), (50, "toy", 100, (0, 1)),
+                (0, "noise", 400, (0,)))
+
+
+def distill_run(folder, subset: int, dataset: str, images: int, seed: int) -> Path:
+    """One run's distill.h5, made by runs.distill.open_result."""
     from runs.distill import DistillConfig, open_result
-    cfg = DistillConfig(model="convnet", dataset="toy", num_steps=40)
-    run = SimpleNamespace(path=Path(folder) / "distill_0123abcd" / "seed_0")
-    with open_result(cfg, run, steps_per_epoch=8, device="cpu") as result:
+    cfg = DistillConfig(model="convnet", dataset=dataset, num_steps=40, subset=subset, seed=seed,
+                        probe_dataset="toy" if dataset == "noise" else "")
+    run = SimpleNamespace(path=Path(folder) / f"distill_{subset}{dataset}" / f"seed_{seed}")
+    gain = 0.0 if dataset == "noise" else 0.02 * np.log10(images)
+    with open_result(cfg, run, steps_per_epoch=8, device="cpu", train_images=images) as result:
         for (epoch,) in result.missing():
-            result.write((epoch,), knn_accuracy=[0.3, 0.3 + 0.04 * epoch], loss=3 - 0.1 * epoch,
+            student = 0.3 + gain * epoch + 0.01 * seed + (0.05 if epoch == 2 else 0)
+            result.write((epoch,), knn_accuracy=[0.3, student], loss=3 - 0.1 * epoch,
                          kl=1 - 0.1 * epoch, teacher_entropy=2.0)
     return run.path / "distill.h5"
+
+
+def distill(folder) -> Path:
+    """Distillation runs over data sizes and seeds, and a noise-input control."""
+    paths = [distill_run(folder, *spec[:3], seed) for spec in DISTILL_RUNS for seed in spec[3]]
+    return paths[0]
 
 
 def probe(path) -> Path:

@@ -1,6 +1,13 @@
-"""Assertions shared by several test modules."""
+"""Assertions and data writers shared by several test modules."""
 
+import hashlib
+import pickle
+
+import numpy as np
 import torch
+import torchvision
+
+from runs.data import CIFAR10_CLASSES
 
 
 def assert_same(a, b, where="payload"):
@@ -17,3 +24,42 @@ def assert_same(a, b, where="payload"):
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+# ---------------------------------------------------------------- CIFAR (python pickles)
+
+def _md5(path):
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def pickle_file(path, obj):
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+
+
+def write_cifar10(root, monkeypatch, per_batch=3, test_count=4):
+    """cifar-10-batches-py with 5 train batches and a test batch; md5s patched to match."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images, labels = {}, {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        count = test_count if name == "test_batch" else per_batch
+        images[name] = rng.integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
+        labels[name] = rng.integers(0, 10, count).tolist()
+        # official row layout: 1024 red (row-major), 1024 green, 1024 blue
+        pickle_file(folder / name, {"batch_label": name, "labels": labels[name],
+                                "data": images[name].reshape(count, 3072),
+                                "filenames": [f"{name}_{i}.png" for i in range(count)]})
+    pickle_file(folder / "batches.meta", {"label_names": list(CIFAR10_CLASSES),
+                                      "num_cases_per_batch": per_batch, "num_vis": 3072})
+    patch_md5s(monkeypatch, torchvision.datasets.CIFAR10, folder, names[:5], names[5:],
+                "batches.meta")
+    return folder, images, labels
+
+
+def patch_md5s(monkeypatch, cls, folder, train, test, meta):
+    """Make torchvision's md5 lists describe our tiny files (its checks then run for real)."""
+    monkeypatch.setattr(cls, "train_list", [[n, _md5(folder / n)] for n in train])
+    monkeypatch.setattr(cls, "test_list", [[n, _md5(folder / n)] for n in test])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / meta)})

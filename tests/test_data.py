@@ -5,9 +5,7 @@ binaries, TinyImageNet folders of JPEGs, IDX files), so these tests exercise the
 """
 
 import gzip
-import hashlib
 import os
-import pickle
 import urllib.error
 
 import numpy as np
@@ -30,6 +28,7 @@ from runs.data import (
 )
 from runs.datasets.mnist import debian_fashion_mnist
 from runs.errors import UserError
+from tests.helpers import patch_md5s, pickle_file, write_cifar10
 
 
 def _rng(seed=0):
@@ -37,43 +36,6 @@ def _rng(seed=0):
 
 
 # ---------------------------------------------------------------- CIFAR (python pickles)
-
-def _md5(path):
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _pickle(path, obj):
-    path.write_bytes(pickle.dumps(obj, protocol=2))
-
-
-def _write_cifar10(root, monkeypatch, per_batch=3, test_count=4):
-    """cifar-10-batches-py with 5 train batches and a test batch; md5s patched to match."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = _rng()
-    images, labels = {}, {}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        count = test_count if name == "test_batch" else per_batch
-        images[name] = rng.integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
-        labels[name] = rng.integers(0, 10, count).tolist()
-        # official row layout: 1024 red (row-major), 1024 green, 1024 blue
-        _pickle(folder / name, {"batch_label": name, "labels": labels[name],
-                                "data": images[name].reshape(count, 3072),
-                                "filenames": [f"{name}_{i}.png" for i in range(count)]})
-    _pickle(folder / "batches.meta", {"label_names": list(CIFAR10_CLASSES),
-                                      "num_cases_per_batch": per_batch, "num_vis": 3072})
-    _patch_md5s(monkeypatch, torchvision.datasets.CIFAR10, folder, names[:5], names[5:],
-                "batches.meta")
-    return folder, images, labels
-
-
-def _patch_md5s(monkeypatch, cls, folder, train, test, meta):
-    """Make torchvision's md5 lists describe our tiny files (its checks then run for real)."""
-    monkeypatch.setattr(cls, "train_list", [[n, _md5(folder / n)] for n in train])
-    monkeypatch.setattr(cls, "test_list", [[n, _md5(folder / n)] for n in test])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / meta)})
-
 
 def _write_cifar100(root, monkeypatch):
     folder = root / "cifar-100-python"
@@ -84,17 +46,17 @@ def _write_cifar100(root, monkeypatch):
         fine = rng.integers(0, 100, count).tolist()
         coarse = [label // 5 for label in fine]  # different from fine: catches the wrong key
         x = rng.integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
-        _pickle(folder / name, {"filenames": [], "batch_label": name, "fine_labels": fine,
+        pickle_file(folder / name, {"filenames": [], "batch_label": name, "fine_labels": fine,
                                 "coarse_labels": coarse, "data": x.reshape(count, 3072)})
         out[name] = (x, fine)
-    _pickle(folder / "meta", {"fine_label_names": list(CIFAR100_CLASSES),
+    pickle_file(folder / "meta", {"fine_label_names": list(CIFAR100_CLASSES),
                               "coarse_label_names": [f"super{i}" for i in range(20)]})
-    _patch_md5s(monkeypatch, torchvision.datasets.CIFAR100, folder, ["train"], ["test"], "meta")
+    patch_md5s(monkeypatch, torchvision.datasets.CIFAR100, folder, ["train"], ["test"], "meta")
     return out
 
 
 def test_cifar10_reads_official_pickles(tmp_path, monkeypatch):
-    _, images, labels = _write_cifar10(tmp_path, monkeypatch)
+    _, images, labels = write_cifar10(tmp_path, monkeypatch)
     train = load_dataset("cifar10", root=tmp_path)
     expected = np.concatenate([images[f"data_batch_{i}"] for i in range(1, 6)])
     assert train.x.shape == (15, 3, 32, 32) and train.x.dtype == torch.uint8
@@ -128,14 +90,14 @@ def test_cifar_missing_root_names_the_path_and_download(tmp_path):
 
 
 def test_cifar_missing_file_is_named(tmp_path, monkeypatch):
-    folder, _, _ = _write_cifar10(tmp_path, monkeypatch)
+    folder, _, _ = write_cifar10(tmp_path, monkeypatch)
     (folder / "test_batch").unlink()
     with pytest.raises(UserError, match="test_batch"):
         load_dataset("cifar10", root=tmp_path)
 
 
 def test_cifar_md5_mismatch_names_the_file(tmp_path, monkeypatch):
-    folder, _, _ = _write_cifar10(tmp_path, monkeypatch)
+    folder, _, _ = write_cifar10(tmp_path, monkeypatch)
     with open(folder / "data_batch_2", "ab") as handle:
         handle.write(b"junk")
     with pytest.raises(UserError, match="md5") as err:
@@ -144,9 +106,9 @@ def test_cifar_md5_mismatch_names_the_file(tmp_path, monkeypatch):
 
 
 def test_cifar_bad_pickle_names_the_file(tmp_path, monkeypatch):
-    folder, _, _ = _write_cifar10(tmp_path, monkeypatch)
+    folder, _, _ = write_cifar10(tmp_path, monkeypatch)
     (folder / "data_batch_3").write_bytes(b"not a pickle at all")
-    _patch_md5s(monkeypatch, torchvision.datasets.CIFAR10, folder,
+    patch_md5s(monkeypatch, torchvision.datasets.CIFAR10, folder,
                 [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta")
     with pytest.raises(UserError, match="data_batch_3"):
         load_dataset("cifar10", root=tmp_path)
@@ -531,7 +493,7 @@ def test_unknown_dataset_and_option_list_the_valid_ones():
 def _minimal_root(name, tmp_path, monkeypatch):
     """A root with a few images for each registered dataset (None where none is needed)."""
     if name == "cifar10":
-        _write_cifar10(tmp_path, monkeypatch)
+        write_cifar10(tmp_path, monkeypatch)
     elif name == "cifar100":
         _write_cifar100(tmp_path, monkeypatch)
     elif name == "stl10":

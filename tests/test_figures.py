@@ -141,3 +141,29 @@ def test_all_on_an_empty_folder_fails_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "run the imp (python -m tickets.imp) stage first" in err
     assert err.strip().splitlines()[-1].startswith("error: no figure could be drawn")
+
+
+def test_data_size_plots_the_best_epoch_per_size_and_the_noise_control(results):
+    """Each size's point is the mean over seeds of the student's best probed epoch >= 1;
+    noise-input students are a separate series; the teacher is a level line."""
+    from figures import data_size
+    from figures.sources import load
+    fig = data_size.build(load(results["dir"], "distill", "data-size"))
+    (ax,) = fig.axes
+    from runs.results import open_result
+    handles, labels = ax.get_legend_handles_labels()
+    lines = {label: getattr(h, "lines", [h])[0] for h, label in zip(handles, labels)}
+    images = lines["student (convnet, images)"]
+    runs = {}
+    for path in sorted(Path(results["dir"]).rglob("distill.h5")):
+        res = open_result(path)
+        if res.config["dataset"] != "noise":
+            acc = 100 * res.metrics["knn_accuracy"][1:, 1]
+            runs.setdefault(int(res.attrs["train_images"]), []).append(acc.max())
+    sizes = sorted(runs)
+    np.testing.assert_allclose(images.get_xdata(), sizes)
+    np.testing.assert_allclose(images.get_ydata(), [np.mean(runs[n]) for n in sizes])
+    assert ax.get_xscale() == "log"
+    noise = lines["student (convnet, noise inputs)"]
+    assert list(noise.get_xdata()) == [400] and noise.get_ydata()[0] < images.get_ydata()[-1]
+    assert lines["teacher (convnet, images)"].get_ydata()[0] == pytest.approx(30)

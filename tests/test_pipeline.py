@@ -11,6 +11,7 @@ REDUCED = {
     "description": "the demo preset, reduced for CI",
     "seeds": [0],
     "noise": True,
+    "subsets": [10],
     "distill": {"model": "convnet", "width": 0.25, "dataset": "digits", "subset": 40,
                 "batch_size": 50, "out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 16,
                 "steps": "2ep", "save_at": ["1ep"]},
@@ -42,9 +43,25 @@ def test_every_stage_and_figure(demo):
     results = {p.stem for p in (root / "out" / "results").glob("*.h5")}
     assert results == {"probe_digits", "plane", "lmc", "imp"}
     figures = {p.stem for p in (root / "out" / "figures").glob("*.png")}
-    for name in ("probe-table_knn20", "distill-curves", "plane", "imp"):
+    for name in ("probe-table_knn20", "distill-curves", "data-size", "plane", "imp"):
         assert name in figures, sorted(figures)
     assert any(name.startswith("lmc") for name in figures)
+
+
+@pytest.mark.slow
+def test_data_size_students_take_the_full_datas_steps(demo):
+    """`subsets` adds students on fewer images with as many steps (not epochs) as the
+    full-data student."""
+    from runs.results import open_result
+    root, _ = demo
+    found = {}
+    for path in (root / "out" / "store").rglob("distill.h5"):
+        res = open_result(path)
+        found[(res.config["dataset"], res.config["subset"])] = res
+    assert set(found) == {("digits", 40), ("digits", 10), ("noise", 0)}
+    full, small = found[("digits", 40)], found[("digits", 10)]
+    assert (small.attrs["train_images"], full.attrs["train_images"]) == (100, 400)
+    assert small.config["num_steps"] == full.config["num_steps"] == 16
 
 
 @pytest.mark.slow
@@ -101,3 +118,33 @@ def test_overrides():
                       "seeds": [0, 1]}
     with pytest.raises(UserError, match="no stage 'border'"):
         override(preset, ["border.children=2"])
+
+
+PAPER_SHRINK = [
+    "distill.width=0.125", "distill.out_dim=256", "distill.hidden_dim=64",
+    "distill.bottleneck_dim=16", "distill.batch_size=16", "distill.steps=2ep",
+    "distill.save_at=[\"1ep\"]", "distill.probe_every=1", "train.batch_size=16",
+    "interpolate.grid=-0.5:1.5:3", "interpolate.train_samples=32",
+    "border.children=2", "border.steps=1ep", "border.grid=0:1:3", "imp.levels=1",
+    "imp.steps=6ep", "imp.val_size=16",
+]
+
+
+@pytest.mark.slow
+def test_paper_preset_runs_every_stage_on_cifar10_files(tmp_path, monkeypatch):
+    """paper-cifar10's own flags, only sizes shrunk, on tiny files in CIFAR-10's on-disk
+    format: every stage's command accepts them and every figure is drawn."""
+    from tests.helpers import write_cifar10
+    write_cifar10(tmp_path / "data", monkeypatch, per_batch=16, test_count=20)
+    out = tmp_path / "out"
+    assert main(["--preset", "paper-cifar10", "--out", str(out), "--device", "cpu", "--set",
+                 f"distill.data_root={tmp_path / 'data'}", *PAPER_SHRINK]) == 0
+    preset = load_preset("paper-cifar10")
+    names = {job["name"] for stage in ("interpolate", "border", "imp") for job in preset[stage]}
+    assert {p.stem for p in (out / "results").glob("*.h5")} == names | {"probe_cifar10"}
+    figures = {p.stem for p in (out / "figures").glob("*.png")}
+    for name in ("probe-table_knn20", "distill-curves", "data-size", "imp",
+                 "plane_teacher_alpha1", "border_along_distillation"):
+        assert name in figures, sorted(figures)
+    table = (out / "figures" / "probe-table_knn20.md").read_text()
+    assert "student (alpha=1.0)" in table and "noise-student" in table

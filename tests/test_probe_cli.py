@@ -96,3 +96,24 @@ def test_label_count_mismatch_is_a_clear_error():
     with pytest.raises(UserError, match="labels"):
         probe_all(x, torch.zeros(9, dtype=torch.long), x, torch.zeros(10, dtype=torch.long),
                   2, ["knn"], [3], [0])
+
+
+@pytest.mark.parametrize("kind, config, role", [
+    ("distill", {"dataset": "digits", "alpha": 1e-10}, "student"),
+    ("distill", {"dataset": "digits"}, "student"),
+    ("distill", {"dataset": "noise", "alpha": 1e-10}, "noise-student"),
+    ("distill", {"dataset": "digits", "alpha": 1.0}, "student (alpha=1.0)"),
+    ("train", {"dataset": "digits"}, "supervised"),
+    ("", {}, "checkpoint"),
+])
+def test_rows_say_what_was_probed(tmp_path, kind, config, role):
+    """Students initialised away from the recipe's alpha are not pooled with its students."""
+    from runs.distill import DistillConfig
+    assert DistillConfig().alpha == 1e-10  # the recipe's (PAPER.md)
+    from probes.evaluate import describe
+    model = create_model("convnet", width=0.125, in_channels=1, num_classes=10, seed=3)
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, step=0, config=config,
+                           extra={"kind": kind} if kind else None)
+    info = load_dataset("digits", split="test").info
+    row = describe(str(ckpt), info)
+    assert row["role"] == role and row["model"] == "convnet"
