@@ -54,17 +54,22 @@ def unique(labels: list[str]) -> list[str]:
 def start_names(result) -> tuple[list[str], str]:
     """(tick label per start point, x-axis label) of a `border` result, in recorded order.
 
-    A distillation trajectory reads 'step N' (or 'α=a' across --alpha-runs), supervised
-    rewind points 'k=N'; the random init is 'random init'. Mixed kinds keep their role.
+    A distillation trajectory reads 'ep 1' (or 'step N' where the epoch is unknown; 'α=a'
+    across --alpha-runs), supervised rewind points 'k=1ep' (or 'k=N'); the random init is
+    'random init'. Mixed kinds keep their role.
     """
     labels = [str(s) for s in result.coords["start"]]
     steps, alphas = result.metrics["start_step"], result.metrics["start_alpha"]
+    epochs = result.metrics.get("start_epoch", np.full(len(labels), np.nan))
     infos = [parse(label) for label in labels]
     kinds = {info["kind"] for label, info in zip(labels, infos) if label != "random"}
     alpha_set = {float(a) for a, info in zip(alphas, infos)
                  if info["kind"] == "distill" and np.isfinite(a)}
+    in_epochs = all(np.isfinite(e) for e, label in zip(epochs, labels) if label != "random")
 
     def step(i) -> str:
+        if in_epochs:
+            return f"{epochs[i]:g}ep"
         return str(int(steps[i])) if np.isfinite(steps[i]) else infos[i]["step"] or "last"
 
     names = []
@@ -72,13 +77,15 @@ def start_names(result) -> tuple[list[str], str]:
         if label == "random":
             names.append("random init")
         elif kinds == {"distill"}:
-            names.append(f"α={alphas[i]:g}" if len(alpha_set) > 1 else f"step {step(i)}")
+            names.append(f"α={alphas[i]:g}" if len(alpha_set) > 1 else
+                         f"ep {epochs[i]:g}" if in_epochs else f"step {step(i)}")
         elif kinds == {"train"}:
             names.append(f"k={step(i)}")
         else:
             names.append(ref_label(label.rsplit("@", 1)[0] + f"@{step(i)}"))
+    unit = "epochs" if in_epochs else "iterations"
     distilled = "start: student α (init distance to the teacher)" if len(alpha_set) > 1 \
-        else "start: distillation step (iterations)"
+        else f"start: distillation {unit}"
     axis = {frozenset({"distill"}): distilled,
-            frozenset({"train"}): "start: supervised step k (iterations)"}
+            frozenset({"train"}): f"start: supervised rewind step k ({unit})"}
     return unique(names), axis.get(frozenset(kinds), "start point")

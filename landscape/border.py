@@ -21,10 +21,12 @@ i/n gives each process whole start points (their children included).
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, field
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -184,7 +186,17 @@ def pair_curves(runs: list[Run], cfg: BorderConfig, data, alphas, device, bf16,
     return {"loss": np.array(loss), "error": np.array(error)}  # (pairs, alphas, splits)
 
 
-def start_values(curves: dict, alphas, start: Start, step) -> dict:
+def start_epoch(record: dict) -> float:
+    """The start checkpoint's step in epochs of the run that saved it (NaN: a file outside
+    a run, or the random init)."""
+    config = Path(record["path"]).parent.parent / "config.json" if record["path"] else None
+    if record["step"] is None or config is None or not config.is_file():
+        return math.nan
+    per_epoch = json.loads(config.read_text()).get("steps_per_epoch", 0)
+    return record["step"] / per_epoch if per_epoch else math.nan
+
+
+def start_values(curves: dict, alphas, start: Start, record: dict) -> dict:
     """Everything a start's cell holds: curves, barriers per pair, their mean and CI."""
     per_pair = barriers(np.moveaxis(curves["loss"], 1, -1),
                         np.moveaxis(curves["error"], 1, -1), alphas)  # (pairs, splits) each
@@ -192,8 +204,11 @@ def start_values(curves: dict, alphas, start: Start, step) -> dict:
     for b, name in enumerate(NAMES):
         ci = mean_ci(per_pair[name], axis=0)
         summary[b] = [ci[stat] for stat in STATS]
+    step = record["step"]
     return {**curves, **per_pair, "barrier_summary": summary,
-            "start_step": math.nan if step is None else step, "start_alpha": start.alpha}
+            "start_step": math.nan if step is None else step,
+            "start_epoch": 0.0 if start.label == RANDOM else start_epoch(record),
+            "start_alpha": start.alpha}
 
 
 # ---------------------------------------------------------------------------- the scan
@@ -216,6 +231,7 @@ def layout(starts: list[Start], count: int, alphas) -> tuple[dict, dict]:
         "barrier_summary": MetricSpec(("start", "barrier", "stat", "split"), "",
                                       "mean and 95 % t-interval over pairs"),
         "start_step": MetricSpec(("start",), "steps", "step of the start checkpoint"),
+        "start_epoch": MetricSpec(("start",), "epochs", "the start step in epochs of its run"),
         "start_alpha": MetricSpec(("start",), "", "distillation alpha of the start"),
     }
     return coords, metrics
@@ -261,7 +277,7 @@ def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store:
             data = measured_data(cfg, splits, device, batch_size)
             curves = pair_curves(runs, cfg, data, alphas, device, bf16, per_pass)
             result.write((index,), **start_values(curves, alphas, starts[index],
-                                                  records[index]["step"]))
+                                                  records[index]))
     return path
 
 

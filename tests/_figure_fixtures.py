@@ -90,7 +90,8 @@ def border(path, children: int = 3) -> Path:
             error = 0.1 + bump + 0.03 * RNG.random((num_pairs, len(alphas), 2))
             curves = {"loss": 0.5 + 2 * error, "error": error}  # (pair, alpha, split)
             step = 0 if index == 0 else int(starts[index].label.split("@")[1].split(":")[0])
-            result.write((index,), **start_values(curves, alphas, starts[index], step))
+            record = {"ref": starts[index].label, "path": "", "step": step, "sha256": ""}
+            result.write((index,), **start_values(curves, alphas, starts[index], record))
     return Path(path)
 
 

@@ -327,3 +327,18 @@ def test_alpha_sweep_needs_a_distillation_template(runs, tmp_path, capsys):
             "--out", str(tmp_path / "x.h5"), *BORDER]
     assert border_module.main(argv) == 2
     assert "must be a distillation" in capsys.readouterr().err
+
+
+def test_start_epoch_counts_in_the_saving_runs_epochs(runs, tmp_path):
+    """A start inside a run reads as step / that run's steps per epoch; a loose file and
+    the random init have none (NaN) and zero."""
+    from runs.refs import ref_record
+    from runs.store import find_run
+    run = find_run(runs["student"])
+    record = ref_record(f"{runs['student']}@last")
+    per_epoch = run.config()["steps_per_epoch"]
+    assert record["step"] == DISTILL.num_steps and per_epoch > 0
+    assert border_module.start_epoch(record) == pytest.approx(DISTILL.num_steps / per_epoch)
+    assert math.isnan(border_module.start_epoch(ref_record(runs["wide"])))
+    random_start = border_module.start_record(border_module.Start("random"))
+    assert border_module.start_epoch(random_start) != border_module.start_epoch(random_start)
