@@ -273,9 +273,11 @@ def test_identical_children_have_zero_barriers(runs):
     curves = border_module.pair_curves([run, run], cfg, data, np.linspace(0, 1, 3), "cpu",
                                        False, per_pass=3)
     values = border_module.start_values(curves, np.linspace(0, 1, 3),
-                                        border_module.Start("x"), 8)
+                                        border_module.Start("x"),
+                                        {"path": "", "step": 8})
     for name in NAMES:
         np.testing.assert_array_equal(values[name], 0.0)
+    assert values["start_step"] == 8 and np.isnan(values["start_epoch"])  # no run to ask
 
 
 def test_start_point_generators(runs):
