@@ -30,18 +30,21 @@ def register(module) -> None:
     FIGURES[module.NAME] = module
 
 
-def draw(name: str, results, out) -> list[Path]:
+def draw(name: str, results, out, **options) -> list[Path]:
+    """Draw figure `name`; `options` (e.g. probes, paper) go to the figures that take them."""
     if name not in FIGURES:
         raise unknown("figure", name, [*FIGURES, "all"])
-    return FIGURES[name].draw(Path(results), Path(out))
+    module = FIGURES[name]
+    taken = {k: v for k, v in options.items() if k in getattr(module, "OPTIONS", ())}
+    return module.draw(Path(results), Path(out), **taken)
 
 
-def draw_all(results, out) -> tuple[list[Path], list[str]]:
+def draw_all(results, out, **options) -> tuple[list[Path], list[str]]:
     """Every figure whose results exist; the others are reported, not fatal."""
     paths, skipped = [], []
     for name in FIGURES:
         try:
-            paths += draw(name, results, out)
+            paths += draw(name, results, out, **options)
         except UserError as err:
             skipped.append(str(err))
     return paths, skipped
@@ -54,15 +57,21 @@ def main(argv=None) -> int:
     p.add_argument("name", help=f"one of: {', '.join(FIGURES)}, or all")
     p.add_argument("--results", default="results", help="folder or file of HDF5 results")
     p.add_argument("--out", default="figures_out", help="folder for the figures")
+    p.add_argument("--probe", action="append", default=[], dest="probes", metavar="LABEL",
+                   help="probe-table: the probe to tabulate, e.g. knn@20 or linear-lbfgs "
+                        "(repeatable; default every probe in the results)")
+    p.add_argument("--paper", action="store_true",
+                   help="probe-table: mark the paper's values beside the reproduction")
     args = p.parse_args(argv)
+    options = {"probes": args.probes, "paper": args.paper}
     if args.name == "all":
-        paths, skipped = draw_all(args.results, args.out)
+        paths, skipped = draw_all(args.results, args.out, **options)
         for reason in skipped:
             print(f"skipped: {reason}", file=sys.stderr)
         if not paths:
             raise UserError(f"no figure could be drawn from {args.results}")
     else:
-        paths = draw(args.name, args.results, args.out)
+        paths = draw(args.name, args.results, args.out, **options)
     for path in paths:
         print(path)
     return 0

@@ -11,6 +11,7 @@ pipeline's `subsets` key makes the runs (equal optimisation steps for every size
 from collections import defaultdict
 
 import numpy as np
+from matplotlib import ticker
 
 from figures import style
 from figures.distill_curves import probed_on
@@ -96,6 +97,9 @@ def draw_panel(ax, series: dict) -> None:
     sizes = [n for by_size in series.values() for n in by_size]
     if max(sizes) >= 4 * min(sizes):
         ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.FixedLocator(sorted(set(sizes))))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.set_xlabel("distillation images (count)")
     ax.set_ylabel("k-NN test accuracy (%)")
     ax.legend(frameon=False, fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.3))

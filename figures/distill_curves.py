@@ -3,6 +3,9 @@
 One line per distinct setting (model, dataset, alpha, ...; seeds pooled): the student as a
 mean with a band of +-1 std over seeds, its teacher dashed in the same colour. Several
 alphas give the paper's locality figure; a noise-input run gives the random-input control.
+Students distilled on a subset of the data (the pipeline's `subsets`, drawn by `data-size`)
+appear only where no full-data student does: with equal steps they span many more epochs.
+A teacher shared by several lines (the same random network) is drawn once.
 """
 
 from collections import defaultdict
@@ -10,6 +13,7 @@ from collections import defaultdict
 import numpy as np
 
 from figures import style
+from figures.labels import dataset_name
 from figures.sources import load
 
 NAME = "distill-curves"
@@ -29,7 +33,7 @@ def probed_on(config: dict) -> str:
     """The dataset whose test split the k-NN probe used (the panel title)."""
     name = config.get("probe_dataset") or config["dataset"]
     root = config.get("probe_root") or config.get("data_root") or ""
-    return "cifar10-subset" if name == "npz" and "cifar10_subset" in root else name
+    return dataset_name(name, root)
 
 
 def label(config: dict, varying: set) -> str:
@@ -38,10 +42,23 @@ def label(config: dict, varying: set) -> str:
     return ", ".join([config["model"], inputs, *extra])
 
 
+def teacher_label(config: dict, varying: set) -> str:
+    """A random teacher is named by its architecture alone (inputs, alpha, ... do not
+    change it)."""
+    extra = [f"{k}={config[k]}" for k in ("width", "out_dim") if k in varying]
+    return ", ".join([config["model"], *extra])
+
+
+def full_data(results) -> list:
+    """The full-data students where there are any, else every run."""
+    full = [r for r in results if not r.config.get("subset")]
+    return full or list(results)
+
+
 def group(results) -> dict:
     """{panel: {setting: [results over seeds]}}."""
     panels = defaultdict(lambda: defaultdict(list))
-    for res in results:
+    for res in full_data(results):
         panels[probed_on(res.config)][setting(res.config)].append(res)
     return panels
 
@@ -78,14 +95,20 @@ def draw(results_dir, out_dir) -> list:
 
 
 def draw_panel(ax, groups) -> None:
-    varying = varying_fields(groups)
-    for color, (_, runs) in zip(style.PALETTE, sorted(groups.items())):
+    varying, teachers = varying_fields(groups), []
+    ordered = sorted(groups.items(), key=lambda kv: (kv[1][0].config["dataset"] == "noise",
+                                                     kv[0]))  # images first
+    for color, (_, runs) in zip(style.PALETTE, ordered):
         models = [str(m) for m in runs[0].coords["model"]]
         x, mean, std = curves(runs, models.index("student"))
         name = label(runs[0].config, varying)
         ax.plot(x, mean, color=color, marker="o", ms=2.5, label=f"student ({name})")
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
         x, mean, _ = curves(runs, models.index("teacher"))
-        ax.plot(x, mean, color=color, ls="--", lw=1, label=f"teacher ({name})")
+        if any(np.allclose(mean, seen) for seen in teachers if len(seen) == len(mean)):
+            continue  # the same random teacher as an earlier line
+        teachers.append(mean)
+        ax.plot(x, mean, color=color, ls="--", lw=1,
+                label=f"random teacher ({teacher_label(runs[0].config, varying)})")
     ax.set_xlabel("distillation epoch")
-    ax.legend(frameon=False, fontsize="x-small")
+    ax.legend(frameon=False, fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.3))

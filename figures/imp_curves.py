@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib import ticker
 
 from figures import style
-from figures.labels import parse, ref_label
+from figures.labels import config_dataset, parse, ref_label
 from figures.sources import has, load
 
 NAME = "imp"
@@ -35,7 +35,7 @@ def rewind_label(result) -> str:
 
 def panel_of(result) -> str:
     train = result.config.get("train", {})
-    return f"{train.get('model', '')} on {train.get('dataset', '')}"
+    return f"{train.get('model', '')} on {config_dataset(train)}"
 
 
 def pooled(results, metric: str, split: str = None) -> dict:

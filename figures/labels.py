@@ -15,6 +15,18 @@ _RUN = re.compile(r"^(?P<kind>[a-z]+)_[0-9a-f]+$")
 KINDS = {"distill": "student", "train": "supervised"}
 
 
+def dataset_name(name: str, root: str = "") -> str:
+    """A dataset as a reader knows it: an `npz` dataset by its file ("cifar10-subset")."""
+    if name == "npz" and root:
+        return PurePath(root).stem.replace("_", "-")
+    return name
+
+
+def config_dataset(config: dict) -> str:
+    """The dataset a command's config names (`dataset`, `data_root`), as `dataset_name`."""
+    return dataset_name(config.get("dataset", ""), config.get("data_root") or "")
+
+
 def parse(ref: str) -> dict:
     """{"source", "step", "parts", "kind", "seed"} of a reference ('' where absent)."""
     match = _REF.match(ref.strip())

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib import colors, patheffects, ticker
 
 from figures import style
-from figures.labels import ref_label, unique
+from figures.labels import config_dataset, ref_label, unique
 from figures.sources import has, load, pick, save_each
 
 NAME = "plane"
@@ -149,7 +149,7 @@ def build(result):
         draw_norm(axes[0][0], result)
         axes[0][0].set_title(f"{chosen[0][2]} (dashed: ‖θ‖)", fontsize="small")
     config = result.config
-    fig.suptitle(f"{config.get('dataset', '')}: {result.attrs.get('parts', '')}, "
+    fig.suptitle(f"{config_dataset(config)}: {result.attrs.get('parts', '')}, "
                  f"BN {result.attrs.get('bn_mode', '')}", fontsize="small")
     return fig
 

@@ -11,11 +11,14 @@ from collections import defaultdict
 import numpy as np
 
 from figures import style
+from figures.labels import config_dataset
 from figures.paper_values import reference
 from figures.sources import load
+from runs.errors import UserError
 
 NAME = "probe-table"
 ANALYSIS = "probe"
+OPTIONS = ("probes", "paper")  # the command-line options this figure takes
 ROLES = ("pixels", "teacher", "student", "noise-student", "supervised", "checkpoint")
 
 
@@ -30,7 +33,7 @@ def collect(results, probe: str, features: str = "raw") -> dict:
         rows = json.loads(res.attrs.get("checkpoints", "[]"))
         for i, row in enumerate(rows):
             values = res.metrics["accuracy"][i, p, f]  # (seed,)
-            key = (res.config["dataset"], row["model"])
+            key = (config_dataset(res.config), row["model"])
             table[key][row["role"]] += [100 * v for v in values if np.isfinite(v)]
     return _share_pixels(table)
 
@@ -57,11 +60,12 @@ def cell(values) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
 
 
-def markdown(table: dict, probe: str) -> str:
+def markdown(table: dict, probe: str, paper: bool = False) -> str:
     roles = roles_of(table)
     lines = [f"| dataset | model | {' | '.join(roles)} |", "|---" * (len(roles) + 2) + "|"]
     for (ds, model), values in sorted(table.items()):
-        row = [cell(values.get(r, [])) + _paper(probe, ds, model, r) for r in roles]
+        row = [cell(values.get(r, [])) + (_paper(probe, ds, model, r) if paper else "")
+               for r in roles]
         lines.append(f"| {ds} | {model} | {' | '.join(row)} |")
     return "\n".join(lines)
 
@@ -108,13 +112,30 @@ def build(results, probe: str = "knn@20", paper: bool = False):
     return bars(collect(results, probe), probe, paper)
 
 
-def draw(results_dir, out_dir, probe: str = "knn@20", paper: bool = False) -> list:
-    table = collect(load(results_dir, ANALYSIS, NAME), probe)
-    paths = style.save(bars(table, probe, paper), out_dir, f"{NAME}_{_slug(probe)}")
-    for suffix, text in ((".md", markdown(table, probe)), (".tex", latex(table))):
-        path = out_dir / f"{NAME}_{_slug(probe)}{suffix}"
-        path.write_text(text + "\n")
-        paths.append(path)
+def probes_in(results) -> list[str]:
+    """Every probe label the results hold, k-NN at k=20 first (the paper's headline)."""
+    labels = {str(v) for res in results for v in res.coords["probe"]}
+    return sorted(labels, key=lambda label: (label != "knn@20", label))
+
+
+def draw(results_dir, out_dir, probes=(), paper: bool = False) -> list:
+    """One bar figure and Markdown/LaTeX table per probe (`probes`: all in the results)."""
+    results = load(results_dir, ANALYSIS, NAME)
+    known = probes_in(results)
+    for probe in probes:
+        if probe not in known:
+            raise UserError(f"--probe: {probe!r} is not in the probe results under "
+                            f"{results_dir}; valid choices: {', '.join(known)}")
+    paths = []
+    for probe in probes or known:
+        table = collect(results, probe)
+        if not table:
+            continue
+        paths += style.save(bars(table, probe, paper), out_dir, f"{NAME}_{_slug(probe)}")
+        for suffix, text in ((".md", markdown(table, probe, paper)), (".tex", latex(table))):
+            path = out_dir / f"{NAME}_{_slug(probe)}{suffix}"
+            path.write_text(text + "\n")
+            paths.append(path)
     return paths
 
 

@@ -167,3 +167,61 @@ def test_data_size_plots_the_best_epoch_per_size_and_the_noise_control(results):
     noise = lines["student (convnet, noise inputs)"]
     assert list(noise.get_xdata()) == [400] and noise.get_ydata()[0] < images.get_ydata()[-1]
     assert lines["teacher (convnet, images)"].get_ydata()[0] == pytest.approx(30)
+
+
+def test_npz_datasets_are_named_by_their_file(results):
+    """Panels, table rows and titles call an `npz` dataset by its file, not "npz"."""
+    from figures import distill_curves, imp_curves
+    from figures.labels import dataset_name
+    root = "../shared/data/cifar10_subset.npz"
+    assert dataset_name("npz", root) == "cifar10-subset"
+    assert dataset_name("cifar10", "/data") == "cifar10" and dataset_name("npz") == "npz"
+    assert distill_curves.probed_on({"dataset": "npz", "data_root": root}) == "cifar10-subset"
+    result = type("R", (), {"config": {"train": {"model": "vgg11", "dataset": "npz",
+                                                 "data_root": root}}})
+    assert imp_curves.panel_of(result) == "vgg11 on cifar10-subset"
+
+
+def test_data_size_ticks_are_the_sizes_themselves(results):
+    from figures import data_size
+    from figures.sources import load
+    (ax,) = data_size.build(load(results["dir"], "distill", "data-size")).axes
+    sizes = {n for r in load(results["dir"], "distill", "data-size")
+             for n in [data_size.train_images(r)]}
+    assert list(ax.get_xticks()) == sorted(sizes)
+    ax.figure.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{n:,}" for n in sorted(sizes)]
+
+
+def test_probe_table_draws_each_probe_and_marks_the_paper_on_request(results, tmp_path):
+    """Default: one table per probe in the results; --probe picks; --paper adds the paper's
+    numbers (CIFAR10 / ResNet18 k-NN: teacher 37.65, student 44.67) to the table."""
+    assert main(["probe-table", "--results", str(results["probe"]), "--out",
+                 str(tmp_path / "all")]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").glob("*.md")) == \
+        ["probe-table_knn20.md", "probe-table_linear.md"]
+    assert "paper" not in (tmp_path / "all" / "probe-table_knn20.md").read_text()
+    assert main(["probe-table", "--results", str(results["probe"]), "--out",
+                 str(tmp_path / "one"), "--probe", "knn@20", "--paper"]) == 0
+    assert [p.name for p in (tmp_path / "one").glob("*.md")] == ["probe-table_knn20.md"]
+    table = (tmp_path / "one" / "probe-table_knn20.md").read_text()
+    assert "(paper 37.65)" in table and "(paper 44.67)" in table
+
+
+def test_unknown_probe_lists_the_probes_there(results, tmp_path, capsys):
+    code = main(["probe-table", "--results", str(results["probe"]), "--out", str(tmp_path),
+                 "--probe", "knn@7"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "--probe" in err and "knn@20, linear" in err and "\n" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_distill_curves_leave_subsets_to_data_size_and_draw_a_shared_teacher_once(results):
+    """Fixtures: full-data students on images and noise plus subset students, one random
+    teacher. The curves show the two full-data students and that teacher once."""
+    from figures import distill_curves
+    from figures.sources import load
+    (ax,) = distill_curves.build(load(results["dir"], "distill", "distill-curves")).axes
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["student (convnet, images)", "random teacher (convnet)",
+                      "student (convnet, noise inputs)"]
