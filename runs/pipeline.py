@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     run_pipeline(preset, layout, args.device, args.stages)
     for table in sorted(layout.figures.glob("*.md")):
         print(f"\n{table.stem}:\n{table.read_text().rstrip()}")
-    print(f"pipeline {args.preset}: results in {layout.results}, figures in {layout.figures}")
+    print(f"\npipeline {args.preset}: results in {layout.results}, figures in {layout.figures}")
     return 0
 
 
