@@ -3,15 +3,17 @@
 One panel per architecture and dataset; one colour per rewind point (init@K as the sweep
 was given, "student" for a distilled checkpoint), one line style per branch (the ticket,
 random masks, random re-initialisation). Sweeps with the same rewind point are pooled (the
-paper aggregates several student checkpoints): the mean over all their seeds with a band of
-+-1 std. The x axis is logarithmic and reversed, so sparsity grows to the right. When the
-sweeps stored instability (--instability), a second row shows the test error barrier.
+paper aggregates several student checkpoints): the mean over all their seeds with its 95 %
+t-interval as a band (none where a level has one seed). The x axis is logarithmic and
+reversed, so sparsity grows to the right. When the sweeps stored instability
+(--instability), a second row shows the test error barrier.
 """
 
 from collections import defaultdict
 
 import numpy as np
 from matplotlib import ticker
+from scipy import stats
 
 from figures import style
 from figures.labels import config_dataset, parse, ref_label
@@ -77,14 +79,28 @@ def colors(panels) -> dict:
             for label in labels}
 
 
+def mean_ci(values, confidence: float = 0.95):
+    """(mean, half-width) over axis 1 ignoring NaN: the two-sided t-interval
+    t_{(1+c)/2, n-1} * std(ddof=1) / sqrt(n); NaN half-width where n < 2."""
+    count = np.isfinite(values).sum(1)
+    mean = np.nanmean(values, 1)
+    several = count >= 2
+    half = np.full(mean.shape, np.nan)
+    sd = np.nanstd(values[several], 1, ddof=1)
+    half[several] = stats.t.ppf((1 + confidence) / 2, count[several] - 1) * sd / np.sqrt(
+        count[several])
+    return mean, half
+
+
 def draw_series(ax, density, values, color, linestyle, marker, label) -> None:
-    """Mean over seeds with a +-1 std band; levels without a finished seed are left out."""
+    """Mean over seeds with a 95 % t-interval band; levels without a finished seed are left
+    out."""
     count = np.isfinite(values).sum(1)
     ok = count > 0
-    density, mean, std = density[ok], np.nanmean(values[ok], 1), np.nanstd(values[ok], 1)
-    ax.plot(density, mean, ls=linestyle, marker=marker, ms=2.5, color=color,
+    mean, half = mean_ci(values[ok])
+    ax.plot(density[ok], mean, ls=linestyle, marker=marker, ms=2.5, color=color,
             label=f"{label} (n={int(count.max())})")
-    ax.fill_between(density, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+    ax.fill_between(density[ok], mean - half, mean + half, color=color, alpha=0.2, lw=0)
 
 
 def density_axis(ax, density) -> None:
@@ -139,7 +155,7 @@ def build(results):
     fig.legend(seen.values(), seen.keys(), loc="outside lower center",
                ncol=3 if len(panels) > 1 else 2,
                frameon=False, fontsize="x-small",
-               title="mean ± 1 std over seeds (n seeds)", title_fontsize="x-small")
+               title="mean and 95 % t-interval over seeds (n seeds)", title_fontsize="x-small")
     return fig
 
 

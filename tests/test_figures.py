@@ -225,3 +225,19 @@ def test_distill_curves_leave_subsets_to_data_size_and_draw_a_shared_teacher_onc
     labels = ax.get_legend_handles_labels()[1]
     assert labels == ["student (convnet, images)", "random teacher (convnet)",
                       "student (convnet, noise inputs)"]
+
+
+def test_imp_band_is_the_t_interval_of_scipy():
+    """The IMP band: mean +- the 95 % t-interval over finished seeds, as scipy computes it;
+    a level with one finished seed has no band."""
+    from scipy import stats
+
+    from figures.imp_curves import mean_ci
+    values = np.array([[50.0, 52.0, 54.0], [40.0, np.nan, 44.0], [30.0, np.nan, np.nan]])
+    mean, half = mean_ci(values)
+    np.testing.assert_allclose(mean, [52.0, 42.0, 30.0])
+    for row, h in zip(values[:2], half[:2]):
+        row = row[np.isfinite(row)]
+        low, high = stats.t.interval(0.95, len(row) - 1, loc=row.mean(), scale=stats.sem(row))
+        np.testing.assert_allclose([row.mean() - h, row.mean() + h], [low, high])
+    assert np.isnan(half[2])
