@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from figures import (
+    alpha_locality,
     border_barriers,
     data_size,
     distill_curves,
@@ -21,8 +22,8 @@ from figures import (
 )
 from runs.errors import UserError, cli, unknown
 
-FIGURES = {m.NAME: m for m in (probe_table, distill_curves, data_size, plane, path_curves, lmc,
-                                border_barriers, imp_curves)}
+FIGURES = {m.NAME: m for m in (probe_table, distill_curves, alpha_locality, data_size, plane,
+                                path_curves, lmc, border_barriers, imp_curves)}
 
 
 def register(module) -> None:

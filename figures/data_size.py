@@ -14,13 +14,13 @@ import numpy as np
 from matplotlib import ticker
 
 from figures import style
-from figures.distill_curves import probed_on
+from figures.distill_curves import lowest_alpha, probed_on
 from figures.sources import load
 
 NAME = "data-size"
 ANALYSIS = "distill"
 # Fields that tell series apart within a panel (data size and seeds are pooled or on x).
-SERIES_FIELDS = ("model", "width", "alpha", "out_dim")
+SERIES_FIELDS = ("model", "width", "out_dim")
 
 
 def train_images(result) -> int:
@@ -52,7 +52,7 @@ def series_key(config: dict) -> tuple:
 def group(results) -> dict:
     """{panel: {series: {train_images: [results over seeds]}}}."""
     panels = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for res in results:
+    for res in lowest_alpha(results):  # other alphas: the alpha-locality figure
         panels[probed_on(res.config)][series_key(res.config)][train_images(res)].append(res)
     return panels
 

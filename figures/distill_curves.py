@@ -2,9 +2,11 @@
 
 One line per distinct setting (model, dataset, alpha, ...; seeds pooled): the student as a
 mean with a band of +-1 std over seeds, its teacher dashed in the same colour. Several
-alphas give the paper's locality figure; a noise-input run gives the random-input control.
+alphas are drawn by `alpha-locality`; a noise-input run gives the random-input control.
 Students distilled on a subset of the data (the pipeline's `subsets`, drawn by `data-size`)
 appear only where no full-data student does: with equal steps they span many more epochs.
+Students at other alphas than the lowest present (the paper's 1e-10) are left to
+`alpha-locality`.
 A teacher shared by several lines (the same random network) is drawn once.
 """
 
@@ -55,10 +57,16 @@ def full_data(results) -> list:
     return full or list(results)
 
 
+def lowest_alpha(results) -> list:
+    """The runs at the lowest student-init alpha present (the paper's default, 1e-10)."""
+    alpha = min(float(r.config.get("alpha", 0)) for r in results)
+    return [r for r in results if float(r.config.get("alpha", 0)) == alpha]
+
+
 def group(results) -> dict:
     """{panel: {setting: [results over seeds]}}."""
     panels = defaultdict(lambda: defaultdict(list))
-    for res in full_data(results):
+    for res in full_data(lowest_alpha(results)):
         panels[probed_on(res.config)][setting(res.config)].append(res)
     return panels
 

@@ -40,8 +40,13 @@ def parse(ref: str) -> dict:
             "kind": run["kind"] if run else "", "seed": seed}
 
 
-def ref_label(ref: str) -> str:
-    """'teacher', 'student init', 'student', 'student @8', 'supervised s1', 'x.pt'."""
+RECIPE_ALPHA = 1e-10  # the paper's student init (runs.distill's default)
+
+
+def ref_label(ref: str, record: dict = None) -> str:
+    """'teacher', 'student init', 'student', 'student @8', 'noise student', 'student α=1',
+    'supervised s1', 'x.pt'. `record`: the reference's entry in the result's `inputs`,
+    whose `run` summary (dataset, alpha) names a noise-input or an off-recipe student."""
     if ref == "random":
         return "random init"
     info = parse(ref)
@@ -49,12 +54,35 @@ def ref_label(ref: str) -> str:
         return "teacher"
     when = info["step"] or "last"
     if info["kind"] == "distill":
-        return {"init": "student init", "0": "student init", "last": "student"}.get(
-            when, f"student @{when}")
+        name = student_name((record or {}).get("run", {}))
+        return {"init": f"{name} init", "0": f"{name} init", "last": name}.get(
+            when, f"{name} @{when}")
     if info["kind"]:
         name = f"{KINDS.get(info['kind'], info['kind'])} s{info['seed']}"
         return name if when == "last" else f"{name} @{when}"
     return PurePath(info["source"]).name
+
+
+def student_name(run: dict) -> str:
+    if run.get("dataset") == "noise":
+        return "noise student"
+    alpha = run.get("alpha", RECIPE_ALPHA)
+    return "student" if alpha == RECIPE_ALPHA else f"student α={alpha:g}"
+
+
+def input_records(result) -> dict:
+    """{ref: its `inputs` record} of a result (the provenance of every checkpoint used)."""
+    return {r.get("ref", ""): r for r in result.attrs.get("inputs", []) or []}
+
+
+def anchor_labels(result, count: int) -> list[str]:
+    """Distinct labels of the result's `refs` (the anchors), or [] when they do not match
+    the `count` anchors recorded."""
+    refs = list(result.config.get("refs", []))
+    if len(refs) != count:
+        return []
+    records = input_records(result)
+    return unique([ref_label(ref, records.get(ref)) for ref in refs])
 
 
 def unique(labels: list[str]) -> list[str]:

@@ -10,7 +10,7 @@ import json
 import numpy as np
 
 from figures import style
-from figures.labels import config_dataset, ref_label, unique
+from figures.labels import anchor_labels, config_dataset
 from figures.sources import has, load, pick, save_each
 
 NAME = "interpolate-1d"
@@ -36,8 +36,7 @@ def anchors(result) -> list[tuple[str, float]]:
     """(label, alpha) of each anchor checkpoint on the path."""
     coords = result.attrs.get("anchor_coords", "{}")
     coords = json.loads(coords) if isinstance(coords, str) else coords
-    refs = list(result.config.get("refs", []))
-    names = unique([ref_label(r) for r in refs]) if len(refs) == len(coords) else list(coords)
+    names = anchor_labels(result, len(coords)) or list(coords)
     return [(name, float(xy[0])) for name, xy in zip(names, coords.values())]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib import colors, patheffects, ticker
 
 from figures import style
-from figures.labels import config_dataset, ref_label, unique
+from figures.labels import anchor_labels, config_dataset
 from figures.sources import has, load, pick, save_each
 
 NAME = "plane"
@@ -56,9 +56,7 @@ def anchors(result) -> list[tuple[str, float, float]]:
     """(label, alpha, beta) of each anchor checkpoint, named from the config's references."""
     coords = result.attrs.get("anchor_coords", "{}")
     coords = json.loads(coords) if isinstance(coords, str) else coords
-    refs = list(result.config.get("refs", []))
-    names = unique([ref_label(ref) for ref in refs]) if len(refs) == len(coords) else \
-        [""] * len(coords)
+    names = anchor_labels(result, len(coords)) or [""] * len(coords)
     out = []
     for (key, xy), name in zip(coords.items(), names):
         tag = "" if key == "center" else f"{key}: "

@@ -9,6 +9,7 @@
     dinopl=dino.ckpt:student      a dinopl Lightning checkpoint (student or teacher)
 """
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +52,25 @@ class Loaded:
 
 def file_record(ref: str, path: Path | None, step: int | None) -> dict:
     from runs.results import file_sha256
-    return {"ref": ref, "path": str(path) if path else "", "step": step,
-            "sha256": file_sha256(path) if path else ""}
+    record = {"ref": ref, "path": str(path) if path else "", "step": step,
+              "sha256": file_sha256(path) if path else ""}
+    run = run_summary(path)
+    return {**record, "run": run} if run else record
+
+
+def run_summary(path: Path | None) -> dict:
+    """{"kind", "dataset", "alpha"} of the run a checkpoint file belongs to (its
+    `<run>/ckpt/step_N.pt` layout), so figures can tell a noise-input student from an
+    image one without the store; {} for files outside a run."""
+    if path is None or Path(path).parent.name != "ckpt":
+        return {}
+    try:
+        saved = json.loads((Path(path).parent.parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    config = saved.get("config") or {}
+    return {"kind": saved.get("kind", ""),
+            **{k: config[k] for k in ("dataset", "alpha") if k in config}}
 
 
 def ref_record(ref: str) -> dict:

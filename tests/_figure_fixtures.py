@@ -22,7 +22,7 @@ SUPERVISED = "store/train_89abcdef/seed_{}"
 
 
 def interpolate(path, refs: list[str], grids: dict, metrics: tuple[str, ...],
-                kind: str, anchor_coords: dict, basis: str = "lstsq") -> Path:
+                kind: str, anchor_coords: dict, basis: str = "lstsq", inputs=()) -> Path:
     """A 1-D path or 2-D plane, laid out by landscape.interpolate.layout."""
     from landscape.interpolate import InterpolateConfig, layout
     from landscape.points import Measures
@@ -35,8 +35,8 @@ def interpolate(path, refs: list[str], grids: dict, metrics: tuple[str, ...],
                                                     unit=3.5),
                            anchors=[SimpleNamespace(subject=parts)])
     coords, specs, point_dims, attrs = layout(plan)
-    with create_result(path, "interpolate", coords, specs, point_dims, cfg, [], "cpu",
-                       attrs) as result:
+    with create_result(path, "interpolate", coords, specs, point_dims, cfg, list(inputs),
+                       "cpu", attrs) as result:
         for cell in result.missing():
             where = np.array([grids[d][i] for d, i in zip(point_dims, cell)])
             result.write(cell, **_landscape(where, specs))
@@ -54,12 +54,13 @@ def _landscape(where: np.ndarray, specs: dict) -> dict:
     return {name: np.asarray(values[name], dtype=float) for name in specs}
 
 
-def plane(path) -> Path:
+def plane(path, refs=None, inputs=()) -> Path:
     """The paper's Fig. 5 plane: teacher, student at init, trained student."""
-    refs = [f"{STUDENT}@init:teacher", f"{STUDENT}@init", f"{STUDENT}@last"]
+    refs = refs or [f"{STUDENT}@init:teacher", f"{STUDENT}@init", f"{STUDENT}@last"]
     grid = np.linspace(-0.5, 1.5, 9)
     return interpolate(path, refs, {"alpha": grid, "beta": grid}, ("distill", "knn", "norm"),
-                       "plane", {"A": [0.0, 0.0], "B": [1.0, 0.0], "C": [0.0, 1.0]})
+                       "plane", {"A": [0.0, 0.0], "B": [1.0, 0.0], "C": [0.0, 1.0]},
+                       inputs=inputs)
 
 
 def path_1d(path) -> Path:
@@ -123,19 +124,22 @@ def imp(path, rewind: str = "init@1ep", reference: str = "", levels: int = 4,
     return Path(path)
 
 
-# Distillation fixtures: (subset per class, dataset, train images, seeds); accuracy grows
-# with the data, noise inputs stay low.
-DISTILL_RUNS = ((0, "toy", 400, (0, 1)), (5, "toy", 10, (0, 1)), (50, "toy", 100, (0, 1)),
-                (0, "noise", 400, (0,)))
+# Distillation fixtures: (subset per class, dataset, train images, seeds, alpha); accuracy
+# grows with the data and falls with alpha (a fresh init learns less), noise stays low.
+DISTILL_RUNS = ((0, "toy", 400, (0, 1), 1e-10), (5, "toy", 10, (0, 1), 1e-10),
+                (50, "toy", 100, (0, 1), 1e-10), (0, "noise", 400, (0,), 1e-10),
+                (0, "toy", 400, (0, 1), 0.5), (0, "toy", 400, (0, 1), 1.0))
 
 
-def distill_run(folder, subset: int, dataset: str, images: int, seed: int) -> Path:
+def distill_run(folder, subset: int, dataset: str, images: int, seed: int,
+                alpha: float = 1e-10) -> Path:
     """One run's distill.h5, made by runs.distill.open_result."""
     from runs.distill import DistillConfig, open_result
     cfg = DistillConfig(model="convnet", dataset=dataset, num_steps=40, subset=subset, seed=seed,
-                        probe_dataset="toy" if dataset == "noise" else "")
-    run = SimpleNamespace(path=Path(folder) / f"distill_{subset}{dataset}" / f"seed_{seed}")
-    gain = 0.0 if dataset == "noise" else 0.02 * np.log10(images)
+                        alpha=alpha, probe_dataset="toy" if dataset == "noise" else "")
+    name = f"distill_{subset}{dataset}" + (f"_alpha{alpha:g}" if alpha != 1e-10 else "")
+    run = SimpleNamespace(path=Path(folder) / name / f"seed_{seed}")
+    gain = 0.0 if dataset == "noise" else 0.02 * np.log10(images) * (1 - 0.5 * alpha)
     with open_result(cfg, run, steps_per_epoch=8, device="cpu", train_images=images) as result:
         for (epoch,) in result.missing():
             student = 0.3 + gain * epoch + 0.01 * seed + (0.05 if epoch == 2 else 0)
@@ -145,8 +149,9 @@ def distill_run(folder, subset: int, dataset: str, images: int, seed: int) -> Pa
 
 
 def distill(folder) -> Path:
-    """Distillation runs over data sizes and seeds, and a noise-input control."""
-    paths = [distill_run(folder, *spec[:3], seed) for spec in DISTILL_RUNS for seed in spec[3]]
+    """Distillation runs over data sizes, alphas and seeds, and a noise-input control."""
+    paths = [distill_run(folder, *spec[:3], seed, spec[4]) for spec in DISTILL_RUNS
+             for seed in spec[3]]
     return paths[0]
 
 

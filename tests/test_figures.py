@@ -157,7 +157,7 @@ def test_data_size_plots_the_best_epoch_per_size_and_the_noise_control(results):
     runs = {}
     for path in sorted(Path(results["dir"]).rglob("distill.h5")):
         res = open_result(path)
-        if res.config["dataset"] != "noise":
+        if res.config["dataset"] != "noise" and res.config["alpha"] == 1e-10:
             acc = 100 * res.metrics["knn_accuracy"][1:, 1]
             runs.setdefault(int(res.attrs["train_images"]), []).append(acc.max())
     sizes = sorted(runs)
@@ -241,3 +241,70 @@ def test_imp_band_is_the_t_interval_of_scipy():
         low, high = stats.t.interval(0.95, len(row) - 1, loc=row.mean(), scale=stats.sem(row))
         np.testing.assert_allclose([row.mean() - h, row.mean() + h], [low, high])
     assert np.isnan(half[2])
+
+
+def test_alpha_locality_draws_one_line_per_alpha_and_their_best_epochs(results):
+    """Fixtures: full-data image students at alpha 1e-10, 0.5 and 1 (two seeds each): one
+    curve per alpha plus the teacher; the right panel is each alpha's mean over seeds of the
+    best probed epoch >= 1, read back from the files."""
+    from figures import alpha_locality
+    from figures.sources import load
+    from runs.results import open_result
+    left, right = alpha_locality.build(load(results["dir"], "distill", "alpha-locality")).axes
+    assert left.get_legend_handles_labels()[1] == ["α = 1e-10", "α = 0.5", "α = 1",
+                                                   "random teacher"]
+    best = {}
+    for path in sorted(Path(results["dir"]).rglob("distill.h5")):
+        res = open_result(path)
+        if res.config["dataset"] == "toy" and not res.config["subset"]:
+            acc = 100 * res.metrics["knn_accuracy"][1:, 1]
+            best.setdefault(res.config["alpha"], []).append(acc.max())
+    points = [bar.lines[0].get_ydata()[0] for bar in right.containers]  # errorbar markers
+    np.testing.assert_allclose(points, [np.mean(best[a]) for a in sorted(best)])
+    assert points[0] > points[-1]  # closer to the teacher learns more (the fixture's law)
+    assert [t.get_text() for t in right.get_xticklabels()] == ["1e-10", "0.5", "1"]
+
+
+def test_alpha_locality_needs_two_alphas_and_says_which_stage(results, tmp_path):
+    """Runs at one alpha only: the error names the alpha found and the `alphas` key."""
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "distill.h5").write_bytes(Path(results["distill"]).read_bytes())
+    with pytest.raises(UserError, match=r"hold alpha 1e-10; it needs students at two or more"
+                                        r" alphas \(the pipeline's `alphas` key"):
+        draw("alpha-locality", one, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_alphas_stay_out_of_curves_and_data_size(results):
+    """distill-curves and data-size draw the lowest alpha only; alpha-locality the rest."""
+    from figures import data_size, distill_curves
+    from figures.sources import load
+    runs = load(results["dir"], "distill", "distill-curves")
+    assert {r.config["alpha"] for r in runs} == {1e-10, 0.5, 1.0}
+    assert {r.config["alpha"] for r in distill_curves.lowest_alpha(runs)} == {1e-10}
+    (ax,) = data_size.build(runs).axes
+    assert not any("alpha" in label for label in ax.get_legend_handles_labels()[1])
+
+
+def test_anchors_name_noise_and_alpha_students_from_the_inputs(tmp_path):
+    """The plane through teacher, student and noise student (the demo's): the `run` summary
+    in each input record tells the two distillation runs apart."""
+    from _figure_fixtures import plane as make_plane
+
+    from figures import plane
+    from figures.labels import ref_label
+    from runs.results import open_result
+    images, noise = "store/distill_0123abcd/seed_0", "store/distill_4567cdef/seed_0"
+    refs = [f"{images}@last:teacher", f"{images}@last", f"{noise}@last"]
+    runs = [{"kind": "distill", "dataset": "toy"}] * 2 + [{"kind": "distill",
+                                                          "dataset": "noise"}]
+    inputs = [{"ref": r, "path": f"{r}.pt", "sha256": "0" * 64, "run": run}
+              for r, run in zip(refs, runs)]
+    data = open_result(make_plane(tmp_path / "plane.h5", refs, inputs))
+    assert [a[0] for a in plane.anchors(data)] == ["A: teacher", "B: student",
+                                                  "C: noise student"]
+    off_recipe = {"run": {"kind": "distill", "dataset": "toy", "alpha": 1.0}}
+    assert ref_label(f"{images}@init", off_recipe) == "student α=1 init"
+    assert ref_label(f"{images}@8", off_recipe) == "student α=1 @8"
+    assert ref_label(f"{images}@last") == "student"  # no record: the recipe's student

@@ -13,6 +13,7 @@ REDUCED = {
     "seeds": [0],
     "noise": True,
     "subsets": [10],
+    "alphas": [1.0],
     "distill": {"model": "convnet", "width": 0.25, "dataset": "digits", "subset": 40,
                 "batch_size": 50, "out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 16,
                 "steps": "2ep", "save_at": ["1ep"]},
@@ -60,9 +61,10 @@ def test_data_size_students_take_the_full_datas_steps(demo):
     found = {}
     for path in (root / "out" / "store").rglob("distill.h5"):
         res = open_result(path)
-        found[(res.config["dataset"], res.config["subset"])] = res
-    assert set(found) == {("digits", 40), ("digits", 10), ("noise", 0)}
-    full, small = found[("digits", 40)], found[("digits", 10)]
+        found[(res.config["dataset"], res.config["subset"], res.config["alpha"])] = res
+    assert set(found) == {("digits", 40, 1e-10), ("digits", 10, 1e-10), ("noise", 0, 1e-10),
+                          ("digits", 40, 1.0)}
+    full, small = found[("digits", 40, 1e-10)], found[("digits", 10, 1e-10)]
     assert (small.attrs["train_images"], full.attrs["train_images"]) == (100, 400)
     assert small.config["num_steps"] == full.config["num_steps"] == 16
 
@@ -79,6 +81,13 @@ def test_rerun_trains_nothing(demo, monkeypatch):
     monkeypatch.setattr("runs.distill.fit", refuse)
     assert main(["--preset", str(preset), "--out", str(root / "out")]) == 0
     assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
+
+
+def test_stages_report_their_wall_time(capsys):
+    from runs.pipeline import timed
+    with timed("probe"):
+        pass
+    assert capsys.readouterr().err == "stage probe: 0 min 0 s\n"
 
 
 def test_flags_and_templates():
@@ -146,7 +155,7 @@ def test_paper_preset_runs_every_stage_on_cifar10_files(tmp_path, monkeypatch):
     names = {job["name"] for stage in ("interpolate", "border", "imp") for job in preset[stage]}
     assert {p.stem for p in (out / "results").glob("*.h5")} == names | {"probe_cifar10"}
     figures = {p.stem for p in (out / "figures").glob("*.png")}
-    for name in ("probe-table_knn20", "distill-curves", "data-size", "imp",
+    for name in ("probe-table_knn20", "distill-curves", "alpha-locality", "data-size", "imp",
                  "plane_teacher_alpha1", "border_along_distillation"):
         assert name in figures, sorted(figures)
     table = (out / "figures" / "probe-table_knn20.md").read_text()

@@ -225,12 +225,33 @@ def test_input_record(run_dir):
     path = run.ckpt_path(10)
     record = load_model(f"{run.path}@10").input_record()
     assert record == {"ref": f"{run.path}@10", "path": str(path), "step": 10,
-                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                      "run": {"kind": "train"}}  # the run's kind, from its config.json
     assert ref_record(f"{run.path}@10") == record  # the same, without loading weights
     run.ckpt_path(0).unlink()
     rebuilt = {"ref": f"{run.path}@init", "path": "", "sha256": "", "step": 0}
     assert load_model(f"{run.path}@init").input_record() == rebuilt  # from the seed alone
     assert ref_record(f"{run.path}@init") == rebuilt
+
+
+def test_input_record_names_the_runs_data_and_alpha(tmp_path):
+    """A distillation checkpoint's record says what the student saw and where it started,
+    so figures can name a noise-input student; files outside a run carry no summary."""
+    from runs.refs import ref_record
+
+    @dataclass(frozen=True)
+    class Distilled:
+        dataset: str = "noise"
+        alpha: float = 0.5
+
+    run = open_run(tmp_path / "store", "distill", Distilled(), seed=0,
+                   extra={"model_spec": tiny().spec})
+    save_checkpoint(run.ckpt_path(4), tiny(seed=1), 4, config={"seed": 0})
+    assert ref_record(f"{run.path}@4")["run"] == {"kind": "distill", "dataset": "noise",
+                                                  "alpha": 0.5}
+    loose = tmp_path / "weights.pt"
+    loose.write_bytes(run.ckpt_path(4).read_bytes())
+    assert "run" not in ref_record(str(loose))
 
 
 # --- plain state dicts -----------------------------------------------------------------------

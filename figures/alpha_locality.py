@@ -1,0 +1,106 @@
+"""Locality: how the student's start distance to its teacher shapes what it learns.
+
+Students start at theta_S(alpha) = ((1 - alpha) theta_T + alpha theta_fresh) / delta: alpha
+near 0 starts on the teacher, alpha = 1 at a fresh init. Left: the student's k-NN test
+accuracy over distillation epochs, one line per alpha (mean +- 1 std over seeds), the random
+teacher dashed. Right: the best probed epoch (>= 1) per alpha against the teacher's level.
+One row per probed dataset and architecture; full-data students on images only (the
+pipeline's `alphas` key makes them: one group of students per alpha, every seed).
+"""
+
+from collections import defaultdict
+
+import numpy as np
+
+from figures import style
+from figures.data_size import best_student, model_accuracy
+from figures.distill_curves import curves, full_data, probed_on
+from figures.sources import load
+from runs.errors import UserError
+
+NAME = "alpha-locality"
+ANALYSIS = "distill"
+
+
+def on_images(result) -> bool:
+    return result.config["dataset"] != "noise"
+
+
+def group(results) -> dict:
+    """{(dataset, model): {alpha: [results over seeds]}} for full-data image students."""
+    rows = defaultdict(lambda: defaultdict(list))
+    for res in full_data([r for r in results if on_images(r)]):
+        panel = (probed_on(res.config), res.config["model"])
+        rows[panel][float(res.config["alpha"])].append(res)
+    return rows
+
+
+def checked(rows: dict, results_dir) -> dict:
+    """The rows with two or more alphas; none -> an error naming what makes them."""
+    kept = {panel: by_alpha for panel, by_alpha in rows.items() if len(by_alpha) > 1}
+    if not kept:
+        found = sorted({a for by_alpha in rows.values() for a in by_alpha})
+        raise UserError(f"figure {NAME}: the distill results under {results_dir} hold alpha "
+                        f"{', '.join(f'{a:g}' for a in found) or 'none'}; it needs students "
+                        f"at two or more alphas (the pipeline's `alphas` key, or the distill "
+                        f"(python -m runs.distill) stage with --alpha A)")
+    return kept
+
+
+def alpha_label(alpha: float) -> str:
+    return f"α = {alpha:g}"
+
+
+def draw_curves(ax, by_alpha: dict) -> None:
+    """Accuracy over epochs, one line per alpha; the shared random teacher once."""
+    for color, alpha in zip(style.PALETTE, sorted(by_alpha)):
+        runs = by_alpha[alpha]
+        models = [str(m) for m in runs[0].coords["model"]]
+        x, mean, std = curves(runs, models.index("student"))
+        ax.plot(x, mean, color=color, marker="o", ms=2.5, label=alpha_label(alpha))
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+    runs = by_alpha[min(by_alpha)]
+    x, mean, _ = curves(runs, [str(m) for m in runs[0].coords["model"]].index("teacher"))
+    ax.plot(x, mean, color="0.4", ls="--", lw=1, label="random teacher")
+    ax.set_xlabel("distillation epoch")
+    ax.set_ylabel("k-NN test accuracy (%)")
+
+
+def best_by_alpha(by_alpha: dict):
+    """(alphas, mean, std) over seeds of each student's best probed epoch, in %."""
+    alphas = sorted(by_alpha)
+    best = [[best_student(r) for r in by_alpha[a]] for a in alphas]
+    return alphas, np.array([np.mean(b) for b in best]), np.array([np.std(b) for b in best])
+
+
+def draw_best(ax, by_alpha: dict) -> None:
+    """Best accuracy per alpha at evenly spaced positions (alpha spans 1e-10 to 1)."""
+    alphas, mean, std = best_by_alpha(by_alpha)
+    where = np.arange(len(alphas))
+    ax.plot(where, mean, color="0.7", lw=1, zorder=1)
+    for x, m, s, color in zip(where, mean, std, style.PALETTE):
+        ax.errorbar(x, m, yerr=s, color=color, marker="o", ms=4, capsize=2)
+    teacher = np.concatenate([model_accuracy(r, "teacher") for runs in by_alpha.values()
+                              for r in runs])
+    ax.axhline(teacher.mean(), color="0.4", ls="--", lw=1)
+    ax.set_xticks(where, [f"{a:g}" for a in alphas])
+    ax.set_xlim(-0.5, len(alphas) - 0.5)
+    ax.set_xlabel("student init α (0 = teacher, 1 = fresh)")
+    ax.set_ylabel("best k-NN test accuracy (%)")
+
+
+def build(results, results_dir=""):
+    rows = checked(group(results), results_dir)
+    fig, axes = style.figure(width=style.FULL, height=2.4 * len(rows), nrows=len(rows),
+                             ncols=2, squeeze=False, gridspec_kw={"width_ratios": [3, 2]})
+    for (left, right), ((dataset, model), by_alpha) in zip(axes, sorted(rows.items())):
+        draw_curves(left, by_alpha)
+        draw_best(right, by_alpha)
+        left.set_title(f"{model} on {dataset}: accuracy over distillation", fontsize="small")
+        right.set_title("best epoch per α", fontsize="small")
+        left.legend(frameon=False, fontsize="x-small", ncols=2)
+    return fig
+
+
+def draw(results_dir, out_dir) -> list:
+    return style.save(build(load(results_dir, ANALYSIS, NAME), results_dir), out_dir, NAME)
