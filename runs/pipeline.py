@@ -57,7 +57,8 @@ def load_preset(name: str) -> dict:
         preset = json.loads(path.read_text())
     except ValueError as err:
         raise UserError(f"--preset {path}: not valid JSON ({err})") from None
-    valid = {*STAGES, "description", "seeds", "noise", "alphas", "subsets", "train"}
+    valid = {*STAGES, "description", "seeds", "noise", "alphas", "alpha_seeds", "subsets",
+             "train"}
     unknown = sorted(set(preset) - valid)
     if unknown:
         raise UserError(f"--preset {path}: unknown key(s) {', '.join(unknown)}; valid: "
@@ -104,16 +105,17 @@ def flags(options: dict) -> list[str]:
 
 def distill_configs(preset: dict) -> dict[str, list]:
     """{group: [DistillConfig per seed]}: images, the noise control, one group per alpha
-    and one per data size (`subsets`: train images per class)."""
+    (at `alpha_seeds`, default the preset's seeds) and one per data size (`subsets`: train
+    images per class)."""
     from runs.config import from_dict
     from runs.distill import DistillConfig, load_data
     fields = {k: v for k, v in preset["distill"].items() if k not in ("steps", "save_at")}
     groups = {"images": [from_dict(DistillConfig, dict(fields, seed=s))
                          for s in preset.get("seeds", [0])]}
+    alpha_seeds = preset.get("alpha_seeds", preset.get("seeds", [0]))
     for alpha in preset.get("alphas", []):
-        groups[f"alpha={alpha}"] = [from_dict(DistillConfig, dict(fields, seed=c.seed,
-                                                                  alpha=alpha))
-                                    for c in groups["images"]]
+        groups[f"alpha={alpha}"] = [from_dict(DistillConfig, dict(fields, seed=s, alpha=alpha))
+                                    for s in alpha_seeds]
     for per_class in preset.get("subsets", []):
         groups[f"subset={per_class}"] = [dataclasses.replace(c, subset=per_class)
                                          for c in groups["images"]]

@@ -83,6 +83,19 @@ def test_rerun_trains_nothing(demo, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
 
 
+def test_alpha_groups_take_their_own_seeds():
+    """`alphas` adds a group per alpha at every seed, or at `alpha_seeds` where given."""
+    from runs.pipeline import distill_configs
+    preset = {"seeds": [0, 1], "alphas": [0.5, 1.0], "distill": {"model": "convnet",
+                                                                "dataset": "toy"}}
+    groups = distill_configs(preset)
+    assert list(groups) == ["images", "alpha=0.5", "alpha=1.0"]
+    assert [(c.seed, c.alpha) for c in groups["alpha=0.5"]] == [(0, 0.5), (1, 0.5)]
+    groups = distill_configs({**preset, "alpha_seeds": [1]})
+    assert [(c.seed, c.alpha) for c in groups["alpha=1.0"]] == [(1, 1.0)]
+    assert [c.seed for c in groups["images"]] == [0, 1]
+
+
 def test_stages_report_their_wall_time(capsys):
     from runs.pipeline import timed
     with timed("probe"):
