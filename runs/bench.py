@@ -100,7 +100,10 @@ class BenchConfig:
     path_points: int = arg(25, "points on the linear path of the landscape section")
     points_per_pass: int = arg(8, "points evaluated together by the batched path")
     bn_images: int = arg(2048, "BN recalibration images per point")
-    path_images: int = arg(5000, "train and test images measured per point (each)")
+    path_images: int = arg(50_000, "train images measured per point (CIFAR10's train split)")
+    path_test_images: int = arg(10_000, "test images measured per point (CIFAR10's test)")
+    reference_points: int = arg(3, "points of the path the one-at-a-time reference measures "
+                                   "(points/s compare: every point costs the same)")
     prune_repeats: int = arg(5, "timed pruning calls per path")
     mask_rounds: int = arg(5, "alternating rounds of masked / unmasked timed steps")
     mask_density: float = arg(0.21, "density of the mask in the masked-step timing "
@@ -112,7 +115,8 @@ QUICK = BenchConfig(width=0.25, num_images=1024, eval_images=256, train_batch=64
                     distill_batch=32, eval_batch=128, out_dim=4096, hidden_dim=256, warmup=1,
                     steps=3, eval_passes=1, workers=2, feature_train=5000, feature_test=1000,
                     feature_dim=128, probe_epochs=3, path_points=3, points_per_pass=3,
-                    bn_images=64, path_images=64, prune_repeats=3, mask_rounds=3)
+                    bn_images=64, path_images=64, path_test_images=64, reference_points=3,
+                    prune_repeats=3, mask_rounds=3)
 
 
 @dataclass(frozen=True)
@@ -712,10 +716,10 @@ def path_setup(bench: Bench):
     """(model A, model B, EvalData, alphas): two random inits of the model and the images."""
     from landscape.points import eval_data
     cfg = bench.cfg
-    train = synthetic_images(max(cfg.num_images, cfg.path_images, cfg.bn_images), seed=0)
-    test = synthetic_images(max(cfg.eval_images, cfg.path_images), seed=1)
+    train = synthetic_images(max(cfg.path_images, cfg.bn_images), seed=0)
+    test = synthetic_images(cfg.path_test_images, seed=1)
     data = eval_data(train, test, bench.device, batch_size=cfg.eval_batch,
-                     train_samples=cfg.path_images, test_samples=cfg.path_images,
+                     train_samples=cfg.path_images, test_samples=cfg.path_test_images,
                      bn_samples=cfg.bn_images, bn_batch_size=BN_BATCH)
     models = [new_model(bench, train.info, seed=s) for s in (0, 1)]
     return models[0], models[1], data, np.linspace(0.0, 1.0, cfg.path_points)
@@ -793,18 +797,24 @@ def split_loss(model, loader: DataLoader, device) -> float:
 
 
 def section_landscape(bench: Bench) -> dict:
+    """The whole path by the batched and the serial fast paths; its first
+    `reference_points` points by the reference (at full size it takes minutes a point)."""
     cfg = bench.cfg
     model_a, model_b, data, alphas = path_setup(bench)
     evaluator = path_evaluator(bench, model_a, model_b, data)
+    shared = min(cfg.reference_points, len(alphas))
     runners = {"fast": fast_path(bench, evaluator, alphas, cfg.points_per_pass),
                "serial": fast_path(bench, evaluator, alphas, 1),
-               "reference": reference_path(bench, model_a, model_b, data, alphas)}
+               "reference": reference_path(bench, model_a, model_b, data, alphas[:shared])}
     paths, out = {}, {}
     for name, runner in runners.items():  # warm-up: one pass (first-call costs, autotune)
         paths[name], out[name] = measure(runner, 1, 1, bench.device)
-    checks = {f"max_abs_loss_diff_{name}": float(np.abs(out[name] - out["reference"]).max())
+    checks = {f"max_abs_loss_diff_{name}":
+              float(np.abs(out[name][:shared] - out["reference"]).max())
               for name in ("fast", "serial")}
-    images = cfg.bn_images + 2 * cfg.path_images  # forward passes per point
+    checks.update({f"path_seconds_{name}": len(alphas) * paths[name]["seconds"] /
+                   paths[name]["items"] for name in runners})  # the whole path, each way
+    images = cfg.bn_images + cfg.path_images + cfg.path_test_images  # forwards per point
     flops = eval_flops(bench, synthetic_info()) * images
     path = comparison("points/s", paths, bench, flops, checks)
     return {"comparisons": {f"path{len(alphas)}_bn_recalibrate": path}}
@@ -981,15 +991,93 @@ def provenance(bench: Bench, quick: bool, argv: list) -> dict:
 
 
 def write(doc: dict, path: Path) -> Path:
-    """Merge with the sections a previous run left in `path`; atomic write."""
+    """Merge with the sections a previous run left in `path`, judge the goals over the
+    merged sections; atomic write."""
     if path.exists():
         try:
             old = json.loads(path.read_text())
             doc["sections"] = {**old.get("sections", {}), **doc["sections"]}
         except (OSError, ValueError):
             pass  # an unreadable old file is replaced
+    doc["goals"] = goal_rows(doc["sections"])
     atomic_write_text(path, json.dumps(doc, indent=2, default=float) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# Goals: what the toolkit promises on one H100 (full sizes), checked against a document
+
+
+@dataclass(frozen=True)
+class Goal:
+    text: str  # as a reader states it
+    section: str
+    comparison: str  # a comparison name, or "*" for every speed-up comparison
+    value: Callable[[dict], float | None]  # the measured number from a comparison
+    met: Callable[[float], bool]
+    unit: str = ""  # how to print the number
+
+
+def ratio_of(comp: dict) -> float | None:
+    return comp.get("ratio")
+
+
+def fast_mfu(comp: dict) -> float | None:
+    return comp["paths"]["fast"].get("mfu")
+
+
+GOALS = (
+    Goal("supervised training step: MFU >= 30 %", "train", "train_step", fast_mfu,
+         lambda v: v >= 0.30, "%"),
+    Goal("distillation step: MFU >= 25 %", "distill", "distill_step", fast_mfu,
+         lambda v: v >= 0.25, "%"),
+    Goal("25-point path with BN recalibration over CIFAR10 train + test: < 30 s",
+         "landscape", "path25_bn_recalibrate",
+         lambda comp: comp["checks"].get("path_seconds_fast"), lambda v: v < 30, "s"),
+    Goal("masked training step: < 2 % slower than unmasked", "tickets", "masked_step",
+         lambda comp: comp["checks"].get("overhead_pct"), lambda v: v < 2, "% overhead"),
+    Goal("every fast path: >= 5x its plain reference", "*", "*", ratio_of,
+         lambda v: v >= 5, "x"),
+)
+NOT_SPEEDUPS = ("masked_step",)  # comparisons of an overhead, not fast vs reference
+
+
+def goal_rows(sections: dict) -> list[dict]:
+    """{"goal", "measured", "value", "met"} per goal and comparison it covers; `met` None
+    where the document lacks the number (a section not run, MFU n/a on a CPU)."""
+    rows = []
+    for goal in GOALS:
+        for section, name, comp in covered(goal, sections):
+            value = goal.value(comp)
+            rows.append({"goal": goal.text, "measured": f"{section}/{name}",
+                         "value": value, "unit": goal.unit,
+                         "met": None if value is None else bool(goal.met(value))})
+    return rows
+
+
+def covered(goal: Goal, sections: dict):
+    """(section, comparison, record) that a goal speaks of, where measured."""
+    for section, body in sections.items():
+        if goal.section not in ("*", section):
+            continue
+        for name, comp in body.get("comparisons", {}).items():
+            if goal.comparison == name or (goal.comparison == "*" and
+                                           name not in NOT_SPEEDUPS):
+                yield section, name, comp
+
+
+def goals_text(rows: list[dict], device_name: str, quick: bool) -> str:
+    """One line per goal row; a header saying where the goals were stated for."""
+    head = (f"goals (stated for one H100 at full sizes; this run: {device_name}"
+            f"{', quick sizes' if quick else ''}):")
+    lines = [head]
+    for row in rows:
+        value, unit = row["value"], row["unit"]
+        shown = "n/a" if value is None else (pct(value) if unit == "%" else
+                                             f"{value:.3g} {unit}")
+        verdict = {None: "not measured", True: "met", False: "NOT met"}[row["met"]]
+        lines.append(f"  {row['goal']} [{row['measured']}]: {shown}, {verdict}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1131,6 +1219,7 @@ def main(argv=None) -> int:
     extra = notes(sections)
     if extra:
         print(extra)
+    print(goals_text(doc["goals"], doc["device_name"], args.quick))
     print(f"wrote {path}")
     return 1 if any("error" in body for body in sections.values()) else 0
 
