@@ -89,13 +89,13 @@ def bars(table: dict, probe: str, paper: bool):
     groups = sorted(table)
     roles = roles_of(table)
     fig, ax = style.figure(width=max(style.COLUMN, 1.1 * len(groups) + 1.2), height=2.4)
-    width = 0.8 / len(roles)
+    width, colors = 0.8 / len(roles), style.role_colors(roles)
     for j, role in enumerate(roles):
         xs = np.arange(len(groups)) + (j - (len(roles) - 1) / 2) * width
         vals = [table[g].get(role, []) for g in groups]
         ax.bar(xs, [np.mean(v) if v else np.nan for v in vals], width,
                yerr=[np.std(v) if v else 0 for v in vals], capsize=2, label=role,
-               color=style.ROLE_COLORS.get(role))
+               color=colors[role])
         if paper:
             refs = [reference(probe, g[0], g[1], role) for g in groups]
             ax.scatter(xs, [np.nan if r is None else r for r in refs], marker="_", s=120,
@@ -103,7 +103,8 @@ def bars(table: dict, probe: str, paper: bool):
     ax.set_xticks(np.arange(len(groups)), [f"{ds}\n{model}" for ds, model in groups])
     ax.set_xlabel("dataset and architecture")
     ax.set_ylabel(f"{probe} test accuracy (%)")
-    ax.legend(frameon=False, fontsize="small", ncol=2)
+    ax.legend(frameon=False, fontsize="x-small", ncol=3, loc="upper center",
+              bbox_to_anchor=(0.5, -0.3))  # below the axes: never over a bar
     return fig
 
 

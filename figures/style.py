@@ -18,6 +18,15 @@ FULL = 6.75  # inches
 PALETTE = sns.color_palette("colorblind")
 ROLE_COLORS = {"pixels": PALETTE[7], "teacher": PALETTE[0], "student": PALETTE[1],
                "noise-student": PALETTE[2], "supervised": PALETTE[3], "checkpoint": PALETTE[4]}
+SPARE_COLORS = [c for c in PALETTE if c not in ROLE_COLORS.values()]
+
+
+def role_colors(roles) -> dict:
+    """A colour per role: the fixed ones above, then the spare palette colours in order
+    for the others (e.g. `student (alpha=1.0)`), so no two roles of a figure share one."""
+    others = [r for r in roles if r not in ROLE_COLORS]
+    spare = {r: SPARE_COLORS[i % len(SPARE_COLORS)] for i, r in enumerate(others)}
+    return {r: ROLE_COLORS.get(r) or spare[r] for r in roles}
 
 
 def apply() -> None:

@@ -308,3 +308,13 @@ def test_anchors_name_noise_and_alpha_students_from_the_inputs(tmp_path):
     assert ref_label(f"{images}@init", off_recipe) == "student α=1 init"
     assert ref_label(f"{images}@8", off_recipe) == "student α=1 @8"
     assert ref_label(f"{images}@last") == "student"  # no record: the recipe's student
+
+
+def test_every_role_of_a_probe_table_has_its_own_colour():
+    """The fixed roles keep their colours across figures; students at other alphas (or any
+    other role) take spare palette colours, never one already in use."""
+    from figures.probe_table import ROLES
+    roles = [*ROLES, "student (alpha=0.5)", "student (alpha=1.0)"]
+    colors = style.role_colors(roles)
+    assert len({tuple(c) for c in colors.values()}) == len(roles)
+    assert all(colors[r] == style.ROLE_COLORS[r] for r in ROLES)
