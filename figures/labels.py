@@ -113,12 +113,13 @@ def start_names(result) -> tuple[list[str], str]:
         return str(int(steps[i])) if np.isfinite(steps[i]) else infos[i]["step"] or "last"
 
     names = []
+    role = "student " if "random" in labels else ""  # beside the random init: say whose
     for i, label in enumerate(labels):
         if label == "random":
             names.append("random init")
         elif kinds == {"distill"}:
-            names.append(f"α={alphas[i]:g}" if len(alpha_set) > 1 else
-                         f"ep {epochs[i]:g}" if in_epochs else f"step {step(i)}")
+            names.append(role + (f"α={alphas[i]:g}" if len(alpha_set) > 1 else
+                                 f"ep {epochs[i]:g}" if in_epochs else f"step {step(i)}"))
         elif kinds == {"train"}:
             names.append(f"k={step(i)}")
         else:

@@ -318,3 +318,18 @@ def test_every_role_of_a_probe_table_has_its_own_colour():
     colors = style.role_colors(roles)
     assert len({tuple(c) for c in colors.values()}) == len(roles)
     assert all(colors[r] == style.ROLE_COLORS[r] for r in ROLES)
+
+
+def test_start_points_beside_the_random_init_say_they_are_students(results):
+    """A border scan over the random init and students (the LMC figure's) names each
+    student start 'student step N'; with no random init, 'step N' is enough."""
+    from figures import labels
+    from runs.results import open_result
+    result = open_result(results["border"])
+    assert labels.start_names(result)[0] == ["random init", "student step 0",
+                                             "student step 196", "student step 392"]
+    result.coords["start"] = result.coords["start"][1:]  # the distillation run alone
+    result.metrics.update({k: result.metrics[k][1:] for k in ("start_step", "start_alpha",
+                                                               "start_epoch")
+                           if k in result.metrics})
+    assert labels.start_names(result)[0] == ["step 0", "step 196", "step 392"]
