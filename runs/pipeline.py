@@ -137,11 +137,27 @@ def distill_stage(preset: dict, layout: Layout, device: str) -> dict[str, list]:
     save_at = preset["distill"].get("save_at", [])
     runs = {}
     for group, configs in distill_configs(preset).items():
-        sized = group.startswith("subset=")
-        runs[group] = [distill_with_steps(
-            cfg, str(runs["images"][0].latest_step()) if sized else steps,
-            () if sized else save_at, str(layout.store), device) for cfg in configs]
+        if group.startswith("subset="):
+            full = runs["images"][0]
+            runs[group] = [distill_with_steps(sized_config(cfg, full), str(full.latest_step()),
+                                              (), str(layout.store), device)
+                           for cfg in configs]
+        else:
+            runs[group] = [distill_with_steps(cfg, steps, save_at, str(layout.store), device)
+                           for cfg in configs]
     return runs
+
+
+def sized_config(cfg, full):
+    """A data-size student probed as often as the full-data run `full` (per step, not per
+    epoch): 300 images make an epoch of one step, and a probe each 3 of those would embed
+    the probe sets 95 times where the full-data student does 5."""
+    from runs.distill import load_data
+    if cfg.probe_every <= 0:
+        return cfg
+    steps_per_epoch = max(1, len(load_data(cfg)[0].y) // cfg.batch_size)
+    every = cfg.probe_every * full.config()["steps_per_epoch"] // steps_per_epoch
+    return dataclasses.replace(cfg, probe_every=max(1, every))
 
 
 def probe_refs(students: dict) -> list[str]:

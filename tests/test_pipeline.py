@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from figures.__main__ import FIGURES
@@ -16,7 +17,7 @@ REDUCED = {
     "alphas": [1.0],
     "distill": {"model": "convnet", "width": 0.25, "dataset": "digits", "subset": 40,
                 "batch_size": 50, "out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 16,
-                "steps": "2ep", "save_at": ["1ep"]},
+                "steps": "2ep", "save_at": ["1ep"], "probe_every": 1},
     "train": {"batch_size": 50, "crop_padding": 1, "flip": False},
     "probe": {"probes": ["knn"], "seeds": [0]},
     "interpolate": [{"name": "path", "refs": ["@images[0]:teacher", "@images[0]:last"],
@@ -55,7 +56,7 @@ def test_every_stage_and_figure(demo):
 @pytest.mark.slow
 def test_data_size_students_take_the_full_datas_steps(demo):
     """`subsets` adds students on fewer images with as many steps (not epochs) as the
-    full-data student."""
+    full-data student, and probes them as often per step."""
     from runs.results import open_result
     root, _ = demo
     found = {}
@@ -67,6 +68,11 @@ def test_data_size_students_take_the_full_datas_steps(demo):
     full, small = found[("digits", 40, 1e-10)], found[("digits", 10, 1e-10)]
     assert (small.attrs["train_images"], full.attrs["train_images"]) == (100, 400)
     assert small.config["num_steps"] == full.config["num_steps"] == 16
+    # As many probes: every epoch of 8 steps, every 4 epochs of 2 steps (init, 8, 16).
+    assert (full.config["probe_every"], small.config["probe_every"]) == (1, 4)
+    for res in (full, small):
+        probed = np.isfinite(res.metrics["knn_accuracy"][:, 1])
+        assert probed.sum() == 3, res.path
 
 
 @pytest.mark.slow
