@@ -226,9 +226,12 @@ def layout(plan: Plan) -> tuple[dict, dict, tuple, dict]:
 
 
 def auto_points_per_pass(device: torch.device) -> int:
-    """Points per pass when --points-per-pass is 0. Batching pays on both: on 2 CPU cores a
-    resnet20 path ran 2x faster at 4 points per pass than one at a time."""
-    return 8 if device.type == "cuda" else 4
+    """Points per pass when --points-per-pass is 0: 8 on CUDA (one vmapped pass fills the
+    GPU where one small model cannot); 1 on CPUs, where vmap does not pay: on 2 cores a
+    4-point path (BN recalibration + train and test loss) ran 2.1x (convnet) and 2.6x
+    (resnet20) faster one point at a time than in one pass of 4 (runs.bench's landscape
+    section, 2026-12-01)."""
+    return 8 if device.type == "cuda" else 1
 
 
 def scan(cfg: InterpolateConfig, out: str, device="auto", precision="auto",
