@@ -999,7 +999,8 @@ def write(doc: dict, path: Path) -> Path:
             doc["sections"] = {**old.get("sections", {}), **doc["sections"]}
         except (OSError, ValueError):
             pass  # an unreadable old file is replaced
-    doc["goals"] = goal_rows(doc["sections"])
+    doc["goals"] = goal_rows(doc["sections"], doc.get("device_type") == "cuda"
+                             and not doc.get("quick"))
     atomic_write_text(path, json.dumps(doc, indent=2, default=float) + "\n")
     return path
 
@@ -1042,16 +1043,17 @@ GOALS = (
 NOT_SPEEDUPS = ("masked_step",)  # comparisons of an overhead, not fast vs reference
 
 
-def goal_rows(sections: dict) -> list[dict]:
+def goal_rows(sections: dict, judged: bool = True) -> list[dict]:
     """{"goal", "measured", "value", "met"} per goal and comparison it covers; `met` None
-    where the document lacks the number (a section not run, MFU n/a on a CPU)."""
+    where the document lacks the number (a section not run, MFU n/a on a CPU) or where the
+    run is not one the goals speak of (`judged` False: a CPU, or quick sizes)."""
     rows = []
     for goal in GOALS:
         for section, name, comp in covered(goal, sections):
             value = goal.value(comp)
+            met = None if value is None or not judged else bool(goal.met(value))
             rows.append({"goal": goal.text, "measured": f"{section}/{name}",
-                         "value": value, "unit": goal.unit,
-                         "met": None if value is None else bool(goal.met(value))})
+                         "value": value, "unit": goal.unit, "met": met})
     return rows
 
 
@@ -1075,7 +1077,8 @@ def goals_text(rows: list[dict], device_name: str, quick: bool) -> str:
         value, unit = row["value"], row["unit"]
         shown = "n/a" if value is None else (pct(value) if unit == "%" else
                                              f"{value:.3g} {unit}")
-        verdict = {None: "not measured", True: "met", False: "NOT met"}[row["met"]]
+        verdict = {True: "met", False: "NOT met"}.get(row["met"], "not measured" if
+                                                        value is None else "not judged here")
         lines.append(f"  {row['goal']} [{row['measured']}]: {shown}, {verdict}")
     return "\n".join(lines)
 

@@ -161,8 +161,11 @@ def test_goals_judge_the_measured_numbers():
         ("every fast path", "train/train_step"): True,
         ("every fast path", "distill/distill_step"): False,
         ("every fast path", "landscape/path25_bn_recalibrate"): True}
-    text = B.goals_text(B.goal_rows(sections), "cpu", quick=True)
+    text = B.goals_text(B.goal_rows(sections), "NVIDIA H100", quick=False)
     assert "31 s, NOT met" in text and "n/a, not measured" in text and "31.0 %, met" in text
+    on_cpu = B.goal_rows(sections, judged=False)  # a CPU or quick run: numbers, no verdicts
+    assert {r["met"] for r in on_cpu} == {None} and on_cpu[0]["value"] == 0.31
+    assert "31 s, not judged here" in B.goals_text(on_cpu, "cpu", quick=True)
 
 
 def test_a_failed_compile_falls_back_to_eager():
