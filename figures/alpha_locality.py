@@ -14,7 +14,7 @@ import numpy as np
 
 from figures import style
 from figures.data_size import best_student, model_accuracy
-from figures.distill_curves import curves, full_data, probed_on
+from figures.distill_curves import curves, full_data, probed_on, role_index
 from figures.sources import load
 from runs.errors import UserError
 
@@ -55,12 +55,11 @@ def draw_curves(ax, by_alpha: dict) -> None:
     """Accuracy over epochs, one line per alpha; the shared random teacher once."""
     for color, alpha in zip(style.PALETTE, sorted(by_alpha)):
         runs = by_alpha[alpha]
-        models = [str(m) for m in runs[0].coords["model"]]
-        x, mean, std = curves(runs, models.index("student"))
+        x, mean, std = curves(runs, role_index(runs[0], "student"))
         ax.plot(x, mean, color=color, marker="o", ms=2.5, label=alpha_label(alpha))
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
     runs = by_alpha[min(by_alpha)]
-    x, mean, _ = curves(runs, [str(m) for m in runs[0].coords["model"]].index("teacher"))
+    x, mean, _ = curves(runs, role_index(runs[0], "teacher"))
     ax.plot(x, mean, color="0.4", ls="--", lw=1, label="random teacher")
     ax.set_xlabel("distillation epoch")
     ax.set_ylabel("k-NN test accuracy (%)")

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib import ticker
 
 from figures import style
-from figures.distill_curves import lowest_alpha, probed_on
+from figures.distill_curves import lowest_alpha, probed_on, role_index
 from figures.sources import load
 
 NAME = "data-size"
@@ -32,8 +32,7 @@ def train_images(result) -> int:
 
 def model_accuracy(result, role: str) -> np.ndarray:
     """k-NN accuracy (%) of `role` at the probed epochs >= 1 (epoch 0 where none is)."""
-    models = [str(m) for m in result.coords["model"]]
-    values = 100 * result.metrics["knn_accuracy"][:, models.index(role)]
+    values = 100 * result.metrics["knn_accuracy"][:, role_index(result, role)]
     epochs = np.asarray(result.coords["epoch"])
     later = values[(epochs >= 1) & np.isfinite(values)]
     return later if later.size else values[np.isfinite(values)]

@@ -2,11 +2,10 @@
 
 One line per distinct setting (model, dataset, alpha, ...; seeds pooled): the student as a
 mean with a band of +-1 std over seeds, its teacher dashed in the same colour. Several
-alphas are drawn by `alpha-locality`; a noise-input run gives the random-input control.
+alphas are drawn by `alpha-locality` (only the lowest alpha present, the paper's 1e-10,
+appears here); a noise-input run gives the random-input control.
 Students distilled on a subset of the data (the pipeline's `subsets`, drawn by `data-size`)
 appear only where no full-data student does: with equal steps they span many more epochs.
-Students at other alphas than the lowest present (the paper's 1e-10) are left to
-`alpha-locality`.
 A teacher shared by several lines (the same random network) is drawn once.
 """
 
@@ -77,6 +76,11 @@ def varying_fields(groups) -> set:
             and len({str(c.get(k)) for c in configs}) > 1}
 
 
+def role_index(result, role: str) -> int:
+    """Position of `role` ("teacher" or "student") on a distill result's model axis."""
+    return [str(m) for m in result.coords["model"]].index(role)
+
+
 def curves(runs, model_index: int):
     """(epochs, mean, std) over seeds of knn_accuracy at the probed epochs, in %."""
     epochs = np.asarray(runs[0].coords["epoch"], dtype=float)
@@ -107,12 +111,11 @@ def draw_panel(ax, groups) -> None:
     ordered = sorted(groups.items(), key=lambda kv: (kv[1][0].config["dataset"] == "noise",
                                                      kv[0]))  # images first
     for color, (_, runs) in zip(style.PALETTE, ordered):
-        models = [str(m) for m in runs[0].coords["model"]]
-        x, mean, std = curves(runs, models.index("student"))
+        x, mean, std = curves(runs, role_index(runs[0], "student"))
         name = label(runs[0].config, varying)
         ax.plot(x, mean, color=color, marker="o", ms=2.5, label=f"student ({name})")
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
-        x, mean, _ = curves(runs, models.index("teacher"))
+        x, mean, _ = curves(runs, role_index(runs[0], "teacher"))
         if any(np.allclose(mean, seen) for seen in teachers if len(seen) == len(mean)):
             continue  # the same random teacher as an earlier line
         teachers.append(mean)

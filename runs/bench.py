@@ -115,7 +115,7 @@ QUICK = BenchConfig(width=0.25, num_images=1024, eval_images=256, train_batch=64
                     distill_batch=32, eval_batch=128, out_dim=4096, hidden_dim=256, warmup=1,
                     steps=3, eval_passes=1, workers=2, feature_train=5000, feature_test=1000,
                     feature_dim=128, probe_epochs=3, path_points=3, points_per_pass=3,
-                    bn_images=64, path_images=64, path_test_images=64, reference_points=3,
+                    bn_images=64, path_images=64, path_test_images=64,
                     prune_repeats=3, mask_rounds=3)
 
 

@@ -9,7 +9,6 @@
     dinopl=dino.ckpt:student      a dinopl Lightning checkpoint (student or teacher)
 """
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +64,7 @@ def run_summary(path: Path | None) -> dict:
     if path is None or Path(path).parent.name != "ckpt":
         return {}
     try:
-        saved = json.loads((Path(path).parent.parent / "config.json").read_text())
+        saved = Run(Path(path).parent.parent).config()
     except (OSError, ValueError):
         return {}
     config = saved.get("config") or {}
