@@ -16,6 +16,7 @@ import operator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +26,8 @@ from runs.datasets.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
 from runs.errors import UserError, unknown
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR100_CLASSES", "CIFAR10_SUBSET", "DATASETS", "DatasetInfo",
-           "ImageData", "cifar10_subset_path", "convert_channels", "dataset_info",
-           "load_dataset", "pixel_stats", "resize", "take_subset"]
+           "ImageData", "as_image_data", "as_splits", "cifar10_subset_path", "convert_channels",
+           "dataset_info", "load_dataset", "pixel_stats", "resize", "take_subset"]
 
 # Real CIFAR-10 images for tests and CPU-sized checks (5085 train / 1017 test), kept in the
 # shared folder beside the repository, never inside it. Load with `cifar10_subset_path()`.
@@ -189,3 +190,89 @@ def take_subset(data: ImageData, per_class: int | None, seed: int, split: str) -
         picks.append(index[torch.randperm(len(index), generator=generator)[:per_class]])
     keep = torch.cat(picks).sort().values
     return ImageData(x=data.x[keep].contiguous(), y=data.y[keep], info=data.info)
+
+
+# ---------------------------------------------------------------------------- a caller's data
+
+
+def as_splits(data, test=None, root=None, **options) -> tuple[ImageData, ImageData]:
+    """(train, test) ImageData from what a notebook holds (see `as_image_data`).
+
+    data: a registered dataset name (its train and test splits, loaded with `root` and
+    `options`), or the training data; test: the test data, default the same images as data
+    (a name's own test split).
+    """
+    if isinstance(data, str):
+        train = load_dataset(data, root=root, split="train", **options)
+        return train, (load_dataset(data, root=root, split="test", **options)
+                       if test is None else as_image_data(test, "test", train.info))
+    train = as_image_data(data, "data")
+    return train, train if test is None else as_image_data(test, "test", train.info)
+
+
+def as_image_data(data, what: str = "data", like: DatasetInfo = None) -> ImageData:
+    """One split as ImageData from an ImageData, a pair (images, labels) or a Dataset.
+
+    Images (N, C, H, W): uint8 pixels are normalised per channel with statistics of these
+    images (or of `like`, the train split's); float images are used as they are (already
+    normalised, as a torchvision transform leaves them). A `torch.utils.data.Dataset` is read
+    item by item: (image, label) with images as tensors, PIL images or (H, W[, C]) arrays.
+    what: the argument's name, for errors.
+    """
+    if isinstance(data, ImageData):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        images, labels = data
+    elif isinstance(data, torch.utils.data.Dataset):
+        images, labels = _read_items(data, what)
+    else:
+        raise UserError(f"{what}: expected a dataset name, a pair (images, labels) of tensors "
+                        f"or a torch.utils.data.Dataset; got {type(data).__name__}")
+    return _wrap(images, torch.as_tensor(labels), what, like)
+
+
+def _read_items(dataset, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(dataset) == 0:
+        raise UserError(f"{what}: the Dataset is empty")
+    images, labels = [], []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise UserError(f"{what}: item {index} is not an (image, label) pair")
+        images.append(_image_tensor(item[0]))
+        labels.append(int(item[1]))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def _image_tensor(image) -> torch.Tensor:
+    """A tensor as it is; PIL images and numpy arrays (H, W[, C]) as uint8 (C, H, W)."""
+    if torch.is_tensor(image):
+        return image
+    array = torch.as_tensor(np.asarray(image))
+    return array[None] if array.dim() == 2 else array.permute(2, 0, 1).contiguous()
+
+
+def _wrap(images, labels, what: str, like: DatasetInfo | None) -> ImageData:
+    if images.dim() != 4:
+        raise UserError(f"{what}: images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise UserError(f"{what}: images must be uint8 pixels or floats, got {images.dtype}")
+    if labels.dim() != 1 or len(labels) != len(images) or labels.is_floating_point():
+        raise UserError(f"{what}: labels must be {len(images)} integers (one per image), got "
+                        f"{labels.dtype} {tuple(labels.shape)}")
+    channels, size = images.shape[1], tuple(images.shape[2:])
+    if like is not None and (like.channels, tuple(like.image_size)) != (channels, size):
+        raise UserError(f"{what}: images of shape {(channels, *size)} do not match the "
+                        f"training data's {(like.channels, *like.image_size)}")
+    if like is not None and images.dtype == torch.uint8:
+        mean, std = like.mean, like.std
+    elif images.dtype == torch.uint8:
+        mean, std = pixel_stats(images)
+    else:  # float images arrive normalised: leave them as they are
+        mean, std = (0.0,) * channels, (1.0,) * channels
+    num_classes = max(int(labels.max()) + 1 if len(labels) else 1,
+                      like.num_classes if like is not None else 1)
+    info = DatasetInfo(name=what, num_classes=num_classes, mean=tuple(mean), std=tuple(std),
+                       image_size=size, channels=channels,
+                       class_names=tuple(str(c) for c in range(num_classes)))
+    return ImageData(x=images.contiguous(), y=labels.long(), info=info)

@@ -53,9 +53,15 @@ def random_crop(x: torch.Tensor, offsets: torch.Tensor, padding: int) -> torch.T
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def unit_scale(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 on [0, 1]; float images (a caller's own tensors) as float32."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 standardised per channel; channels_last on CUDA."""
-    out = (x.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    """uint8 (or float) (B, C, H, W) -> float32 standardised per channel; channels_last on
+    CUDA. Float images are taken as already on their scale (mean 0, std 1 leave them)."""
+    out = (unit_scale(x) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     if out.is_cuda:
         out = out.contiguous(memory_format=torch.channels_last)
     return out
@@ -67,8 +73,9 @@ class GPULoader:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, mean, std, batch_size: int,
                  device="cpu", shuffle: bool = True, drop_last: bool = False,
                  augment: Augment = Augment(), data_seed: int = 0, part: slice = slice(None)):
-        if x.dtype != torch.uint8 or x.ndim != 4:
-            raise ValueError(f"expected uint8 (N, C, H, W) images, got {x.dtype} {tuple(x.shape)}")
+        if not (x.dtype == torch.uint8 or x.is_floating_point()) or x.ndim != 4:
+            raise ValueError(f"expected uint8 or float (N, C, H, W) images, got {x.dtype} "
+                             f"{tuple(x.shape)}")
         self.x = x.to(device)  # (N, C, H, W) uint8
         self.y = y.to(device)  # (N,) int64
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)

@@ -280,6 +280,23 @@ def create_result(path, analysis: str, coords: Mapping, metrics: Mapping,
     return _open_writer(path, root, coords, specs, point_dims, overwrite, resume=True)
 
 
+def new_result(path, analysis: str, coords: Mapping, metrics: Mapping,
+               point_dims: Sequence[str], config, inputs, device, attrs: Mapping = None,
+               overwrite: bool = False, shard=None) -> "Grid":
+    """`create_result` for a file; a `MemoryResult` with the same layout when path is None.
+
+    One way to lay out a result for both doors: the CLIs write files, the Python API fills
+    the same grid in memory and returns it as an xarray.Dataset.
+    """
+    if path is not None:
+        return create_result(path, analysis, coords, metrics, point_dims, config, inputs,
+                             device, attrs, overwrite, shard)
+    coords, specs = _normalize_coords(coords), _normalize_specs(metrics)
+    _check_layout(coords, specs, tuple(point_dims))
+    root = _root_attrs(analysis, config, inputs, device, attrs or {}, None)
+    return MemoryResult(root, coords, specs, point_dims)
+
+
 def _normalize_coords(coords: Mapping) -> dict[str, np.ndarray]:
     out = {}
     for name, labels in coords.items():
@@ -418,41 +435,32 @@ def _attach(dataset, dims, file) -> None:
         dataset.dims[axis].attach_scale(file[dim])
 
 
-class Result:
-    """A result file open for writing; made by `create_result`. Use it as a context manager."""
+class Grid:
+    """The cells of a result being written: what `Result` (a file) and `MemoryResult` share.
 
-    def __init__(self, path, lock: WriteLock):
-        self.path = str(path)
-        layout = _load(path, with_data=False)
-        self.analysis, self.attrs, self.coords = layout.analysis, layout.attrs, layout.coords
-        self.point_dims, self.specs, self.shard = layout.point_dims, layout.specs, layout.shard
-        self.shape = layout.shape
-        self._lock = lock
-        self._file = h5py.File(path, "r+", locking=False)
-        self._done = self._file[DONE][()]  # in-memory copy; the file's is updated per cell
+    A subclass sets coords, specs, point_dims, shape, shard and `_done`, and stores values in
+    `_store(index, arrays)`.
+    """
+
+    coords: dict
+    specs: dict
+    point_dims: tuple
+    shape: tuple
+    shard: tuple | None = None
+    _done: np.ndarray
 
     def write(self, cell, /, **values) -> None:
-        """Store every metric's values for one point cell, mark it done and flush.
+        """Store every metric's values for one point cell and mark it done.
 
         cell: {dim: index} or a tuple of indices in point_dims order.
         values: one array per metric, shaped like the metric's non-point dims (scalar if none).
-        Values are written before `done`, so a crash in between only recomputes the cell.
         """
         index = self._index(cell)
-        arrays = self._check_values(values)
-        try:
-            for name, array in arrays.items():
-                self._file[name][self._selection(name, index)] = array
-            self._file[DONE][index] = True
-            self._file.flush()
-        except Exception as err:  # a full disk: the cell stays not done, the file opens
-            if disk_full(err) is None:
-                raise
-            raise with_filename(err, self.path) from None
+        self._store(index, self._check_values(values))
         self._done[index] = True
 
     def _check_values(self, values) -> dict[str, np.ndarray]:
-        """Validate all values before writing any, so a bad call leaves the file unchanged."""
+        """Validate all values before writing any, so a bad call leaves the result unchanged."""
         for name in values:
             if name not in self.specs:
                 raise unknown("metric", name, self.specs)
@@ -490,7 +498,7 @@ class Result:
     def missing(self, shard=None) -> list[tuple[int, ...]]:
         """Point cells not yet done, in C order, among those owned by `shard`.
 
-        shard defaults to this file's own shard (all cells for an unsharded file).
+        shard defaults to this result's own shard (all cells for an unsharded one).
         """
         shard = self.shard if shard is None else shard
         owned = _owned_flat(self._done.size, shard)
@@ -504,8 +512,46 @@ class Result:
         return {dim: self.coords[dim][i].item() for dim, i in zip(self.point_dims,
                                                                    self._index(cell))}
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class Result(Grid):
+    """A result file open for writing; made by `create_result`. Use it as a context manager.
+
+    Each cell is flushed as it is written: values before `done`, so a crash in between only
+    recomputes the cell.
+    """
+
+    def __init__(self, path, lock: WriteLock):
+        self.path = str(path)
+        layout = _load(path, with_data=False)
+        self.analysis, self.attrs, self.coords = layout.analysis, layout.attrs, layout.coords
+        self.point_dims, self.specs, self.shard = layout.point_dims, layout.specs, layout.shard
+        self.shape = layout.shape
+        self._lock = lock
+        self._file = h5py.File(path, "r+", locking=False)
+        self._done = self._file[DONE][()]  # in-memory copy; the file's is updated per cell
+
+    def _store(self, index, arrays) -> None:
+        try:
+            for name, array in arrays.items():
+                self._file[name][self._selection(name, index)] = array
+            self._file[DONE][index] = True
+            self._file.flush()
+        except Exception as err:  # a full disk: the cell stays not done, the file opens
+            if disk_full(err) is None:
+                raise
+            raise with_filename(err, self.path) from None
+
     def _write_all(self, metrics: Mapping, done: np.ndarray) -> None:
-        """Write whole arrays at once (merge)."""
+        """Write whole arrays at once (merge, save)."""
         for name, array in metrics.items():
             self._file[name][...] = array
         self._file[DONE][...] = done
@@ -520,9 +566,6 @@ class Result:
         finally:
             self._lock.release()
 
-    def __enter__(self) -> "Result":
-        return self
-
     def __exit__(self, exc_type, exc, traceback) -> None:
         if exc_type is None:
             self.close()
@@ -531,6 +574,36 @@ class Result:
             self.close()  # disk) HDF5's close can fail too, and would replace it
         except Exception:
             pass
+
+
+class MemoryResult(Grid):
+    """A result held in memory with the layout a file would have: what the Python API fills.
+
+    `dataset()` returns it as the `xarray.Dataset` that `xarray.open_dataset` gives for the
+    same result written to HDF5; `save(ds, path)` writes that file.
+    """
+
+    def __init__(self, root: dict, coords: dict, specs: dict, point_dims: tuple):
+        self.path = None
+        self.root = root  # the root attributes as a file stores them (JSON strings)
+        self.analysis, self.attrs = root["analysis"], _parse_attrs(root, "in memory")
+        self.coords, self.specs, self.point_dims = coords, specs, tuple(point_dims)
+        self.shape = tuple(len(coords[d]) for d in self.point_dims)
+        self.values = {name: np.full([len(coords[d]) for d in spec.dims], np.nan, spec.dtype)
+                       for name, spec in specs.items()}
+        self._done = np.zeros(self.shape, bool)
+
+    def _store(self, index, arrays) -> None:
+        for name, array in arrays.items():
+            self.values[name][self._selection(name, index)] = array
+
+    def data(self) -> ResultData:
+        return ResultData("", self.analysis, self.attrs, self.coords, self.point_dims,
+                          self.specs, self.values, self._done.copy())
+
+    def dataset(self):
+        return _to_dataset(self.root, self.coords, self.specs, self.point_dims, self.values,
+                           self._done)
 
 
 # ---------------------------------------------------------------------------- read
@@ -650,6 +723,61 @@ def _shas(data: ResultData) -> list[str]:
 
 def _extra_attrs(data: ResultData) -> dict:
     return {k: v for k, v in data.attrs.items() if k not in STANDARD_ATTRS}
+
+
+# ---------------------------------------------------------------------------- xarray
+
+
+def _to_dataset(root: Mapping, coords, specs, point_dims, values, done):
+    """An xarray.Dataset laid out as `xarray.open_dataset(file, engine="h5netcdf")` reads
+    the same result: coords, `done`, then the metrics with units and long_name; the root
+    attributes as the file stores them (config and inputs as JSON strings)."""
+    import xarray as xr
+    variables = {DONE: (tuple(point_dims), np.asarray(done, bool))}
+    for name, spec in specs.items():
+        variables[name] = (spec.dims, values[name],
+                           {"units": spec.units, "long_name": spec.long_name})
+    return xr.Dataset(variables, coords={name: (name, labels) for name, labels in
+                                         coords.items()}, attrs=dict(root))
+
+
+def to_dataset(data: ResultData):
+    """A result read with `open_result` as an xarray.Dataset (see `_to_dataset`)."""
+    root = {k: _attr_value(v) for k, v in data.attrs.items()}
+    root["config"] = _config_json(data.attrs["config"])
+    root["inputs"] = json.dumps(data.attrs.get("inputs", []))
+    return _to_dataset(root, data.coords, data.specs, data.point_dims, data.metrics, data.done)
+
+
+def read_dataset(path, analysis: str = None):
+    """The result file at `path`, checked like `open_result`, as an xarray.Dataset."""
+    return to_dataset(open_result(path, analysis))
+
+
+def save(ds, path, overwrite: bool = False) -> str:
+    """Write an analysis' xarray.Dataset (what the Python API returns) as a result file.
+
+    The file is the one the analysis' CLI would write: same layout, attributes and values,
+    so `python -m figures` and `runs.results show` read it. An existing file is kept unless
+    `overwrite`. Returns the path.
+    """
+    root = dict(ds.attrs)
+    for key in ("schema", "analysis", "config", "inputs"):
+        if key not in root:
+            raise UserError(f"save: the dataset has no {key!r} attribute; save the "
+                            f"xarray.Dataset an analysis returned (or read_dataset gave)")
+    if DONE not in ds:
+        raise UserError(f"save: the dataset has no {DONE!r} variable (the cells computed)")
+    coords = _normalize_coords({name: ds[name].values for name in ds.coords})
+    specs = {name: MetricSpec(var.dims, str(var.attrs.get("units", "")),
+                              str(var.attrs.get("long_name", "")), var.dtype.str)
+             for name, var in ds.data_vars.items() if name != DONE}
+    point_dims = tuple(ds[DONE].dims)
+    _check_layout(coords, specs, point_dims)
+    with _open_writer(path, root, coords, specs, point_dims, overwrite, resume=False) as result:
+        result._write_all({name: ds[name].values for name in specs},
+                          ds[DONE].values.astype(bool))
+    return str(path)
 
 
 # ---------------------------------------------------------------------------- merge

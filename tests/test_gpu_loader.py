@@ -58,9 +58,16 @@ def test_flip_and_normalise(tiny_images):
     assert torch.equal(labels, y)
 
 
-def test_rejects_float_images():
+def test_rejects_integer_images_other_than_uint8():
     with pytest.raises(ValueError, match="uint8"):
-        GPULoader(torch.rand(2, 3, 4, 4), torch.zeros(2), [0.0], [1.0], 2)
+        GPULoader(torch.zeros(2, 3, 4, 4, dtype=torch.int32), torch.zeros(2), [0.0], [1.0], 2)
+
+
+def test_float_images_pass_through_unscaled():
+    """A caller's float images (already normalised) are taken as they are: mean 0, std 1."""
+    x = torch.randn(4, 3, 4, 4)
+    batch, _ = next(GPULoader(x, torch.zeros(4), [0.0] * 3, [1.0] * 3, 4, shuffle=False).epoch())
+    assert torch.equal(batch, x)
 
 
 @pytest.mark.gpu
