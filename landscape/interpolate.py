@@ -170,26 +170,36 @@ def build_geometry(cfg: InterpolateConfig, anchors: list[Anchor]) -> G.Geometry:
 
 
 def prepare(cfg: InterpolateConfig, device, batch_size: int = 512) -> Plan:
-    """Check every input and load what the scan needs (data on the device)."""
+    """Check every input and load what the scan needs (data on the device): the CLI's door,
+    from checkpoint references and a dataset name."""
     check_shape(cfg)
-    coords = grids(cfg)
-    measures = Measures(tuple(cfg.metrics), cfg.knn_k, cfg.teacher_temp, cfg.student_temp)
-    if "distill" in measures.metrics and not cfg.teacher:
-        raise UserError("--metrics distill needs --teacher REF (e.g. RUN@last:teacher)")
+    measures = measures_of(cfg)
     data = load_data(cfg, device, batch_size) if measures.needs_data else None
     anchors = load_anchors(cfg, measures, data.num_classes if data else None)
-    if data is not None:
-        check_images(anchors[0], data.image_shape)
     teacher = load_teacher(cfg.teacher) if "distill" in measures.metrics else None
-    if teacher is not None:
-        check_teacher(cfg.teacher, teacher, anchors[0])
-    geometry = build_geometry(cfg, anchors).to(device)
     inputs = [a.record for a in anchors]
     if teacher is not None:
+        check_teacher(cfg.teacher, teacher, anchors[0])
         inputs.append(_record(cfg.teacher))
     if cfg.fc and "supervised" in measures.metrics:
         inputs.append(_record(cfg.fc))
-    return Plan(cfg, anchors, geometry, coords, measures, data, teacher, inputs)
+    return make_plan(cfg, anchors, measures, data, teacher, inputs, device)
+
+
+def measures_of(cfg: InterpolateConfig) -> Measures:
+    measures = Measures(tuple(cfg.metrics), cfg.knn_k, cfg.teacher_temp, cfg.student_temp)
+    if "distill" in measures.metrics and not cfg.teacher:
+        raise UserError("--metrics distill needs --teacher REF (e.g. RUN@last:teacher)")
+    return measures
+
+
+def make_plan(cfg: InterpolateConfig, anchors: list[Anchor], measures: Measures,
+              data: EvalData | None, teacher, inputs: list[dict], device) -> Plan:
+    """The plan both doors share, once the anchors and data are loaded and checked."""
+    if data is not None:
+        check_images(anchors[0], data.image_shape)
+    geometry = build_geometry(cfg, anchors).to(device)
+    return Plan(cfg, anchors, geometry, grids(cfg), measures, data, teacher, inputs)
 
 
 def check_teacher(ref: str, teacher, anchor: Anchor) -> None:
@@ -218,7 +228,7 @@ def layout(plan: Plan) -> tuple[dict, dict, tuple, dict]:
     geometry = plan.geometry
     attrs = {"bn_mode": plan.cfg.bn_mode, "geometry": geometry.kind,
              "anchor_coords": geometry.anchor_coords, "coordinate_unit": geometry.unit,
-             "parts": "+".join(n for n in ("encoder", "fc", "head")
+             "parts": "+".join(n for n in ("encoder", "fc", "head", "net")
                                if getattr(plan.anchors[0].subject, n) is not None)}
     if geometry.kind == "plane":
         attrs["plane_basis"] = plan.cfg.basis
@@ -239,25 +249,38 @@ def scan(cfg: InterpolateConfig, out: str, device="auto", precision="auto",
          stop_after: int = None) -> str:
     """Run (or resume) the scan; returns the path written. `stop_after`: passes to run
     before returning early, as if killed (tests)."""
-    from runs.results import create_result, parse_shard, shard_path
+    from runs.results import parse_shard, shard_path
     device = engine.resolve_device(device)
     bf16 = engine.use_bf16(device, precision)
     cfg = dataclasses.replace(cfg, precision="bf16" if bf16 else "fp32")
     if set(cfg.metrics) - {"norm"}:
         cfg = resolve_data(cfg)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
+    check_points_per_pass(points_per_pass)
+    plan = prepare(cfg, device, batch_size)
+    path = shard_path(out, *shard) if shard else out
+    run(plan, path, device, bf16, points_per_pass, shard, overwrite, stop_after)
+    return path
+
+
+def check_points_per_pass(points_per_pass: int) -> None:
     if points_per_pass < 0:
         raise UserError(f"--points-per-pass {points_per_pass}: must be >= 1 (0 = auto)")
-    plan = prepare(cfg, device, batch_size)
+
+
+def run(plan: Plan, path, device, bf16: bool, points_per_pass: int = 0, shard=None,
+        overwrite: bool = False, stop_after: int = None):
+    """Evaluate the plan's missing points into its result: the file at `path` (the CLI,
+    resumable) or, with path None, a MemoryResult (the Python API). Returns the result."""
+    from runs.results import new_result
     per_pass = points_per_pass or auto_points_per_pass(device)
     coords, metrics, point_dims, attrs = layout(plan)
-    path = shard_path(out, *shard) if shard else out
-    evaluator = PointEvaluator(plan.anchors[0].subject, plan.geometry, cfg.bn_mode,
+    evaluator = PointEvaluator(plan.anchors[0].subject, plan.geometry, plan.cfg.bn_mode,
                                plan.data, plan.measures, plan.teacher, device, bf16)
-    with create_result(path, ANALYSIS, coords, metrics, point_dims, cfg, plan.inputs,
-                       str(device), attrs, overwrite, shard) as result:
+    with new_result(path, ANALYSIS, coords, metrics, point_dims, plan.cfg, plan.inputs,
+                    str(device), attrs, overwrite, shard) as result:
         fill(result, evaluator, plan.grids, per_pass, stop_after)
-    return path
+    return result
 
 
 def fill(result, evaluator: PointEvaluator, coords: dict, per_pass: int,

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from runs.checkpoint import check_finite
+from runs.checkpoint import check_finite, module_sha256
 from runs.errors import UserError
+from runs.models.adapt import Tapped, has_protocol
 from runs.refs import load_head, load_model, parse_ref
 
 
@@ -21,13 +22,21 @@ class Subject(nn.Module):
 
     `logits` only with an fc, `head` only with a DINO head. parts: the outputs wanted
     (BN recalibration asks for the embedding only when the heads hold no BN).
+    `net`: any other classifier instead of encoder + fc, its logits from its own forward and
+    its embedding (only where it is a `Tapped`) read off the layer its caller named.
     """
 
-    def __init__(self, encoder: nn.Module, fc: nn.Module = None, head: nn.Module = None):
+    def __init__(self, encoder: nn.Module = None, fc: nn.Module = None, head: nn.Module = None,
+                 net: nn.Module = None):
         super().__init__()
-        self.encoder, self.fc, self.head = encoder, fc, head
+        self.encoder, self.fc, self.head, self.net = encoder, fc, head, net
 
     def forward(self, x: torch.Tensor, parts=("embedding", "logits", "head")) -> dict:
+        if self.net is not None:
+            if not isinstance(self.net, Tapped):
+                return {"logits": self.net(x)}  # (B, classes)
+            embedding, logits = self.net.both(x)  # (B, D), (B, classes)
+            return {"embedding": embedding, "logits": logits}
         embedding = self.encoder(x)  # (B, D)
         out = {"embedding": embedding}
         if self.fc is not None and "logits" in parts:
@@ -105,14 +114,32 @@ def check_same_architecture(anchors: list[Anchor]) -> None:
     """UserError naming both references when two anchors are different networks."""
     first = anchors[0]
     for other in anchors[1:]:
-        if other.spec != first.spec or _shapes(other.subject) != _shapes(first.subject):
+        if other.spec != first.spec:
             raise UserError(f"{first.ref} and {other.ref} are different architectures "
                             f"({_describe(first.spec)} vs {_describe(other.spec)}); a path "
                             f"or plane needs checkpoints of one architecture")
+        if differs := first_difference(_shapes(first.subject), _shapes(other.subject)):
+            raise UserError(f"{first.ref} and {other.ref} are different architectures: "
+                            f"{differs}; a path or plane needs networks of one architecture")
 
 
 def _shapes(subject: Subject) -> dict:
     return {name: tuple(t.shape) for name, t in subject.state_dict().items()}
+
+
+def first_difference(a: dict, b: dict) -> str:
+    """'' when two name -> shape maps agree; else the first differing entry, both sides."""
+    for name in dict.fromkeys([*a, *b]):
+        if a.get(name) != b.get(name):
+            left = a.get(name, "absent")
+            right = b.get(name, "absent")
+            return f"parameter {_short(name)!r} has shape {left} vs {right}"
+    return ""
+
+
+def _short(name: str) -> str:
+    """A Subject's state name as the caller's module spells it (no 'net.net.' prefix)."""
+    return name.removeprefix("net.net.").removeprefix("net.")
 
 
 def _describe(spec: dict) -> str:
@@ -124,18 +151,18 @@ def _describe(spec: dict) -> str:
 
 
 def check_images(anchor: Anchor, image_shape: tuple) -> None:
-    """UserError unless the anchor's encoder takes images of `image_shape` (C, H, W)."""
-    encoder = anchor.subject.encoder
-    was_training = encoder.training
+    """UserError unless the anchor's network takes images of `image_shape` (C, H, W)."""
+    network = anchor.subject.encoder or anchor.subject
+    was_training = network.training
     try:
         with torch.no_grad():
-            encoder.eval()(torch.zeros(2, *image_shape))
+            network.eval()(torch.zeros(2, *image_shape))
     except RuntimeError as err:
         first = (str(err).splitlines() or [type(err).__name__])[0][:160]
-        raise UserError(f"{anchor.ref} cannot take the dataset's images of shape "
+        raise UserError(f"{anchor.ref} cannot take the data's images of shape "
                         f"{tuple(image_shape)}: {first}") from None
     finally:
-        encoder.train(was_training)
+        network.train(was_training)
 
 
 def load_teacher(ref: str) -> Subject:
@@ -144,3 +171,30 @@ def load_teacher(ref: str) -> Subject:
     loaded = load_model(ref)
     teacher = Subject(loaded.model.encoder, None, load_head(ref, loaded.payload))
     return teacher.requires_grad_(False).eval()
+
+
+def module_anchor(model: nn.Module, label: str, with_fc: bool, with_head: bool,
+                  embed=None) -> Anchor:
+    """The Anchor of an in-memory module (the Python API), labelled `label`.
+
+    A registry-protocol module (encoder, fc, embed_dim; with `head` for distillation
+    metrics, as `runs.load(ref, head=True)` gives) moves encoder + fc and/or head, as the
+    CLI does; any other classifier moves whole, its embedding read off the layer `embed`
+    names (or computed by embed(module, images)). The module itself is never changed.
+    """
+    encoder = getattr(model, "encoder", None) or getattr(getattr(model, "model", None),
+                                                         "encoder", None)
+    if with_head and (getattr(model, "head", None) is None or encoder is None):
+        raise UserError(f"{label}: distill metrics need an encoder and a DINO head (e.g. "
+                        f"runs.load('RUN@last', head=True)); {type(model).__name__} has none")
+    if embed is None and has_protocol(model):
+        subject = Subject(model.encoder, model.fc if with_fc else None,
+                          model.head if with_head else None)
+        embed_dim = model.embed_dim
+    elif with_head:
+        subject, embed_dim = Subject(encoder, None, model.head), None
+    else:
+        subject = Subject(net=Tapped(model, embed) if embed is not None else model)
+        embed_dim = None
+    record = {"ref": label, "path": "", "step": None, "sha256": module_sha256(subject)}
+    return Anchor(label, subject, record, {}, embed_dim)

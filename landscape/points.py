@@ -189,7 +189,7 @@ def _distill(student, teacher, measures: Measures):
 
 
 def _knn(sums: dict, data: EvalData, k: int) -> torch.Tensor:
-    from probes.knn import knn_accuracy
+    from probes.nearest import knn_accuracy
     train_y, test_y = data.splits["train"].y, data.splits["test"].y
     bank, queries = sums["train"]["feats"], sums["test"]["feats"]  # (P, N, D), (P, M, D)
     accs = [knn_accuracy(bank[p], train_y, queries[p], test_y, k=k, metric="l2",
@@ -251,7 +251,8 @@ class PointEvaluator:
         state = {k: v[0] for k, v in {**params, **buffers}.items()}
         self.subject.load_state_dict(state, strict=True)
         if self.bn_mode == "recalibrate" and self.measures.needs_data:
-            target = self.subject if len(self.recal_parts) > 1 else self.subject.encoder
+            whole = len(self.recal_parts) > 1 or self.subject.encoder is None
+            target = self.subject if whole else self.subject.encoder
             recalibrate(target, images(self.data.bn), self.autocast)
         self.subject.eval()
 

@@ -131,6 +131,19 @@ def load_state_strict(module: nn.Module, state: dict, source: str) -> nn.Module:
     return module
 
 
+def module_sha256(module: nn.Module) -> str:
+    """Hex sha256 of a module's state (names, dtypes, shapes and bytes, in state order): an
+    in-memory model's identity in a result's `inputs`, as a file's sha256 is a checkpoint's."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel()
+                      else b"")
+    return digest.hexdigest()
+
+
 def check_finite(module: nn.Module, source: str) -> nn.Module:
     """UserError naming `source` and the tensors that hold NaN or Inf: weights to train from
     or to scan (a diverged run's) would make every step or metric NaN. Probes find such

@@ -1,0 +1,207 @@
+"""The landscape analyses as functions on in-memory models: what a notebook calls.
+
+    ds = landscape.path(model_a, model_b, (images, labels), alphas=np.linspace(0, 1, 11))
+    ds = landscape.plane(a, b, c, "digits", alphas=grid, betas=grid, basis="orthonormal")
+    ds = landscape.directions(model, data, grid, n=2, seed=0)
+    landscape.barriers(ds)                  # error and loss barriers of a path result
+
+Each returns the `xarray.Dataset` that `python -m landscape.interpolate` writes for the same
+inputs (variables, coordinates, attributes): both doors build one `interpolate.Plan` and
+fill its result through `interpolate.run`; `runs.save(ds, path)` writes the file.
+
+Models: any `nn.Module`. Registry-protocol modules (`encoder`, `fc`, `embed_dim`) move
+encoder + fc, as the CLI does (with `head`, as `runs.load(ref, head=True)` gives, encoder +
+DINO head for `metrics=("distill",)`); any other classifier moves whole, and names its
+embedding with `embed=` (a layer name or a callable embed(module, images)) where `knn` is
+measured. Data: a registered dataset name, a pair (images, labels), a torch Dataset or
+ImageData; `test=` the test split (default: a name's own test split, else the same data).
+"""
+
+import dataclasses
+
+import numpy as np
+import xarray as xr
+from torch import nn
+
+from landscape import interpolate as I
+from landscape.barrier import barriers as barrier_values
+from landscape.network import Subject, check_same_architecture, module_anchor
+from landscape.points import eval_data
+from runs import engine
+from runs.data import as_splits
+from runs.errors import UserError, unknown
+
+# Options of every scan: InterpolateConfig's fields a caller may set, and how it runs.
+SCAN_FIELDS = ("bn_samples", "bn_batch_size", "train_samples", "test_samples", "knn_k",
+               "teacher_temp", "student_temp", "data_root")
+RUNTIME = {"device": "auto", "precision": "auto", "points_per_pass": 0, "batch_size": 512}
+
+
+def path(a: nn.Module, b: nn.Module, data, alphas=None, *, test=None,
+         metrics=("supervised", "norm"), bn_mode: str = "recalibrate", teacher=None,
+         embed=None, names=("A", "B"), **options) -> xr.Dataset:
+    """The linear path theta(alpha) = (1 - alpha) theta_A + alpha theta_B.
+
+    alphas: coordinates (default 25 from 0 to 1; any values, beyond [0, 1] too).
+    metrics: supervised (loss, error), distill (CE, KL to `teacher`), knn, norm.
+    bn_mode: recalibrate (default), keep or interpolate. names: the two models' labels.
+    options: bn_samples, bn_batch_size, train_samples, test_samples, knn_k, teacher_temp,
+    student_temp, data_root (with a dataset name), device, precision, points_per_pass,
+    batch_size, as the CLI's flags of the same names.
+    """
+    grid = {"alpha": _coords(alphas, "alphas")}
+    return _scan([a, b], names, grid, data, test, metrics, bn_mode, teacher, embed, options)
+
+
+def plane(a: nn.Module, b: nn.Module, c: nn.Module, data, alphas=None, betas=None, *,
+          basis: str = "lstsq", test=None, metrics=("supervised", "norm"),
+          bn_mode: str = "recalibrate", teacher=None, embed=None, names=("A", "B", "C"),
+          **options) -> xr.Dataset:
+    """The plane through A, B, C on an (alpha, beta) grid: basis `lstsq` puts them at
+    (0, 0), (1, 0), (0, 1); `orthonormal` keeps distances and angles (unit |B - A|).
+    betas default to alphas; the rest as `path`."""
+    alphas = _coords(alphas, "alphas")
+    grid = {"alpha": alphas, "beta": alphas if betas is None else _coords(betas, "betas")}
+    return _scan([a, b, c], names, grid, data, test, metrics, bn_mode, teacher, embed,
+                 {**options, "basis": basis})
+
+
+def directions(model: nn.Module, data, grid=None, n: int = 1, seed: int = 0, *, betas=None,
+               test=None, metrics=("supervised", "norm"), bn_mode: str = "recalibrate",
+               teacher=None, embed=None, name: str = "center", **options) -> xr.Dataset:
+    """`n` (1 or 2) random filter-normalised directions around `model` (Li et al. 2018),
+    drawn from `seed`; grid: the coordinates along each (betas: the second's, default
+    grid). bn_mode keep or recalibrate; the rest as `path`."""
+    if n not in (1, 2):
+        raise UserError(f"n={n}: random directions span 1 or 2 axes")
+    grid = _coords(grid, "grid")
+    axes = {"alpha": grid}
+    if n == 2:
+        axes["beta"] = grid if betas is None else _coords(betas, "betas")
+    return _scan([model], (name,), axes, data, test, metrics, bn_mode, teacher, embed,
+                 {**options, "directions": n, "seed": seed})
+
+
+def barriers(ds: xr.Dataset) -> xr.Dataset:
+    """Error and loss barriers of a path result (DESIGN.md's definitions), per split.
+
+    error_barrier: max_a E(a) - (E(0) + E(1)) / 2; loss_barrier_mean: the same with the
+    loss; loss_barrier_linear: max_a [L(a) - ((1 - a) L(0) + a L(1))]. The maxima run over
+    the grid points in [0, 1]; the grid must hold 0 and 1. Any leading axes (e.g. a path
+    per pair) are kept.
+    """
+    for name in ("loss", "error"):
+        if name not in ds:
+            raise UserError(f"barriers: the dataset has no {name!r}; scan the path with "
+                            f"metrics=('supervised', ...)")
+    if "alpha" not in ds.dims or "beta" in ds.dims:
+        raise UserError("barriers: expects a path result (one 'alpha' axis, no 'beta')")
+    loss = ds["loss"].transpose(..., "alpha")
+    error = ds["error"].transpose(..., "alpha")
+    values = barrier_values(loss.values, error.values, ds["alpha"].values)
+    dims = loss.dims[:-1]
+    units = {"error_barrier": "fraction", "loss_barrier_mean": "nats",
+             "loss_barrier_linear": "nats"}
+    out = {name: (dims, value, {"units": units[name], "long_name": name.replace("_", " ")})
+           for name, value in values.items()}
+    return xr.Dataset(out, coords={d: ds[d] for d in dims if d in ds.coords},
+                      attrs={"analysis": "barriers", "source_analysis": ds.attrs.get(
+                          "analysis", ""), "bn_mode": ds.attrs.get("bn_mode", "")})
+
+
+# ---------------------------------------------------------------------------- shared
+
+
+def _coords(values, what: str) -> np.ndarray:
+    values = np.linspace(0, 1, 25) if values is None else np.asarray(values, np.float64)
+    if values.ndim != 1 or not len(values) or not np.isfinite(values).all():
+        raise UserError(f"{what}: expected a 1-D sequence of finite coordinates, got "
+                        f"{np.asarray(values).tolist()!r}")
+    if len(np.unique(values)) != len(values):
+        raise UserError(f"{what}: repeats a coordinate; give each point once")
+    return values
+
+
+def _grid_text(values: np.ndarray) -> str:
+    """The coordinates as the CLI's --grid comma list (exact: repr round-trips floats)."""
+    return ",".join(repr(float(v)) for v in values)
+
+
+def _config(models, names, grid, data, metrics, bn_mode, teacher, options) -> tuple:
+    """(InterpolateConfig, runtime options) of an API scan; unknown options named."""
+    valid = (*SCAN_FIELDS, *RUNTIME, "basis", "directions", "seed")
+    for key in options:
+        if key not in valid:
+            raise unknown("option", key, sorted(valid))
+    runtime = {k: options.pop(k, v) for k, v in RUNTIME.items()}
+    if len(names) != len(models) or len(set(names)) != len(names):
+        raise UserError(f"names: give {len(models)} distinct labels, got {list(names)}")
+    cfg = I.InterpolateConfig(
+        refs=tuple(str(n) for n in names), grid=_grid_text(grid["alpha"]),
+        beta_grid=_grid_text(grid["beta"]) if "beta" in grid else "",
+        metrics=tuple(metrics), bn_mode=bn_mode,
+        dataset=data if isinstance(data, str) else "",
+        teacher="teacher" if teacher is not None else "", **options)
+    return cfg, runtime
+
+
+def _scan(models, names, grid, data, test, metrics, bn_mode, teacher, embed, options):
+    cfg, runtime = _config(models, names, grid, data, metrics, bn_mode, teacher, options)
+    I.check_shape(cfg)
+    I.check_points_per_pass(runtime["points_per_pass"])
+    device = engine.resolve_device(runtime["device"])
+    bf16 = engine.use_bf16(device, runtime["precision"])
+    cfg = dataclasses.replace(cfg, precision="bf16" if bf16 else "fp32")
+    if "distill" in cfg.metrics and teacher is None:
+        raise UserError("metrics distill needs teacher= (e.g. runs.load('RUN@init:teacher', "
+                        "head=True))")
+    measures = I.measures_of(cfg)
+    if "knn" in measures.metrics:
+        _check_embedding(models, embed)
+    with_fc, with_head = "supervised" in measures.metrics, "distill" in measures.metrics
+    anchors = [module_anchor(m, label, with_fc, with_head, embed)
+               for m, label in zip(models, cfg.refs)]
+    check_same_architecture(anchors)
+    loaded = _eval_data(cfg, data, test, device, runtime["batch_size"], measures.needs_data)
+    inputs = [anchor.record for anchor in anchors]
+    subject = _teacher(teacher, anchors[0], inputs) if with_head else None
+    plan = I.make_plan(cfg, anchors, measures, loaded, subject, inputs, device)
+    result = I.run(plan, None, device, bf16, runtime["points_per_pass"])
+    return result.dataset()
+
+
+def _check_embedding(models, embed) -> None:
+    from runs.models.adapt import has_protocol
+    if embed is None and not all(has_protocol(m) for m in models):
+        raise UserError("metrics knn needs the embedding: name it with embed='<layer>' or "
+                        "embed=callable(module, images) (the models have no `encoder`)")
+
+
+def _eval_data(cfg, data, test, device, batch_size, needed):
+    if not needed:
+        return None
+    root = cfg.data_root or None
+    train, test = as_splits(data, test, root=root)
+    return eval_data(train, test, device, batch_size, cfg.train_samples, cfg.test_samples,
+                     cfg.bn_samples, cfg.bn_batch_size, cfg.seed,
+                     with_bn=cfg.bn_mode == "recalibrate")
+
+
+def _teacher(teacher, anchor, inputs: list) -> Subject:
+    """The teacher of distill metrics: encoder + DINO head, frozen, in eval mode."""
+    from runs.checkpoint import module_sha256
+    encoder = getattr(teacher, "encoder", None) or getattr(getattr(teacher, "model", None),
+                                                           "encoder", None)
+    if encoder is None or getattr(teacher, "head", None) is None:
+        raise UserError(f"teacher: needs an encoder and a DINO head (runs.load(ref, "
+                        f"head=True)); {type(teacher).__name__} has none")
+    subject = Subject(encoder, None, teacher.head).requires_grad_(False).eval()
+    mine = teacher.head.spec.get("out_dim") if hasattr(teacher.head, "spec") else None
+    theirs = anchor.subject.head.spec.get("out_dim") if hasattr(anchor.subject.head,
+                                                                "spec") else None
+    if mine != theirs:
+        raise UserError(f"teacher has a {mine}-way DINO head but {anchor.ref}'s has {theirs} "
+                        f"outputs; the distillation loss needs the same")
+    inputs.append({"ref": "teacher", "path": "", "step": None,
+                   "sha256": module_sha256(subject)})
+    return subject
