@@ -196,10 +196,11 @@ def measures_of(cfg: InterpolateConfig) -> Measures:
 def make_plan(cfg: InterpolateConfig, anchors: list[Anchor], measures: Measures,
               data: EvalData | None, teacher, inputs: list[dict], device) -> Plan:
     """The plan both doors share, once the anchors and data are loaded and checked."""
+    coords = grids(cfg)
     if data is not None:
         check_images(anchors[0], data.image_shape)
     geometry = build_geometry(cfg, anchors).to(device)
-    return Plan(cfg, anchors, geometry, grids(cfg), measures, data, teacher, inputs)
+    return Plan(cfg, anchors, geometry, coords, measures, data, teacher, inputs)
 
 
 def check_teacher(ref: str, teacher, anchor: Anchor) -> None:

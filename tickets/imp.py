@@ -85,6 +85,10 @@ class ImpConfig:
                                          "--data-seed + this")
 
 
+# TrainConfig fields the sweep sets per level (steps, checkpoints, start point, mask, seed):
+# not options of the CLI nor of `tickets.run_imp`.
+SET_PER_LEVEL = ("num_steps", "save_at", "init", "rewind", "mask", "seed")
+
 # Fields that do not change any mask or any ticket run: left out of the mask folder's hash,
 # so extending --levels or adding a baseline reuses every finished level.
 NOT_IN_HASH = ("rewind", "levels", "baselines", "instability", "barrier_grid",
@@ -358,9 +362,10 @@ def result_config(plan: Plan) -> dict:
 
 
 def open_imp_result(plan: Plan, seeds: list[int], path, device, overwrite=False, shard=None):
-    """Create or resume the result file (a shard's own file when `shard` is given)."""
+    """Create or resume the result file (a shard's own file when `shard` is given); with
+    `path` None, an in-memory result of the same layout (`runs.results.MemoryResult`)."""
     from runs.refs import ref_record
-    from runs.results import create_result, shard_path
+    from runs.results import new_result, shard_path
     coords = {"branch": plan.branches, "level": np.arange(plan.imp.levels + 1),
               "seed": np.asarray(seeds)}
     attrs = {}
@@ -369,10 +374,20 @@ def open_imp_result(plan: Plan, seeds: list[int], path, device, overwrite=False,
         coords["split"] = list(SPLITS)
         attrs = {"bn_mode": border_config(plan).bn_mode}
     inputs = [ref_record(plan.reference)] if plan.reference else []
-    path = shard_path(path, *shard) if shard else path
-    return create_result(path, "imp", coords, result_metrics(plan), POINT_DIMS,
-                         result_config(plan), inputs, str(engine.resolve_device(device)),
-                         attrs, overwrite=overwrite, shard=shard)
+    path = shard_path(path, *shard) if shard and path is not None else path
+    return new_result(path, "imp", coords, result_metrics(plan), POINT_DIMS,
+                      result_config(plan), inputs, str(engine.resolve_device(device)),
+                      attrs, overwrite=overwrite, shard=shard)
+
+
+def fill_result(sweep: Sweep, seeds: list[int], path=None, overwrite=False, shard=None):
+    """The one way a sweep becomes a result (CLI and `tickets.run_imp` alike): create or
+    resume it (the file at `path`, or in memory when None), record the mask folder's
+    identity and train and write every missing cell. Returns the closed result."""
+    with open_imp_result(sweep.plan, seeds, path, sweep.device, overwrite, shard) as result:
+        write_identity(sweep.plan)
+        run_sweep(sweep, result, seeds, shard)
+    return result
 
 
 # ---------------------------------------------------------------------------- planning
@@ -474,7 +489,7 @@ def parser() -> argparse.ArgumentParser:
                         "(join with python -m runs.results merge)")
     add_config_args(p, ImpConfig, group="pruning")
     add_config_args(p, TrainConfig, group="training (every level)",
-                    exclude=("num_steps", "save_at", "init", "rewind", "mask", "seed"))
+                    exclude=SET_PER_LEVEL)
     add_launcher_args(p)
     return p
 
@@ -501,19 +516,31 @@ def fmt(values: np.ndarray) -> str:
         f"{values[0]:.2f}"
 
 
-def sweep_from_args(args: argparse.Namespace) -> Sweep:
-    """Check the flags (cheap ones first), load the data, plan: nothing trains yet."""
-    imp = config_from_args(ImpConfig, args)
-    check_options(imp, args.seeds)
-    engine.resolve_device(args.device)
-    cfg = config_from_args(TrainConfig, args, num_steps=0, save_at=(), init="", rewind="",
-                           mask="", seed=0)
+def build_sweep(imp: ImpConfig, cfg: TrainConfig, store, steps, save_at=(), seeds=(0,),
+                device="auto", precision="auto", compile_model=False) -> Sweep:
+    """Check the options (cheap ones first), load the data, plan: nothing trains yet.
+
+    The one way to a Sweep, for the CLI (`sweep_from_args`) and `tickets.run_imp`.
+    cfg: every level's training config (`make_plan` sets its seed, steps and start);
+    steps, save_at: "160ep"-style lengths, resolved once the data is loaded.
+    """
+    check_options(imp, list(seeds))
+    engine.use_bf16(engine.resolve_device(device), precision)  # a bad device or precision
     data = load_data(cfg)
-    plan = make_plan(imp, cfg, args.store, data, args.steps, args.save_at)
-    sweep = Sweep(plan, data, args.device, args.precision, args.compile)
+    plan = make_plan(imp, cfg, store, data, steps, save_at)
+    sweep = Sweep(plan, data, device, precision, compile_model)
     if imp.instability:
         sweep.measured()  # its options fail now, not after the first level
     return sweep
+
+
+def sweep_from_args(args: argparse.Namespace) -> Sweep:
+    """The parsed flags as a Sweep (see `build_sweep`): nothing trains yet."""
+    imp = config_from_args(ImpConfig, args)
+    cfg = config_from_args(TrainConfig, args, num_steps=0, save_at=(), init="", rewind="",
+                           mask="", seed=0)
+    return build_sweep(imp, cfg, args.store, args.steps, args.save_at, args.seeds,
+                       args.device, args.precision, args.compile)
 
 
 @cli
@@ -525,14 +552,9 @@ def main(argv=None) -> int:
     from runs.results import open_result, parse_shard
     shard = parse_shard(args.shard) if args.shard else None
     sweep = sweep_from_args(args)
-    plan = sweep.plan
-    with open_imp_result(plan, args.seeds, args.out, args.device, args.overwrite,
-                         shard) as result:
-        write_identity(plan)
-        run_sweep(sweep, result, args.seeds, shard)
-        path = result.path
+    path = fill_result(sweep, args.seeds, args.out, args.overwrite, shard).path
     print(summary_table(open_result(path, "imp")))
-    print(f"wrote {path} (masks in {imp_dir(plan)})")
+    print(f"wrote {path} (masks in {imp_dir(sweep.plan)})")
     return 0
 
 
