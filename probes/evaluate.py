@@ -5,93 +5,46 @@ embeddings of the train and test splits once, then run every requested probe on 
 train-standardised features, for every seed. Results: one HDF5 file (analysis `probe`,
 coords checkpoint x probe x features x seed, metric accuracy) and a table in the paper's
 format (mean +- std over seeds). Resumable per checkpoint, shardable with --shard i/n.
+
+The CLI only resolves references to modules: the result is filled by `probes.api.fill_probes`,
+the code path of `probes.evaluate_model` (the same numbers from a notebook).
 """
 
 import argparse
 import sys
+from collections.abc import Mapping
 
 import numpy as np
-import torch
 
-from probes.features import extract_features, pixel_features
-from probes.knn import knn_accuracies
-from probes.linear import linear_probe_lbfgs, linear_probe_sgd, standardize
+from probes.api import FEATURES, PIXELS, PROBES, fill_probes, probe_all, probe_labels, probe_result
 from runs.data import load_dataset
 from runs.distill import DistillConfig
 from runs.engine import resolve_device
 from runs.errors import UserError, cli
 from runs.launch import LAUNCH_FIELDS, add_launcher_args, launch, launching
-from runs.registry import Registry
 
-PROBES = Registry("probe")
-FEATURES = ("raw", "standardized")
-PIXELS = "pixels"
+# probe_all, probe_labels, PROBES and FEATURES live in probes.api; named here for the CLI's
+# callers (tests, figures' fixtures).
+__all__ = ["FEATURES", "PROBES", "describe", "main", "parser", "probe_all", "probe_labels",
+           "table"]
 
+class LoadedModels(Mapping):
+    """reference -> its model, loaded (and checked against the data) when first asked for:
+    `fill_probes` asks only for the rows a resumed or sharded scan still misses."""
 
-@PROBES.register(name="knn")
-def knn_l2(train_x, train_y, test_x, test_y, num_classes, ks, seed, name) -> dict:
-    """Paper k-NN: squared L2 on the features, unweighted majority vote."""
-    accs = knn_accuracies(train_x, train_y, test_x, test_y, ks=ks, metric="l2",
-                          num_classes=num_classes, name=name)
-    return {f"knn@{k}": acc for k, acc in accs.items()}
+    def __init__(self, refs, info):
+        self.refs, self.info = list(dict.fromkeys(refs)), info
 
+    def __getitem__(self, ref):
+        if ref not in self.refs:
+            raise KeyError(ref)
+        return PIXELS if ref == PIXELS else load_checked(ref, self.info).model
 
-@PROBES.register(name="knn-cosine")
-def knn_cosine(train_x, train_y, test_x, test_y, num_classes, ks, seed, name) -> dict:
-    """DINO k-NN: cosine similarity, votes weighted by exp(sim / 0.07)."""
-    accs = knn_accuracies(train_x, train_y, test_x, test_y, ks=ks, metric="cosine",
-                          num_classes=num_classes, name=name)
-    return {f"knn-cosine@{k}": acc for k, acc in accs.items()}
+    def __iter__(self):
+        return iter(self.refs)
 
-
-@PROBES.register(name="linear")
-def linear_sgd(train_x, train_y, test_x, test_y, num_classes, ks, seed, name) -> dict:
-    """Paper linear probe: Linear(d, C), AdamW lr 1e-3 wd 1e-2, 10 epochs, batch 256."""
-    out = linear_probe_sgd(train_x, train_y, test_x, test_y, num_classes, seed=seed, name=name)
-    return {"linear": out["accuracy"]}
-
-
-@PROBES.register(name="linear-lbfgs")
-def linear_lbfgs(train_x, train_y, test_x, test_y, num_classes, ks, seed, name) -> dict:
-    """Full-batch logistic regression, L2 strength chosen on a split of train."""
-    out = linear_probe_lbfgs(train_x, train_y, test_x, test_y, num_classes, seed=seed,
-                             name=name)
-    return {"linear-lbfgs": out["accuracy"]}
-
-
-DETERMINISTIC = ("knn", "knn-cosine")  # same answer for every seed: computed once
-
-
-def probe_labels(probes, ks) -> list[str]:
-    """The result's `probe` coordinate: one label per (probe, k)."""
-    labels = []
-    for probe in probes:
-        PROBES.get(probe)
-        labels += [f"{probe}@{k}" for k in ks] if probe in DETERMINISTIC else [probe]
-    return labels
-
-
-def probe_all(train_x, train_y, test_x, test_y, num_classes, probes, ks, seeds,
-              name="features") -> dict:
-    """{(label, features, seed): accuracy} for every probe on raw and standardised features."""
-    out = {}
-    variants = {"raw": (train_x, test_x), "standardized": standardize(train_x, test_x)}
-    for kind, (tr, te) in variants.items():
-        for probe in probes:
-            fn = PROBES.get(probe)
-            for i, seed in enumerate(seeds):
-                if probe in DETERMINISTIC and i > 0:
-                    first = {lab: out[(lab, kind, seeds[0])] for lab in probe_labels([probe], ks)}
-                    out.update({(lab, kind, seed): acc for lab, acc in first.items()})
-                    continue
-                accs = fn(tr, train_y, te, test_y, num_classes, ks, seed, f"{name} ({kind})")
-                out.update({(lab, kind, seed): acc for lab, acc in accs.items()})
-    return out
-
-
-def load_encoder(ref: str, info):
-    """The encoder a reference names, checked against the dataset's images."""
-    return load_checked(ref, info).model.encoder
+    def __len__(self):
+        return len(self.refs)
 
 
 # The recipe's student starts at its teacher (alpha tiny, not 0); other alphas are rows apart.
@@ -127,17 +80,6 @@ def load_checked(ref: str, info):
     return loaded
 
 
-def embed(ref: str, data: tuple, device: torch.device, batch_size: int):
-    """(train features, test features) of one checkpoint's encoder, or of `pixels`."""
-    train, test = data
-    if ref == PIXELS:
-        return pixel_features(train.x).to(device), pixel_features(test.x).to(device)
-    encoder = load_encoder(ref, train.info).to(device)
-    feats = [extract_features(encoder, d.x, d.info.mean, d.info.std, batch_size, device)
-             for d in (train, test)]
-    return feats[0], feats[1]
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m probes.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,33 +108,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def open_probe_result(args, labels: list[str], device, shard, rows: list[dict]):
-    from runs.results import MetricSpec, create_result, shard_path
+def open_probe_result(args, device, shard, rows: list[dict]):
+    from runs.refs import ref_record
+    from runs.results import shard_path
     config = {k: v for k, v in vars(args).items()
               if k not in ("out", "overwrite", "shard", "device", "batch_size", *LAUNCH_FIELDS)}
-    coords = {"checkpoint": args.refs, "probe": labels, "features": list(FEATURES),
-              "seed": args.seeds}
-    metric = MetricSpec(("checkpoint", "probe", "features", "seed"), "fraction",
-                        "probe accuracy on the test split")
     path = shard_path(args.out, *shard) if shard else args.out
-    from runs.refs import ref_record
     inputs = [ref_record(ref) for ref in args.refs if ref != PIXELS]
-    return create_result(path, "probe", coords, {"accuracy": metric}, ("checkpoint",),
-                         config, inputs, str(device), attrs={"checkpoints": rows},
-                         overwrite=args.overwrite, shard=shard)
-
-
-def run_probes(args, data, labels, result, device) -> None:
-    from tqdm.auto import tqdm
-    num_classes = data[0].info.num_classes
-    for (index,) in tqdm(result.missing(), desc="probe", disable=None):
-        ref = args.refs[index]
-        train_x, test_x = embed(ref, data, device, args.batch_size)
-        accs = probe_all(train_x, data[0].y.to(device), test_x, data[1].y.to(device),
-                         num_classes, args.probes, args.ks, args.seeds, name=ref)
-        grid = np.array([[[accs[(lab, kind, seed)] for seed in args.seeds]
-                          for kind in FEATURES] for lab in labels])  # (P, F, S)
-        result.write((index,), accuracy=grid)
+    return probe_result(path, args.refs, args.probes, args.ks, args.seeds, config, inputs,
+                        device, rows, overwrite=args.overwrite, shard=shard)
 
 
 def table(accs: np.ndarray, refs, labels, features=FEATURES) -> str:
@@ -229,8 +153,9 @@ def main(argv=None) -> int:
             load_dataset(args.dataset, split="test", **kwargs))
     # Every reference is checked (and described) before a result file exists.
     rows = [describe(ref, data[0].info) for ref in args.refs]
-    with open_probe_result(args, labels, device, shard, rows) as result:
-        run_probes(args, data, labels, result, device)
+    with open_probe_result(args, device, shard, rows) as result:
+        fill_probes(result, LoadedModels(args.refs, data[0].info), data, args.probes,
+                    args.ks, args.seeds, batch_size=args.batch_size, device=device)
         path = result.path
     from runs.results import open_result
     done = open_result(path, "probe")

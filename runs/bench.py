@@ -618,14 +618,14 @@ def sklearn_knn(train_x, train_y, test_x, test_y, k=20, metric="l2",
 
 
 def fast_knn(features, device, metric: str, k: int = 20) -> Callable[[], float]:
-    from probes.knn import knn_accuracy
+    from probes.nearest import knn_accuracy
     train_x, train_y, test_x, test_y = (t.to(device) for t in features)
     return lambda: knn_accuracy(train_x, train_y, test_x, test_y, k=k, metric=metric)
 
 
 def knn_flops(features, metric: str, k: int = 20, queries: int = 64) -> float:
     """FLOPs per test query of the fast k-NN (the distance matmul dominates), counted."""
-    from probes.knn import knn_predict
+    from probes.nearest import knn_predict
     train_x, train_y, test_x, _ = features
     return count_flops(lambda: knn_predict(train_x, train_y, test_x[:queries], (k,),
                                            metric)) / min(queries, len(test_x))
@@ -657,23 +657,23 @@ def reference_linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs
 
 def probe_runners(bench: Bench, features) -> dict:
     """name -> (fast Runner, reference Runner, or None to share linear_sgd's reference)."""
-    from probes.linear import linear_probe_lbfgs, linear_probe_sgd
+    from probes.logistic import linear_probe_lbfgs, linear_probe_sgd
     cfg, device, queries = bench.cfg, bench.device, len(features[2])
     on_device = [t.to(device) for t in features]
     classes, epochs = cfg.probe_classes, cfg.probe_epochs
     runners = {}
     for metric in ("l2", "cosine"):
-        fast = Runner(f"probes.knn on the device ({metric})", queries,
+        fast = Runner(f"probes.nearest on the device ({metric})", queries,
                       fast_knn(features, device, metric))
         ref = Runner(f"scikit-learn KNeighborsClassifier brute ({metric})", queries,
                      lambda m=metric: sklearn_knn(*features, metric=m))
         runners[f"knn_{metric}"] = (fast, ref)
-    sgd = Runner("probes.linear.linear_probe_sgd, features on the device", 1,
+    sgd = Runner("probes.logistic.linear_probe_sgd, features on the device", 1,
                  lambda: linear_probe_sgd(*on_device, classes, epochs=epochs)["accuracy"])
     ref = Runner("TensorDataset + DataLoader + eager Linear/AdamW (the paper's probe)", 1,
                  lambda: reference_linear_probe(*features, classes, epochs, device=device))
     runners["linear_sgd"] = (sgd, ref)
-    lbfgs = Runner("probes.linear.linear_probe_lbfgs (6 L2 strengths + refit)", 1,
+    lbfgs = Runner("probes.logistic.linear_probe_lbfgs (6 L2 strengths + refit)", 1,
                    lambda: linear_probe_lbfgs(*on_device, classes)["accuracy"])
     runners["linear_lbfgs"] = (lbfgs, None)
     return runners
@@ -928,7 +928,7 @@ ORDER = ("train", "distill", "eval", "probes", "landscape", "tickets")
 SECTIONS.register(Section(section_train, ("runs.train",)), name="train")
 SECTIONS.register(Section(section_distill, ("runs.distill",)), name="distill")
 SECTIONS.register(Section(section_eval, ("runs.train",)), name="eval")
-SECTIONS.register(Section(section_probes, ("probes.knn", "probes.linear", "sklearn")),
+SECTIONS.register(Section(section_probes, ("probes.nearest", "probes.logistic", "sklearn")),
                   name="probes")
 SECTIONS.register(Section(section_landscape, ("landscape.points", "landscape.geometry",
                                               "landscape.network")), name="landscape")

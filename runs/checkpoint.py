@@ -160,7 +160,7 @@ def rebuild(entry: dict, source: str) -> nn.Module:
     if not entry.get("spec"):
         raise UserError(f"{source} has no model spec; load it with NAME=FILE (e.g. "
                         f"resnet18=weights.pt)")
-    module = build(entry["spec"])
+    module = build(entry["spec"], source)  # a user's module:factory only if allowed
     if entry.get("state") is not None:
         load_state_strict(module, entry["state"], source)
     return module

@@ -299,7 +299,7 @@ def distill_step(s: Session, x: torch.Tensor) -> dict:
 def knn_of(s: Session, encoder: nn.Module) -> float:
     """k-NN accuracy (paper variant) of an encoder's embeddings on the probe dataset."""
     from probes.features import extract_features  # runtime import: runs stays the base
-    from probes.knn import knn_accuracy
+    from probes.nearest import knn_accuracy
     train, test = s.probe_data
     feats = [extract_features(encoder, d.x, d.info.mean, d.info.std, device=s.device)
              for d in (train, test)]

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from runs import distributed
 from runs.checkpoint import read_checkpoint, set_rng_state
-from runs.config import add_config_args, config_from_args, parse_steps
+from runs.config import add_config_args, from_dict, parse_steps
 from runs.data import ImageData, load_dataset
 from runs.errors import UserError
 from runs.gpu_loader import Augment, GPULoader
@@ -203,10 +203,19 @@ class Timer:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
 
 
+# Every CLI takes these (runs.errors.cli handles them before the parser sees argv).
+USER_MODELS = """Your own model: --model my_package.my_module:my_net imports the module and
+builds the model with my_net(num_classes=, width=, in_channels=), which returns an nn.Module
+with encoder, fc and embed_dim (runs.models.Classifier). --import MODULE (repeatable, every
+command) imports a module first (e.g. one that registers models with @runs.models.register)
+and lets checkpoints whose model comes from it load; a checkpoint never imports code by
+itself."""
+
+
 def training_parser(prog: str, description: str, config_cls, default_steps: str,
                     steps_example: str) -> argparse.ArgumentParser:
     """The CLI of a training engine: runtime flags, --steps/--save-at, one flag per field."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=USER_MODELS,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_runtime_args(p)
     p.add_argument("--steps", default=default_steps, help=f"training length: iterations "
@@ -217,11 +226,11 @@ def training_parser(prog: str, description: str, config_cls, default_steps: str,
     return p
 
 
-def config_and_data(config_cls, args, load_data):
-    """The config from parsed flags, with --steps/--save-at resolved once the data is known."""
-    cfg = config_from_args(config_cls, args, num_steps=0, save_at=())
+def config_and_data(cfg, steps: str, save_at, load_data):
+    """(config with --steps/--save-at resolved to iterations, the data it names): epochs
+    are known only once the data is loaded."""
     data = load_data(cfg)
-    cfg = config_with_steps(cfg, args.steps, args.save_at, len(data[0].y) // cfg.batch_size)
+    cfg = config_with_steps(cfg, steps, save_at, len(data[0].y) // cfg.batch_size)
     return cfg, data
 
 
@@ -230,8 +239,27 @@ def run_from_args(config_cls, args, load_data, run_fn):
 
     Returns the Run on rank 0 (or the only process), None on the other ranks.
     """
-    cfg, data = config_and_data(config_cls, args, load_data)
-    run = run_fn(cfg, args.store, data, args.device, args.precision, args.compile)
+    names = {f.name for f in dataclasses.fields(config_cls)} - {"num_steps", "save_at"}
+    fields = {k: v for k, v in vars(args).items() if k in names}  # --save-at: steps, below
+    return run_config(config_cls, fields, args.steps, args.save_at, load_data, run_fn,
+                      args.store, args.device, args.precision, args.compile)
+
+
+def run_config(config_cls, fields: dict, steps: str, save_at, load_data, run_fn,
+               store: str = "store", device="auto", precision: str = "auto",
+               compile_model=None):
+    """What a training CLI and its Python function (runs.run_train, runs.run_distill) share:
+    the config from its fields (unknown ones listed), the data, --steps/--save-at resolved
+    ('10ep' or iterations), `run_fn(cfg, store, data, device, precision, compile_model)`,
+    torchrun teardown. Returns the Run on rank 0 (or the only process), else None.
+    """
+    reserved = sorted({"num_steps", "save_at"} & set(fields))
+    if reserved:
+        raise UserError(f"{config_cls.__name__}: give {', '.join(reserved)} as steps/save_at "
+                        f"(iterations or epochs, e.g. 10ep), not as a field")
+    cfg = from_dict(config_cls, {**fields, "num_steps": 0, "save_at": ()})
+    cfg, data = config_and_data(cfg, steps, save_at, load_data)
+    run = run_fn(cfg, store, data, device, precision, compile_model)
     world = distributed.from_env()
     distributed.finish(world)
     return run if world.main else None

@@ -90,7 +90,20 @@ def cli(main):
 
     Anything else is a bug and keeps its traceback. A main called by another (the pipeline
     calls each stage's) lets interrupts travel up, so only the outermost reports them.
+
+    Every wrapped command also takes `--import MODULE` (repeatable) and `--model
+    pkg.mod:factory` (see runs.usercode): the modules are imported and allowed before the
+    command's parser sees argv, from which the --import pairs are removed. `__wrapped__`
+    (what a launcher's array task calls) does the same without the error handling.
     """
+
+    @functools.wraps(main)
+    def with_user_code(argv=None) -> int:
+        from runs.usercode import take_argv
+        given = sys.argv[1:] if argv is None else list(argv)
+        rest = take_argv(given)
+        # Unchanged: hand on None, so the command still reads (and echoes) sys.argv itself.
+        return main(None if argv is None and rest == given else rest)
 
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
@@ -100,7 +113,7 @@ def cli(main):
         previous = _handle_signals() if handle else {}
         _calls.depth = depth + 1
         try:
-            return main(argv)
+            return with_user_code(argv)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -129,4 +142,5 @@ def cli(main):
             for sig, handler in previous.items():  # None: set outside Python; the default
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
+    wrapped.__wrapped__ = with_user_code
     return wrapped

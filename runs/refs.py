@@ -207,7 +207,7 @@ def _rebuild_init(run: Run) -> nn.Module:
     spec = run.config().get("model_spec")
     if not spec:
         raise UserError(f"run {run.path} has no step-0 checkpoint and records no model_spec")
-    return build(spec)
+    return build(spec, str(run.path))
 
 
 def _check_format(payload, path: Path) -> None:

@@ -55,7 +55,7 @@ def run_one(cfg: DistillConfig, steps: str, store: str, device: str) -> dict:
 
 def pixel_knn(cfg: DistillConfig) -> float:
     from probes.features import pixel_features
-    from probes.knn import knn_accuracy
+    from probes.nearest import knn_accuracy
     root = cfg.data_root or None
     train, test = (load_dataset(cfg.dataset, root=root, split=s) for s in ("train", "test"))
     return knn_accuracy(pixel_features(train.x), train.y, pixel_features(test.x), test.y,

@@ -97,7 +97,7 @@ def test_knn_fast_path_matches_sklearn(metric):
 
 
 def test_reference_linear_probe_learns_like_the_fast_one():
-    from probes.linear import linear_probe_sgd
+    from probes.logistic import linear_probe_sgd
     features = B.synthetic_features(1000, 300, 16, 4, seed=2)
     fast = linear_probe_sgd(*features, 4, epochs=5)["accuracy"]
     ref = B.reference_linear_probe(*features, 4, epochs=5)

@@ -7,7 +7,7 @@ import xarray as xr
 
 from probes.evaluate import main, probe_all, probe_labels
 from probes.features import pixel_features
-from probes.knn import knn_accuracy
+from probes.nearest import knn_accuracy
 from runs.checkpoint import save_checkpoint
 from runs.data import load_dataset
 from runs.models import create_model

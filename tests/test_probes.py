@@ -7,8 +7,8 @@ from sklearn.datasets import load_digits
 from sklearn.neighbors import KNeighborsClassifier
 
 from probes.features import extract_features, pixel_features
-from probes.knn import knn_accuracies, knn_accuracy, knn_predict
-from probes.linear import linear_probe_lbfgs, linear_probe_sgd, standardize, stratified_split
+from probes.logistic import linear_probe_lbfgs, linear_probe_sgd, standardize, stratified_split
+from probes.nearest import knn_accuracies, knn_accuracy, knn_predict
 from runs.errors import UserError
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

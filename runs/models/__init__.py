@@ -3,10 +3,14 @@
 Every model is a `Classifier`: `encoder` (image -> embedding), `fc` (embedding -> logits,
 replaceable) and `embed_dim`. Weights come from an explicit seed, so the same seed gives
 bit-identical weights: the paper rebuilds its random teacher from a seed alone.
+
+Your own model: `@register` a factory `fn(num_classes, width, in_channels, **kw)` returning
+a Classifier, or pass `--model my_package.my_module:factory` to any CLI (see base.py);
+`allow("my_package.my_module")` lets checkpoints naming that module load in Python.
 """
 
 # Importing the families registers their names.
 from runs.models import head, resnet, small, vgg  # noqa: F401
-from runs.models.base import MODELS, Classifier, create_model, model_spec
+from runs.models.base import MODELS, Classifier, allow, create_model, model_spec, register
 
-__all__ = ["MODELS", "Classifier", "create_model", "model_spec"]
+__all__ = ["MODELS", "Classifier", "allow", "create_model", "model_spec", "register"]

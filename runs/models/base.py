@@ -1,12 +1,157 @@
-"""The Classifier wrapper, the registry and seeded construction."""
+"""The Classifier wrapper, the registry (built-in and user models) and seeded construction.
+
+A user's model is a factory `fn(num_classes, width, in_channels, **kw) -> nn.Module` that
+returns a module with the Classifier protocol: `encoder` (images (B, C, H, W) -> (B, D)),
+`fc` (an nn.Linear D -> num_classes) and `embed_dim` (D). Wrap any network as
+`Classifier(encoder, embed_dim, num_classes)`. Two ways to name it:
+
+    @runs.models.register              # under the function's name, in this process
+    def my_net(num_classes=10, width=1.0, in_channels=3): ...
+
+    --model my_package.my_module:my_net   # any CLI; the module is imported, the factory
+                                          # registered under exactly that name
+
+Checkpoints record the name; a `module:factory` name imports its module only when the user
+allowed it (runs.usercode), so a checkpoint never runs code on its own.
+"""
+
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from runs import usercode
 from runs.errors import UserError
 from runs.registry import Registry
 
-MODELS = Registry("model")
+PROTOCOL = ("encoder", "fc", "embed_dim")  # what every model of the store's CLIs has
+
+
+class LiveNames(Sequence):
+    """The registered names, sorted, as they are when read (not when made): the `--model`
+    choices of a config class made at import still accept a model registered later."""
+
+    def __init__(self, registry: Registry):
+        self._registry = registry
+
+    def __getitem__(self, index):
+        return self._registry.names_now()[index]
+
+    def __iter__(self):
+        return iter(self._registry.names_now())
+
+    def __len__(self) -> int:
+        return len(self._registry.names_now())
+
+    def __contains__(self, name) -> bool:
+        return name in self._registry
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(self._registry.names_now())
+
+
+class ModelRegistry(Registry):
+    """The model registry: live `names()`, and `pkg.mod:factory` names resolved on demand
+    from modules the user allowed (else refused, saying which flag allows it)."""
+
+    def names(self) -> LiveNames:
+        return LiveNames(self)
+
+    def names_now(self) -> list[str]:
+        return super().names()
+
+    def get(self, name: str, source: str = None) -> Callable:
+        if name in self or not usercode.is_qualified(name):
+            return super().get(name)
+        module, _ = usercode.split_qualified(name)
+        if not usercode.is_allowed(module):
+            where = f"{source}: " if source else ""
+            raise UserError(f"{where}model {name!r} comes from module {module}; pass "
+                            f"--import {module} to allow it")
+        return use(name)
+
+    def put(self, name: str, fn: Callable) -> None:
+        """Add or replace an entry (the checks are `register`'s)."""
+        self._entries[name] = fn
+
+
+MODELS = ModelRegistry("model")
+_user_names: set[str] = set()  # names registered by the user (may be registered again)
+
+
+def register(fn: Callable = None, *, name: str = None):
+    """Register a user's model factory `fn(num_classes, width, in_channels, **kw)`.
+
+    Its name is `name` or the function's own. Registering a user name again replaces the
+    entry (re-running a notebook cell); a built-in name is refused. The defining module is
+    allowed, so checkpoints naming `module:factory` of it load in this process.
+    """
+    def add(fn):
+        key = name or fn.__name__
+        _check_factory(fn, key)
+        if key in MODELS and key not in _user_names:
+            raise UserError(f"model name {key!r} is built in; register yours under another "
+                            f"name (register(name=...))")
+        MODELS.put(key, fn)
+        _user_names.add(key)
+        if getattr(fn, "__module__", "__main__") not in ("__main__", None):
+            usercode.allow(fn.__module__)
+        return fn
+
+    return add(fn) if fn is not None else add
+
+
+def allow(module: str) -> None:
+    """Let checkpoints whose model comes from `module` (`module:factory`) import it: the
+    Python form of `--import module`."""
+    usercode.allow(module)
+
+
+def use(name: str, flag: str = None) -> Callable:
+    """The factory a `pkg.mod:factory` name gives: pkg.mod imported (and allowed: the
+    user named it), the factory registered under exactly that name."""
+    if name in MODELS:
+        return MODELS.get(name)
+    what = f"{flag} {name}" if flag else f"model {name!r}"
+    module_name, attr = usercode.split_qualified(name)
+    fn = usercode.import_module(module_name, what=what)
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise UserError(f"{what}: module {module_name} has no {attr!r}")
+    if not callable(fn):
+        raise UserError(f"{what}: {module_name}.{attr} is not callable")
+    return register(fn, name=name)
+
+
+def _check_factory(fn: Callable, name: str) -> None:
+    try:
+        inspect.signature(fn).bind(num_classes=10, width=1.0, in_channels=3)
+    except TypeError:
+        raise UserError(f"model {name!r}: its factory must take num_classes, width and "
+                        f"in_channels as keywords, e.g. def {getattr(fn, '__name__', 'net')}"
+                        f"(num_classes=10, width=1.0, in_channels=3)") from None
+    except ValueError:  # no signature to read (a builtin): nothing to check
+        pass
+
+
+def check_protocol(model, name: str) -> None:
+    """A UserError naming what a factory's module lacks of `encoder`, `fc`, `embed_dim`."""
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model {name!r}: its factory returned a {type(model).__name__}, "
+                        f"not an nn.Module")
+    missing = [attr for attr in PROTOCOL if not hasattr(model, attr)]
+    if not missing and not isinstance(model.fc, nn.Linear):
+        missing = ["fc (an nn.Linear)"]
+    if missing:
+        raise UserError(f"model {name!r}: its factory returned a {type(model).__name__} "
+                        f"without {', '.join(missing)}; the store's commands need encoder "
+                        f"(images -> (B, D)), fc (nn.Linear D -> classes) and embed_dim D: "
+                        f"return runs.models.Classifier(encoder, embed_dim, num_classes)")
 
 
 class Classifier(nn.Module):
@@ -36,6 +181,7 @@ def create_model(name: str, num_classes: int = 10, width: float = 1.0, in_channe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = builder(num_classes=num_classes, width=width, in_channels=in_channels, **kwargs)
+    check_protocol(model, name)
     model.spec = dict(name=name, num_classes=num_classes, width=width,
                       in_channels=in_channels, seed=seed, **kwargs)
     return model
@@ -45,10 +191,17 @@ def create_model(name: str, num_classes: int = 10, width: float = 1.0, in_channe
 BUILDERS = {"model": create_model}
 
 
-def build(spec: dict) -> nn.Module:
-    """Rebuild a module from the spec that `create_model` (or another builder) recorded."""
+def build(spec: dict, source: str = None) -> nn.Module:
+    """Rebuild a module from the spec that `create_model` (or another builder) recorded.
+
+    `source` (the file the spec came from) is named when the spec's model comes from a
+    module the user did not allow (`pkg.mod:factory` without --import pkg.mod).
+    """
     kwargs = dict(spec)
-    builder = BUILDERS[kwargs.pop("registry", "model")]
+    registry = kwargs.pop("registry", "model")
+    builder = BUILDERS[registry]
+    if registry == "model":
+        MODELS.get(kwargs.get("name"), source)  # refuses, naming the file, before any import
     return builder(kwargs.pop("name"), **kwargs)
 
 
