@@ -230,7 +230,7 @@ def layout(plan: Plan) -> tuple[dict, dict, tuple, dict]:
     attrs = {"bn_mode": plan.cfg.bn_mode, "geometry": geometry.kind,
              "anchor_coords": geometry.anchor_coords, "coordinate_unit": geometry.unit,
              "parts": "+".join(n for n in ("encoder", "fc", "head", "net")
-                               if getattr(plan.anchors[0].subject, n) is not None)}
+                               if getattr(plan.anchors[0].subject, n, None) is not None)}
     if geometry.kind == "plane":
         attrs["plane_basis"] = plan.cfg.basis
     return coords, metrics, point_dims, attrs
