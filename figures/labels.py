@@ -27,6 +27,13 @@ def config_dataset(config: dict) -> str:
     return dataset_name(config.get("dataset", ""), config.get("data_root") or "")
 
 
+def moved(result) -> str:
+    """What a scan moved, for titles: "encoder+fc", "encoder+head", or "whole network"
+    (a caller's own module through the Python API)."""
+    parts = str(result.attrs.get("parts", ""))
+    return "whole network" if parts == "net" else parts
+
+
 def parse(ref: str) -> dict:
     """{"source", "step", "parts", "kind", "seed"} of a reference ('' where absent)."""
     match = _REF.match(ref.strip())

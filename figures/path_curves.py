@@ -10,7 +10,7 @@ import json
 import numpy as np
 
 from figures import style
-from figures.labels import anchor_labels, config_dataset
+from figures.labels import anchor_labels, config_dataset, moved
 from figures.sources import has, load, pick, save_each
 
 NAME = "interpolate-1d"
@@ -82,7 +82,7 @@ def build(result):
     for ax in flat[len(chosen):]:
         ax.set_visible(False)
     flat[0].legend(frameon=False, fontsize="x-small")
-    fig.suptitle(f"{config_dataset(result.config)}: {result.attrs.get('parts', '')}, "
+    fig.suptitle(f"{config_dataset(result.config)}: {moved(result)}, "
                  f"BN {result.attrs.get('bn_mode', '')}", fontsize="small")
     return fig
 

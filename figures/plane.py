@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib import colors, patheffects, ticker
 
 from figures import style
-from figures.labels import anchor_labels, config_dataset
+from figures.labels import anchor_labels, config_dataset, moved
 from figures.sources import has, load, pick, save_each
 
 NAME = "plane"
@@ -147,7 +147,7 @@ def build(result):
         draw_norm(axes[0][0], result)
         axes[0][0].set_title(f"{chosen[0][2]} (dashed: ‖θ‖)", fontsize="small")
     config = result.config
-    fig.suptitle(f"{config_dataset(config)}: {result.attrs.get('parts', '')}, "
+    fig.suptitle(f"{config_dataset(config)}: {moved(result)}, "
                  f"BN {result.attrs.get('bn_mode', '')}", fontsize="small")
     return fig
 

@@ -140,7 +140,7 @@ def _config(models, names, grid, data, metrics, bn_mode, teacher, options) -> tu
         refs=tuple(str(n) for n in names), grid=_grid_text(grid["alpha"]),
         beta_grid=_grid_text(grid["beta"]) if "beta" in grid else "",
         metrics=tuple(metrics), bn_mode=bn_mode,
-        dataset=data if isinstance(data, str) else "",
+        dataset=data if isinstance(data, str) else "",  # in-memory data: named by _eval_data
         teacher="teacher" if teacher is not None else "", **options)
     return cfg, runtime
 
@@ -162,7 +162,8 @@ def _scan(models, names, grid, data, test, metrics, bn_mode, teacher, embed, opt
     anchors = [module_anchor(m, label, with_fc, with_head, embed)
                for m, label in zip(models, cfg.refs)]
     check_same_architecture(anchors)
-    loaded = _eval_data(cfg, data, test, device, runtime["batch_size"], measures.needs_data)
+    loaded, cfg = _eval_data(cfg, data, test, device, runtime["batch_size"],
+                             measures.needs_data)
     inputs = [anchor.record for anchor in anchors]
     subject = _teacher(teacher, anchors[0], inputs) if with_head else None
     plan = I.make_plan(cfg, anchors, measures, loaded, subject, inputs, device)
@@ -177,14 +178,15 @@ def _check_embedding(models, embed) -> None:
                         "embed=callable(module, images) (the models have no `encoder`)")
 
 
-def _eval_data(cfg, data, test, device, batch_size, needed):
+def _eval_data(cfg, data, test, device, batch_size, needed) -> tuple:
+    """(EvalData or None, cfg naming the data: "tensors", a Dataset's class, or the name)."""
     if not needed:
-        return None
-    root = cfg.data_root or None
-    train, test = as_splits(data, test, root=root)
-    return eval_data(train, test, device, batch_size, cfg.train_samples, cfg.test_samples,
-                     cfg.bn_samples, cfg.bn_batch_size, cfg.seed,
-                     with_bn=cfg.bn_mode == "recalibrate")
+        return None, cfg
+    train, test = as_splits(data, test, root=cfg.data_root or None)
+    loaded = eval_data(train, test, device, batch_size, cfg.train_samples, cfg.test_samples,
+                       cfg.bn_samples, cfg.bn_batch_size, cfg.seed,
+                       with_bn=cfg.bn_mode == "recalibrate")
+    return loaded, dataclasses.replace(cfg, dataset=train.info.name)
 
 
 def _teacher(teacher, anchor, inputs: list) -> Subject:

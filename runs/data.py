@@ -217,18 +217,19 @@ def as_image_data(data, what: str = "data", like: DatasetInfo = None) -> ImageDa
     images (or of `like`, the train split's); float images are used as they are (already
     normalised, as a torchvision transform leaves them). A `torch.utils.data.Dataset` is read
     item by item: (image, label) with images as tensors, PIL images or (H, W[, C]) arrays.
-    what: the argument's name, for errors.
+    what: the argument's name, for errors. The data's name (`info.name`) is "tensors" for a
+    pair, the Dataset's class name for a Dataset.
     """
     if isinstance(data, ImageData):
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        images, labels = data
+        (images, labels), name = data, "tensors"
     elif isinstance(data, torch.utils.data.Dataset):
-        images, labels = _read_items(data, what)
+        (images, labels), name = _read_items(data, what), type(data).__name__
     else:
         raise UserError(f"{what}: expected a dataset name, a pair (images, labels) of tensors "
                         f"or a torch.utils.data.Dataset; got {type(data).__name__}")
-    return _wrap(images, torch.as_tensor(labels), what, like)
+    return _wrap(images, torch.as_tensor(labels), what, like, name)
 
 
 def _read_items(dataset, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +253,7 @@ def _image_tensor(image) -> torch.Tensor:
     return array[None] if array.dim() == 2 else array.permute(2, 0, 1).contiguous()
 
 
-def _wrap(images, labels, what: str, like: DatasetInfo | None) -> ImageData:
+def _wrap(images, labels, what: str, like: DatasetInfo | None, name: str) -> ImageData:
     if images.dim() != 4:
         raise UserError(f"{what}: images must be (N, C, H, W), got shape {tuple(images.shape)}")
     if images.dtype != torch.uint8 and not images.is_floating_point():
@@ -272,7 +273,7 @@ def _wrap(images, labels, what: str, like: DatasetInfo | None) -> ImageData:
         mean, std = (0.0,) * channels, (1.0,) * channels
     num_classes = max(int(labels.max()) + 1 if len(labels) else 1,
                       like.num_classes if like is not None else 1)
-    info = DatasetInfo(name=what, num_classes=num_classes, mean=tuple(mean), std=tuple(std),
+    info = DatasetInfo(name=name, num_classes=num_classes, mean=tuple(mean), std=tuple(std),
                        image_size=size, channels=channels,
                        class_names=tuple(str(c) for c in range(num_classes)))
     return ImageData(x=images.contiguous(), y=labels.long(), info=info)
