@@ -156,7 +156,10 @@ def job_specs(argv, n: int) -> list[list[str]]:
             full = sorted(flag for flag in FLAGS if flag.startswith(name))
             raise UserError(f"{name}: write launcher flags in full ({', '.join(full)})")
     cut = base.index("--") if "--" in base else len(base)
-    return [[*base[:cut], "--shard", f"{i}/{n}", *base[cut:]] for i in range(n)]
+    # --import was taken off argv by the cli wrapper: every task must import the same modules
+    from runs.usercode import allowed_modules
+    imports = [item for module in allowed_modules() for item in ("--import", module)]
+    return [[*imports, *base[:cut], "--shard", f"{i}/{n}", *base[cut:]] for i in range(n)]
 
 
 def run_job(module: str, argv: list[str]) -> int:

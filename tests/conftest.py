@@ -17,6 +17,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_user_modules():
+    """Modules a test allows (--import, @register) stay that test's: the allow-list is
+    process-wide, and xdist runs many tests in one process."""
+    from runs import usercode
+    before = set(usercode._allowed)
+    yield
+    usercode._allowed.clear()
+    usercode._allowed.update(before)
+
+
 @pytest.fixture
 def tiny_images():
     """16 random uint8 images (16, 3, 8, 8) with labels 0..3."""

@@ -35,6 +35,14 @@ def launcher_args(argv) -> argparse.Namespace:
     return add_launcher_args(argparse.ArgumentParser()).parse_args(argv)
 
 
+def test_job_specs_pass_the_allowed_modules_on_as_import_flags():
+    """--import was taken off argv before main: each task must import the same modules."""
+    from runs import usercode
+    usercode.allow("my_lab.models")
+    assert job_specs(["a", "--shards", "2"], 2)[1] == ["--import", "my_lab.models", "a",
+                                                      "--shard", "1/2"]
+
+
 def test_job_specs_give_each_task_its_shard_and_no_launcher_flags():
     argv = ["a.pt", "b.pt", "--grid=-1:1:5", "--launcher", "slurm", "--shards=3", "--no-wait",
             "--slurm-partition", "gpu", "--slurm-options", "gres=gpu:1", "mail-type=END",

@@ -71,7 +71,8 @@ class ModelRegistry(Registry):
         if not usercode.is_allowed(module):
             where = f"{source}: " if source else ""
             raise UserError(f"{where}model {name!r} comes from module {module}; pass "
-                            f"--import {module} to allow it")
+                            f"--import {module} to allow it (from Python: "
+                            f"runs.models.allow({module!r}))")
         return use(name)
 
     def put(self, name: str, fn: Callable) -> None:
