@@ -47,7 +47,7 @@ def parse(ref: str) -> dict:
             "kind": run["kind"] if run else "", "seed": seed}
 
 
-RECIPE_ALPHA = 1e-10  # the paper's student init (runs.distill's default)
+RECIPE_ALPHA = 1e-10  # the paper's student init (runs.models.head.RECIPE_ALPHA)
 
 
 def ref_label(ref: str, record: dict = None) -> str:

@@ -27,8 +27,8 @@ from landscape import interpolate as I
 from landscape.barrier import barriers as barrier_values
 from landscape.network import Subject, check_same_architecture, module_anchor
 from landscape.points import eval_data
-from runs import engine
 from runs.data import as_splits
+from runs.device import resolve_device, use_bf16
 from runs.errors import UserError, unknown
 
 # Options of every scan: InterpolateConfig's fields a caller may set, and how it runs.
@@ -149,8 +149,8 @@ def _scan(models, names, grid, data, test, metrics, bn_mode, teacher, embed, opt
     cfg, runtime = _config(models, names, grid, data, metrics, bn_mode, teacher, options)
     I.check_shape(cfg)
     I.check_points_per_pass(runtime["points_per_pass"])
-    device = engine.resolve_device(runtime["device"])
-    bf16 = engine.use_bf16(device, runtime["precision"])
+    device = resolve_device(runtime["device"])
+    bf16 = use_bf16(device, runtime["precision"])
     cfg = dataclasses.replace(cfg, precision="bf16" if bf16 else "fp32")
     if "distill" in cfg.metrics and teacher is None:
         raise UserError("metrics distill needs teacher= (e.g. runs.load('RUN@init:teacher', "
@@ -192,8 +192,7 @@ def _eval_data(cfg, data, test, device, batch_size, needed) -> tuple:
 def _teacher(teacher, anchor, inputs: list) -> Subject:
     """The teacher of distill metrics: encoder + DINO head, frozen, in eval mode."""
     from runs.checkpoint import module_sha256
-    encoder = getattr(teacher, "encoder", None) or getattr(getattr(teacher, "model", None),
-                                                           "encoder", None)
+    encoder = getattr(teacher, "encoder", None)
     if encoder is None or getattr(teacher, "head", None) is None:
         raise UserError(f"teacher: needs an encoder and a DINO head (runs.load(ref, "
                         f"head=True)); {type(teacher).__name__} has none")

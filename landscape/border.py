@@ -37,12 +37,13 @@ from landscape.batchnorm import MODES, check_mode
 from landscape.interpolate import auto_points_per_pass
 from landscape.network import load_anchor
 from landscape.points import SPLITS, Measures, PointEvaluator, eval_data
-from runs import engine
 from runs.config import add_config_args, arg, config_from_args, from_dict, parse_steps
+from runs.device import resolve_device, use_bf16
+from runs.engines import engine
+from runs.engines.train import TrainConfig, load_data, train
 from runs.errors import UserError, cli
 from runs.launch import add_launcher_args, launch, launching
 from runs.store import Run, find_run, run_path
-from runs.train import TrainConfig, load_data, train
 
 ANALYSIS = "border"
 STATS = ("mean", "ci_low", "ci_high")
@@ -112,7 +113,7 @@ def alpha_starts(run_dirs) -> list[Start]:
 def alpha_sweep_starts(run_dir: str, alphas: str, store: str) -> list[Start]:
     """A distillation run's config at each alpha (distilled now unless the store has it),
     then the students' last steps as start points: the basin border along alpha."""
-    from runs.distill import DistillConfig, distill
+    from runs.engines.distill import DistillConfig, distill
     record = find_run(run_dir).config()
     if record.get("kind") != "distill":
         raise UserError(f"--alphas {run_dir}: a {record.get('kind')} run; the template must be "
@@ -254,8 +255,8 @@ def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store:
         raise UserError(f"--eval-batch-size {batch_size}: must be at least 1 image")
     alphas = G.parse_grid(cfg.grid)
     barriers(np.zeros(len(alphas)), np.zeros(len(alphas)), alphas)  # 0 and 1 on the grid
-    device = engine.resolve_device(device)
-    bf16 = engine.use_bf16(device, precision)
+    device = resolve_device(device)
+    bf16 = use_bf16(device, precision)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
     children = {s.label: child_configs(s, template, cfg.children) for s in starts}
     config = {"border": dataclasses.asdict(cfg), "train": dataclasses.asdict(template),

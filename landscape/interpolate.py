@@ -36,8 +36,9 @@ from landscape.network import (
 )
 from landscape.params import BASES
 from landscape.points import METRICS, SPLITS, EvalData, Measures, PointEvaluator, eval_data
-from runs import engine
 from runs.config import add_config_args, arg, config_from_args
+from runs.data import holdout, load_splits, parse_data_options
+from runs.device import PRECISIONS, resolve_device, use_bf16
 from runs.errors import UserError, cli
 from runs.launch import add_launcher_args, launch, launching
 
@@ -139,10 +140,9 @@ def resolve_data(cfg: InterpolateConfig) -> InterpolateConfig:
 
 
 def load_data(cfg: InterpolateConfig, device, batch_size: int) -> EvalData:
-    from runs.distill import data_options
-    train, test = engine.load_splits(cfg.dataset, cfg.data_root, cfg.subset, seed=0,
-                                     **data_options(cfg))
-    train, _ = engine.holdout(train, cfg.val_size, seed=0)
+    train, test = load_splits(cfg.dataset, cfg.data_root, cfg.subset, seed=0,
+                              **parse_data_options(cfg.data_options))
+    train, _ = holdout(train, cfg.val_size, seed=0)
     return eval_data(train, test, device, batch_size, cfg.train_samples, cfg.test_samples,
                      cfg.bn_samples, cfg.bn_batch_size, cfg.seed,
                      with_bn=cfg.bn_mode == "recalibrate")
@@ -251,8 +251,8 @@ def scan(cfg: InterpolateConfig, out: str, device="auto", precision="auto",
     """Run (or resume) the scan; returns the path written. `stop_after`: passes to run
     before returning early, as if killed (tests)."""
     from runs.results import parse_shard, shard_path
-    device = engine.resolve_device(device)
-    bf16 = engine.use_bf16(device, precision)
+    device = resolve_device(device)
+    bf16 = use_bf16(device, precision)
     cfg = dataclasses.replace(cfg, precision="bf16" if bf16 else "fp32")
     if set(cfg.metrics) - {"norm"}:
         cfg = resolve_data(cfg)
@@ -343,7 +343,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a result file of "
                    "another config")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=engine.PRECISIONS,
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--points-per-pass", type=int, default=0, help="parameter sets "
                    "evaluated together under vmap; 1 = the one-at-a-time reference path; "

@@ -182,8 +182,7 @@ def module_anchor(model: nn.Module, label: str, with_fc: bool, with_head: bool,
     CLI does; any other classifier moves whole, its embedding read off the layer `embed`
     names (or computed by embed(module, images)). The module itself is never changed.
     """
-    encoder = getattr(model, "encoder", None) or getattr(getattr(model, "model", None),
-                                                         "encoder", None)
+    encoder = getattr(model, "encoder", None)
     if with_head and (getattr(model, "head", None) is None or encoder is None):
         raise UserError(f"{label}: distill metrics need an encoder and a DINO head (e.g. "
                         f"runs.load('RUN@last', head=True)); {type(model).__name__} has none")

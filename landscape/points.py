@@ -27,10 +27,9 @@ from landscape.batchnorm import BatchedBN, bn_layers, recalibrate, swap_batchnor
 from landscape.geometry import Geometry, point_norms
 from landscape.network import Subject
 from runs.data import ImageData
-from runs.engine import autocast as engine_autocast
-from runs.engine import eval_loader
+from runs.device import autocast as device_autocast
 from runs.errors import UserError, unknown
-from runs.gpu_loader import GPULoader
+from runs.gpu_loader import GPULoader, eval_loader
 
 METRICS = ("supervised", "distill", "knn", "norm")
 SPLITS = ("train", "test")
@@ -218,7 +217,7 @@ class PointEvaluator:
         self._twin = None
 
     def autocast(self):
-        return engine_autocast(self.device, self.bf16) if self.bf16 else contextlib.nullcontext()
+        return device_autocast(self.device, self.bf16) if self.bf16 else contextlib.nullcontext()
 
     def evaluate(self, coords: np.ndarray, batched: bool = True) -> list[dict]:
         """One {metric: numpy value} per row of coords (P, K), in order."""

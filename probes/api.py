@@ -261,7 +261,7 @@ def _home(model: nn.Module) -> torch.device | None:
 
 def _device(device) -> torch.device:
     """'auto', a name or a torch.device, checked; CUDA with its index (as parameters say)."""
-    from runs.engine import resolve_device
+    from runs.device import resolve_device
     device = resolve_device(str(device))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -18,10 +18,10 @@ import numpy as np
 
 from probes.api import FEATURES, PIXELS, PROBES, fill_probes, probe_all, probe_labels, probe_result
 from runs.data import load_dataset
-from runs.distill import DistillConfig
-from runs.engine import resolve_device
+from runs.device import resolve_device
 from runs.errors import UserError, cli
 from runs.launch import LAUNCH_FIELDS, add_launcher_args, launch, launching
+from runs.models.head import RECIPE_ALPHA
 
 # probe_all, probe_labels, PROBES and FEATURES live in probes.api; named here for the CLI's
 # callers (tests, figures' fixtures).
@@ -47,8 +47,8 @@ class LoadedModels(Mapping):
         return len(self.refs)
 
 
-# The recipe's student starts at its teacher (alpha tiny, not 0); other alphas are rows apart.
-RECIPE_ALPHA = DistillConfig.alpha
+# The recipe's student starts at its teacher (alpha tiny, not 0: RECIPE_ALPHA); other alphas
+# are rows apart.
 
 
 def describe(ref: str, info) -> dict:

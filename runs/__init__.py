@@ -1,6 +1,19 @@
-"""Base package: models, data, checkpoints, training and results I/O.
+"""Models, data, checkpoints, training and results I/O, in three layers.
 
-`runs` imports none of its siblings (probes, landscape, tickets, figures).
+    runs/           the base: errors, config, registry, store, checkpoint, results, data,
+                    datasets/, gpu_loader, device, models/, refs, importers, dinopl, usercode,
+                    launch; and api (runs.load, runs.run_train: the Python door, which calls
+                    the engines)
+    runs/engines/   the training engines: engine (what they share), train, distill,
+                    distributed, masking. They import the base.
+    runs/studies/   programs over every package: pipeline (+ presets/), reproduce, crashtest,
+                    bench/. The only part of `runs` that uses probes, landscape and tickets,
+                    always through imports inside functions.
+
+The base and the engines import none of the siblings (probes, landscape, tickets, figures)
+at import time; the analyses sit above them. Thin doors keep the commands' names:
+runs/train.py, distill.py, pipeline.py, bench.py, crashtest.py and reproduce.py only import
+their command's `main`, so `python -m runs.train` runs runs.engines.train.
 
     import runs
     model = runs.load("store/train_ab12cd34/seed_0@last")        # any checkpoint reference

@@ -8,8 +8,8 @@
     student = runs.load("store/distill_ab12cd34/seed_0@last", head=True)
 
 `run_train` and `run_distill` go through the same function as `python -m runs.train` and
-`python -m runs.distill` (runs.engine.run_config): the same settings give the same run folder
-and the same checkpoints, and a finished run is skipped, an unfinished one resumed.
+`python -m runs.distill` (runs.engines.engine.run_config): the same settings give the same run
+folder and the same checkpoints, and a finished run is skipped, an unfinished one resumed.
 """
 
 import os
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from runs.distill import DinoNet
 from runs.errors import UserError
+from runs.models.head import DinoNet
 from runs.store import Run
 
 __all__ = ["RunResult", "load", "run_distill", "run_train"]
@@ -47,7 +47,7 @@ def load(ref, part: str = None, head: bool = False) -> nn.Module:
     loaded = load_model(text)
     model = loaded.model
     if head:
-        model = DinoModel(model, load_head(text, loaded.payload))
+        model = DinoNet(model, load_head(text, loaded.payload))
     return model.cpu().eval()
 
 
@@ -58,15 +58,6 @@ def _ref_text(ref) -> str:
         return os.fspath(ref)
     raise UserError(f"cannot load {type(ref).__name__}: give a checkpoint reference "
                     f"(e.g. store/train_ab12cd34/seed_0@last), a path or a run")
-
-
-class DinoModel(DinoNet):
-    """A DinoNet (keys `model.*`, `head.*`; images (B, C, H, W) -> head logits (B, out_dim))
-    with `.encoder`, the embedding (B, embed_dim) that probes read."""
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.model.encoder
 
 
 @dataclass(frozen=True)
@@ -98,7 +89,7 @@ def run_train(model: str = "convnet", data="digits", store="store", steps="10ep"
     other TrainConfig field (width=0.25, batch_size=64, lr=0.05, ...); unknown ones are a
     UserError listing the valid ones. Returns None on torchrun ranks other than 0.
     """
-    from runs.train import TrainConfig, load_data, train
+    from runs.engines.train import TrainConfig, load_data, train
     return _run(TrainConfig, load_data, train, model, data, test, store, steps, seed, device,
                 save_at, precision, compile_model, fields)
 
@@ -112,7 +103,7 @@ def run_distill(model: str = "convnet", data="digits", store="store", steps="10e
     teacher_seed=7, data_options=("side=8",), ...). `result.load(head=True)` gives the
     student with its DINO head, `result.load(part="teacher")` the random teacher.
     """
-    from runs.distill import DistillConfig, distill, load_data
+    from runs.engines.distill import DistillConfig, distill, load_data
     return _run(DistillConfig, load_data, distill, model, data, test, store, steps, seed,
                 device, save_at, precision, compile_model, fields)
 
@@ -158,7 +149,7 @@ def _savez(path: Path, arrays: dict) -> None:
 
 def _run(config_cls, load_data, run_fn, model, data, test, store, steps, seed, device,
          save_at, precision, compile_model, fields) -> RunResult:
-    from runs import engine
+    from runs.engines import engine
     from runs.models.base import use
     if "dataset" in fields:
         raise UserError("give the dataset as data=..., not dataset=...")

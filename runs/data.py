@@ -9,6 +9,8 @@ Registered names (each a loader in `runs/datasets/`): cifar10, cifar100, stl10, 
 mnist, fashionmnist, digits (embedded, no root: the default small set), noise, npz, toy.
 After loading, the generic options apply in this order: `channels` (1 <-> 3), `size` (resize),
 `subset` (N images per class). `info` always describes the data as returned.
+Splits for the commands: `load_splits` (train and test), `holdout` (a stratified validation
+part of train), `parse_data_options` (--data-options key=value strings -> keyword options).
 """
 
 import inspect
@@ -27,7 +29,8 @@ from runs.errors import UserError, unknown
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR100_CLASSES", "CIFAR10_SUBSET", "DATASETS", "DatasetInfo",
            "ImageData", "as_image_data", "as_splits", "cifar10_subset_path", "convert_channels",
-           "dataset_info", "load_dataset", "pixel_stats", "resize", "take_subset"]
+           "dataset_info", "holdout", "load_dataset", "load_splits", "parse_data_options",
+           "pixel_stats", "resize", "take_subset"]
 
 # Real CIFAR-10 images for tests and CPU-sized checks (5085 train / 1017 test), kept in the
 # shared folder beside the repository, never inside it. Load with `cifar10_subset_path()`.
@@ -190,6 +193,64 @@ def take_subset(data: ImageData, per_class: int | None, seed: int, split: str) -
         picks.append(index[torch.randperm(len(index), generator=generator)[:per_class]])
     keep = torch.cat(picks).sort().values
     return ImageData(x=data.x[keep].contiguous(), y=data.y[keep], info=data.info)
+
+
+# ------------------------------------------------------------------------------------- splits
+
+
+def holdout(data: ImageData, size: int, seed: int) -> tuple[ImageData, ImageData]:
+    """Split `size` images off train, stratified by class and seeded: (train, validation).
+
+    Model selection (best epoch, early stopping) uses the validation part, never test.
+    """
+    if size <= 0:
+        return data, None
+    if size >= len(data.y):
+        raise UserError(f"--val-size {size}: must be below the {len(data.y)} training images")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.y), generator=gen)
+    classes = data.y[order]
+    # Round-robin over classes in shuffled order: each class gives its share to validation.
+    rank = torch.zeros_like(order)
+    for c in classes.unique():
+        members = (classes == c).nonzero().squeeze(1)
+        rank[members] = torch.arange(len(members))
+    frac = rank.float() / torch.bincount(classes)[classes].float()
+    val = order[torch.argsort(frac, stable=True)[:size]]
+    keep = torch.ones(len(data.y), dtype=torch.bool)
+    keep[val] = False
+    return (ImageData(data.x[keep], data.y[keep], data.info),
+            ImageData(data.x[val], data.y[val], data.info))
+
+
+def load_splits(dataset: str, root: str, subset: int, seed: int, **options):
+    """(train, test) of a dataset, train subset per class when `subset` > 0."""
+    kwargs = dict(root=root or None, seed=seed, **options)
+    train = load_dataset(dataset, split="train", subset=subset or None, **kwargs)
+    test = load_dataset(dataset, split="test", **kwargs)
+    return train, test
+
+
+def parse_data_options(items) -> dict:
+    """'key=value' strings (a `data_options` field, --data-options) -> a dataset's keyword
+    options: ints, floats, comma lists as tuples (`shape=3,32,32` -> (3, 32, 32))."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--data-options: expected key=value, got {item!r}")
+        parts = [_number(v) for v in value.split(",")]
+        out[key] = tuple(parts) if "," in value else parts[0]
+    return out
+
+
+def _number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 # ---------------------------------------------------------------------------- a caller's data

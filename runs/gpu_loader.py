@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from runs.datasets.base import ImageData
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -107,3 +109,9 @@ class GPULoader:
         if flips is not None and self.augment.flip:
             x = torch.where(flips[:, None, None, None], x.flip(3), x)
         return normalize(x, self.mean, self.std), self.y[idx]
+
+
+def eval_loader(data: ImageData, device, batch_size: int = 1024) -> GPULoader:
+    """A split in its order, every image once, no augmentation: for evaluation."""
+    return GPULoader(data.x, data.y, data.info.mean, data.info.std, batch_size, device,
+                     shuffle=False)

@@ -73,7 +73,7 @@ def border(path, children: int = 3) -> Path:
     """Random init and a distillation trajectory, laid out and summarised by
     landscape.border (`layout`, `start_values`)."""
     from landscape.border import BorderConfig, Start, layout, start_values
-    from runs.train import TrainConfig
+    from runs.engines.train import TrainConfig
     starts = [Start("random"), *[Start(f"{STUDENT}@{s}:encoder", init=f"{STUDENT}@{s}:encoder",
                                        alpha=1.0) for s in (0, 196, 392)]]
     alphas = np.linspace(0, 1, 5)
@@ -133,8 +133,8 @@ DISTILL_RUNS = ((0, "toy", 400, (0, 1), 1e-10), (5, "toy", 10, (0, 1), 1e-10),
 
 def distill_run(folder, subset: int, dataset: str, images: int, seed: int,
                 alpha: float = 1e-10) -> Path:
-    """One run's distill.h5, made by runs.distill.open_result."""
-    from runs.distill import DistillConfig, open_result
+    """One run's distill.h5, made by runs.engines.distill.open_result."""
+    from runs.engines.distill import DistillConfig, open_result
     cfg = DistillConfig(model="convnet", dataset=dataset, num_steps=40, subset=subset, seed=seed,
                         alpha=alpha, probe_dataset="toy" if dataset == "noise" else "")
     name = f"distill_{subset}{dataset}" + (f"_alpha{alpha:g}" if alpha != 1e-10 else "")

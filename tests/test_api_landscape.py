@@ -17,10 +17,9 @@ from landscape.barrier import barriers as barrier_values
 from landscape.interpolate import main as interpolate_main
 from runs.checkpoint import save_checkpoint
 from runs.data import load_dataset
-from runs.distill import DinoNet
 from runs.errors import UserError
 from runs.models import create_model
-from runs.models.head import create_head
+from runs.models.head import DinoNet, create_head
 from runs.results import PROVENANCE, read_dataset, save
 
 

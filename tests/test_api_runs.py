@@ -153,7 +153,7 @@ def test_load_plain_state_dict_and_dinopl(tmp_path):
 # --- run_train / run_distill = the CLIs ------------------------------------------------------
 
 def test_run_train_gives_the_cli_run(tmp_path):
-    from runs.train import main
+    from runs.engines.train import main
     assert main([*TRAIN, "--store", str(tmp_path / "cli")]) == 0
     cli_run = Run(next((tmp_path / "cli").glob("train_*/seed_0")))
     result = runs.run_train(store=tmp_path / "api", **TRAIN_KW)
@@ -200,7 +200,8 @@ def test_run_train_refuses_unknown_and_reserved_fields(tmp_path):
 
 
 def test_run_distill_gives_the_cli_run_and_loads_with_head(tmp_path):
-    from runs.distill import DinoNet, DistillConfig, build_pair, main, teacher_seed
+    from runs.engines.distill import DistillConfig, build_pair, main, teacher_seed
+    from runs.models.head import DinoNet
     assert main([*DISTILL, "--store", str(tmp_path / "cli")]) == 0
     cli_run = Run(next((tmp_path / "cli").glob("distill_*/seed_0")))
     result = runs.run_distill(store=tmp_path / "api", **DISTILL_KW)
@@ -248,7 +249,7 @@ def test_import_flags_are_taken_off_before_the_parser(fresh, tmp_path):
     (["--model", "apimodels_user:plain"], r"returned a Linear without encoder, fc, embed_dim"),
 ])
 def test_import_errors_are_one_line(fresh, tmp_path, capsys, argv, message):
-    from runs.train import main
+    from runs.engines.train import main
     (tmp_path / "apimodels_broken.py").write_text("X = 1\nY = 1 / 0\n")
     (tmp_path / "apimodels_user.py").write_text(USER_MODULE)
     assert main([*TRAIN, "--store", str(tmp_path / "store"), *argv]) == 2  # last --model wins
@@ -262,7 +263,7 @@ def test_import_errors_are_one_line(fresh, tmp_path, capsys, argv, message):
 
 def test_user_model_through_the_cli_then_loaded_only_when_allowed(fresh, tmp_path, capsys):
     from landscape.interpolate import main as interpolate
-    from runs.train import main as train
+    from runs.engines.train import main as train
     (tmp_path / "apimodels_user.py").write_text(USER_MODULE)
     store = tmp_path / "store"
     argv = ["--import", "apimodels_user", *TRAIN, "--store", str(store)]
@@ -296,7 +297,7 @@ def test_user_model_through_the_cli_then_loaded_only_when_allowed(fresh, tmp_pat
 
 
 def test_run_train_with_a_module_factory_matches_the_cli(fresh, tmp_path):
-    from runs.train import main
+    from runs.engines.train import main
     (tmp_path / "apimodels_user.py").write_text(USER_MODULE)
     argv = [*TRAIN, "--store", str(tmp_path / "cli")]
     argv[argv.index("convnet")] = "apimodels_user:net"
@@ -332,7 +333,7 @@ def test_register_decorator(fresh):
 
 
 def test_model_choices_follow_the_registry(fresh):
-    from runs.train import TrainConfig, parser
+    from runs.engines.train import TrainConfig, parser
     choices = next(f for f in TrainConfig.__dataclass_fields__.values()
                    if f.name == "model").metadata["choices"]
     assert "apimodels_later" not in choices

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import tickets
-from runs import train as train_module
+from runs.engines import train as train_module
 from runs.errors import UserError
 from runs.results import PROVENANCE
 from tickets.imp import main

@@ -36,11 +36,11 @@ import pytest
 import torch
 
 from runs.checkpoint import read_checkpoint, save_checkpoint
-from runs.distill import DistillConfig, distill
+from runs.engines.distill import DistillConfig, distill
+from runs.engines.train import TrainConfig, train
 from runs.models import create_model
 from runs.results import WriteLock, open_result
 from runs.store import Run, run_path
-from runs.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "convnet", "--width", "0.125", "--dataset", "toy", "--batch-size", "32",

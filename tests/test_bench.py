@@ -1,5 +1,5 @@
-"""runs.bench: each fast path and its plain reference compute the same thing; the CLI writes
-its JSON. Speed is never asserted."""
+"""runs.studies.bench (`python -m runs.bench`): each fast path and its plain reference compute
+the same thing; the CLI writes its JSON. Speed is never asserted."""
 
 import dataclasses
 import json
@@ -11,24 +11,54 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import bench as B
+from runs.studies.bench import report
+from runs.studies.bench.cli import main
+from runs.studies.bench.common import (
+    QUICK,
+    Bench,
+    Runner,
+    comparison,
+    fast_loader,
+    measure,
+    peak_tflops,
+    reference_loader,
+    synthetic_images,
+    table_peak,
+)
+from runs.studies.bench.landscape import section_landscape
+from runs.studies.bench.probes import (
+    fast_knn,
+    reference_linear_probe,
+    sklearn_knn,
+    synthetic_features,
+)
+from runs.studies.bench.report import ORDER, SCHEMA, goal_rows, goals_text, run_section, write
+from runs.studies.bench.tickets import prune_comparison
+from runs.studies.bench.training import (
+    fast_distill,
+    fast_eval,
+    fast_train,
+    reference_distill,
+    reference_eval,
+    reference_train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
-def tiny_bench(**changes) -> B.Bench:
+def tiny_bench(**changes) -> Bench:
     """ResNet18 at width 1/8, batch 8, no DataLoader workers: a second on a CPU."""
-    cfg = dataclasses.replace(B.QUICK, width=0.125, train_batch=8, distill_batch=8,
+    cfg = dataclasses.replace(QUICK, width=0.125, train_batch=8, distill_batch=8,
                               eval_batch=8, out_dim=256, hidden_dim=64, workers=0, **changes)
-    return B.Bench(cfg, CPU)
+    return Bench(cfg, CPU)
 
 
 def test_gpu_loader_batches_equal_torchvision_batches():
-    data = B.synthetic_images(40, seed=3)
+    data = synthetic_images(40, seed=3)
     bench = tiny_bench()
-    fast = B.fast_loader(data, 8, CPU, shuffle=False, augment=False)
-    ref = B.reference_loader(data, 8, bench, shuffle=False, augment=False)
+    fast = fast_loader(data, 8, CPU, shuffle=False, augment=False)
+    ref = reference_loader(data, 8, bench, shuffle=False, augment=False)
     pairs = list(zip(fast.epoch(0), ref))
     assert len(pairs) == 5
     for (x_fast, y_fast), (x_ref, y_ref) in pairs:
@@ -38,27 +68,27 @@ def test_gpu_loader_batches_equal_torchvision_batches():
 
 
 def test_augmented_batches_have_the_same_form():
-    data = B.synthetic_images(16, seed=0)
-    (x_fast, _), = list(B.fast_loader(data, 16, CPU).epoch(0))
-    (x_ref, _), = list(B.reference_loader(data, 16, tiny_bench()))
+    data = synthetic_images(16, seed=0)
+    (x_fast, _), = list(fast_loader(data, 16, CPU).epoch(0))
+    (x_ref, _), = list(reference_loader(data, 16, tiny_bench()))
     assert x_fast.shape == x_ref.shape and x_fast.dtype == x_ref.dtype
 
 
-def losses(runner: B.Runner, steps: int) -> torch.Tensor:
+def losses(runner: Runner, steps: int) -> torch.Tensor:
     return torch.stack([runner.step() for _ in range(steps)])
 
 
 def test_train_step_fast_and_reference_agree():
-    bench, data = tiny_bench(), B.synthetic_images(32, seed=0)
-    fast = B.fast_train(bench, data, shuffle=False, augment=False, precision="fp32")
-    ref = B.reference_train(bench, data, shuffle=False, augment=False)
+    bench, data = tiny_bench(), synthetic_images(32, seed=0)
+    fast = fast_train(bench, data, shuffle=False, augment=False, precision="fp32")
+    ref = reference_train(bench, data, shuffle=False, augment=False)
     torch.testing.assert_close(losses(fast, 4), losses(ref, 4), rtol=1e-5, atol=1e-6)
 
 
 def test_distill_step_fast_and_reference_agree():
-    bench, data = tiny_bench(), B.synthetic_images(32, seed=0)
-    fast = B.fast_distill(bench, data, shuffle=False, precision="fp32")
-    ref = B.reference_distill(bench, data, shuffle=False)
+    bench, data = tiny_bench(), synthetic_images(32, seed=0)
+    fast = fast_distill(bench, data, shuffle=False, precision="fp32")
+    ref = reference_distill(bench, data, shuffle=False)
     torch.testing.assert_close(losses(fast, 4), losses(ref, 4), rtol=1e-5, atol=1e-6)
 
 
@@ -68,10 +98,10 @@ def test_bf16_fast_path_follows_the_fp32_reference(path):
     fp32 reference's loss curve within bf16 precision: the first step to 1 % (bf16 keeps 8
     bits of mantissa), 8 steps to 5 % as rounding compounds through SGD. And it does round:
     its curve is not the fp32 fast path's bit for bit."""
-    bench, data = tiny_bench(), B.synthetic_images(32, seed=0)
-    fast, ref = {"train": (partial(B.fast_train, augment=False),
-                           partial(B.reference_train, augment=False)),
-                 "distill": (B.fast_distill, B.reference_distill)}[path]
+    bench, data = tiny_bench(), synthetic_images(32, seed=0)
+    fast, ref = {"train": (partial(fast_train, augment=False),
+                           partial(reference_train, augment=False)),
+                 "distill": (fast_distill, reference_distill)}[path]
     bf16, fp32 = (losses(fast(bench, data, shuffle=False, precision=p), 8).float()
                   for p in ("bf16", "fp32"))
     reference = losses(ref(bench, data, shuffle=False), 8)
@@ -81,8 +111,8 @@ def test_bf16_fast_path_follows_the_fp32_reference(path):
 
 
 def test_eval_fast_and_reference_agree():
-    bench, data = tiny_bench(), B.synthetic_images(20, seed=1)
-    fast, ref = B.fast_eval(bench, data).step(), B.reference_eval(bench, data).step()
+    bench, data = tiny_bench(), synthetic_images(20, seed=1)
+    fast, ref = fast_eval(bench, data).step(), reference_eval(bench, data).step()
     assert fast["accuracy"] == ref["accuracy"]
     assert fast["loss"] == pytest.approx(ref["loss"], rel=1e-5)
 
@@ -90,17 +120,17 @@ def test_eval_fast_and_reference_agree():
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_knn_fast_path_matches_sklearn(metric):
     features = [t.double() if t.is_floating_point() else t
-                for t in B.synthetic_features(600, 200, 16, 5, seed=1)]
-    fast = B.fast_knn(features, CPU, metric)()
-    assert fast == B.sklearn_knn(*features, metric=metric)
+                for t in synthetic_features(600, 200, 16, 5, seed=1)]
+    fast = fast_knn(features, CPU, metric)()
+    assert fast == sklearn_knn(*features, metric=metric)
     assert 0.3 < fast < 1.0  # the features carry class structure, not too much
 
 
 def test_reference_linear_probe_learns_like_the_fast_one():
     from probes.logistic import linear_probe_sgd
-    features = B.synthetic_features(1000, 300, 16, 4, seed=2)
+    features = synthetic_features(1000, 300, 16, 4, seed=2)
     fast = linear_probe_sgd(*features, 4, epochs=5)["accuracy"]
-    ref = B.reference_linear_probe(*features, 4, epochs=5)
+    ref = reference_linear_probe(*features, 4, epochs=5)
     assert abs(fast - ref) < 0.05
 
 
@@ -108,7 +138,7 @@ def test_landscape_batched_serial_and_reference_agree():
     pytest.importorskip("landscape.points")
     bench = tiny_bench(path_points=4, points_per_pass=3, bn_images=16, path_images=16,
                        path_test_images=8, reference_points=2)
-    comp = B.section_landscape(bench)["comparisons"]["path4_bn_recalibrate"]
+    comp = section_landscape(bench)["comparisons"]["path4_bn_recalibrate"]
     checks = comp["checks"]
     assert checks["max_abs_loss_diff_fast"] < 1e-4  # on the 2 points the reference measures
     assert checks["max_abs_loss_diff_serial"] < 1e-4
@@ -119,20 +149,20 @@ def test_landscape_batched_serial_and_reference_agree():
 
 def test_prune_fast_and_reference_agree():
     pytest.importorskip("tickets.prune")
-    comp = B.prune_comparison(tiny_bench(prune_repeats=1))
+    comp = prune_comparison(tiny_bench(prune_repeats=1))
     assert comp["checks"]["masks_equal"]
 
 
 def test_peak_table_and_comparison_arithmetic():
-    assert B.table_peak("NVIDIA H100 80GB HBM3") == 989.4
-    assert B.table_peak("NVIDIA H100 PCIe") == 756.0
-    assert B.table_peak("NVIDIA H200") == 989.4
-    assert B.table_peak("NVIDIA A100-SXM4-80GB") == 312.0
-    assert B.table_peak("NVIDIA L40S") == 362.0 and B.table_peak("NVIDIA L4") == 121.0
-    assert B.table_peak("NVIDIA A10G") is None and B.peak_tflops(CPU) is None
+    assert table_peak("NVIDIA H100 80GB HBM3") == 989.4
+    assert table_peak("NVIDIA H100 PCIe") == 756.0
+    assert table_peak("NVIDIA H200") == 989.4
+    assert table_peak("NVIDIA A100-SXM4-80GB") == 312.0
+    assert table_peak("NVIDIA L40S") == 362.0 and table_peak("NVIDIA L4") == 121.0
+    assert table_peak("NVIDIA A10G") is None and peak_tflops(CPU) is None
     paths = {"fast": {"items": 100, "seconds": 1.0, "steps": 10},
              "reference": {"items": 100, "seconds": 4.0, "steps": 10}}
-    comp = B.comparison("images/s", paths, B.Bench(B.QUICK, CPU, peak_tflops=1.0), 1e9)
+    comp = comparison("images/s", paths, Bench(QUICK, CPU, peak_tflops=1.0), 1e9)
     assert comp["ratio"] == 4.0
     assert comp["paths"]["fast"]["gflop_per_s"] == pytest.approx(100.0)
     assert comp["paths"]["fast"]["mfu"] == pytest.approx(0.1)
@@ -151,7 +181,7 @@ def test_goals_judge_the_measured_numbers():
                                               comp(9.0, path_seconds_fast=31.0)}},
                 "tickets": {"comparisons": {"masked_step": comp(0.99, overhead_pct=1.0)}},
                 "probes": {"skipped": "no sklearn"}}
-    rows = {(r["goal"].split(":")[0], r["measured"]): r["met"] for r in B.goal_rows(sections)}
+    rows = {(r["goal"].split(":")[0], r["measured"]): r["met"] for r in goal_rows(sections)}
     assert rows == {
         ("supervised training step", "train/train_step"): True,
         ("distillation step", "distill/distill_step"): None,
@@ -161,11 +191,11 @@ def test_goals_judge_the_measured_numbers():
         ("every fast path", "train/train_step"): True,
         ("every fast path", "distill/distill_step"): False,
         ("every fast path", "landscape/path25_bn_recalibrate"): True}
-    text = B.goals_text(B.goal_rows(sections), "NVIDIA H100", quick=False)
+    text = goals_text(goal_rows(sections), "NVIDIA H100", quick=False)
     assert "31 s, NOT met" in text and "n/a, not measured" in text and "31.0 %, met" in text
-    on_cpu = B.goal_rows(sections, judged=False)  # a CPU or quick run: numbers, no verdicts
+    on_cpu = goal_rows(sections, judged=False)  # a CPU or quick run: numbers, no verdicts
     assert {r["met"] for r in on_cpu} == {None} and on_cpu[0]["value"] == 0.31
-    assert "31 s, not judged here" in B.goals_text(on_cpu, "cpu", quick=True)
+    assert "31 s, not judged here" in goals_text(on_cpu, "cpu", quick=True)
 
 
 def test_a_failed_compile_falls_back_to_eager():
@@ -176,8 +206,8 @@ def test_a_failed_compile_falls_back_to_eager():
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler\ndetails")
         state["steps"] += 1
 
-    runner = B.Runner("test", 1, step, eager=lambda: state.update(eager=True))
-    record, _ = B.measure(runner, warmup=2, steps=3, device=CPU)
+    runner = Runner("test", 1, step, eager=lambda: state.update(eager=True))
+    record, _ = measure(runner, warmup=2, steps=3, device=CPU)
     assert record["compile"] == ("failed, eager instead: RuntimeError: InvalidCxxCompiler: "
                                  "no working C++ compiler")
     assert state["steps"] == 5 and record["steps"] == 3
@@ -185,20 +215,20 @@ def test_a_failed_compile_falls_back_to_eager():
 
 def test_json_keeps_the_sections_of_earlier_runs(tmp_path):
     path = tmp_path / "gpu.json"
-    B.write({"schema": B.SCHEMA, "sections": {"train": {"x": 1}}}, path)
-    B.write({"schema": B.SCHEMA, "sections": {"eval": {"x": 2}}}, path)
+    write({"schema": SCHEMA, "sections": {"train": {"x": 1}}}, path)
+    write({"schema": SCHEMA, "sections": {"eval": {"x": 2}}}, path)
     assert json.loads(path.read_text())["sections"] == {"train": {"x": 1}, "eval": {"x": 2}}
 
 
 def test_unknown_section_lists_the_valid_ones(capsys):
-    assert B.main(["--device", "cpu", "--sections", "nope"]) == 2
+    assert main(["--device", "cpu", "--sections", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "'nope'" in err and all(name in err for name in B.ORDER)
+    assert "'nope'" in err and all(name in err for name in ORDER)
 
 
 def test_a_section_whose_package_is_missing_is_skipped(monkeypatch):
-    monkeypatch.setattr(B, "missing", lambda needs: "nothing here")
-    body = B.run_section("landscape", tiny_bench())
+    monkeypatch.setattr(report, "missing", lambda needs: "nothing here")
+    body = run_section("landscape", tiny_bench())
     assert body["skipped"] == "nothing here" and "comparisons" not in body
 
 
@@ -215,7 +245,7 @@ def test_cli_quick_section_writes_json(tmp_path):
                 "peak_bf16_tflops", "sections", "goals"):
         assert key in doc
     section = doc["sections"]["eval"]
-    assert section["config"]["eval_images"] == B.QUICK.eval_images
+    assert section["config"]["eval_images"] == QUICK.eval_images
     comp = section["comparisons"]["eval_forward"]
     assert comp["flops_per_item"] > 0 and comp["ratio"] > 0
     for path in ("fast", "reference"):

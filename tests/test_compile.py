@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from runs.checkpoint import read_checkpoint
-from runs.engine import COMPILE_MODES, add_runtime_args
-from runs.train import TrainConfig, train
+from runs.engines.engine import COMPILE_MODES, add_runtime_args
+from runs.engines.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="torch.compile on CPU needs a C++ compiler")

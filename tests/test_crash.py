@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from runs import crashtest
 from runs.checkpoint import save_checkpoint
 from runs.errors import EXIT_SIGINT, EXIT_SIGTERM, cli
 from runs.models import create_model
 from runs.results import MetricSpec, create_result
+from runs.studies import crashtest
 
 KILLS = 5  # per command, in CI; the script defaults to 20
 COMMANDS = ("distill", "train", "interpolate", "border", "imp", "pipeline")

@@ -9,9 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runs import distill as distill_module
 from runs.checkpoint import read_checkpoint
-from runs.distill import DinoNet, DistillConfig, alpha_init, build_pair, distill, distill_loss, main
+from runs.engines import distill as distill_module
+from runs.engines.distill import (
+    DinoNet,
+    DistillConfig,
+    alpha_init,
+    build_pair,
+    distill,
+    distill_loss,
+    main,
+)
 from runs.errors import UserError
 from runs.models.head import create_head
 from runs.refs import load_model

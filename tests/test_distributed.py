@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from runs.checkpoint import read_checkpoint
-from runs.distributed import World, rank_slice
+from runs.engines.distributed import World, rank_slice
 from runs.errors import UserError
 from runs.gpu_loader import Augment, GPULoader
 

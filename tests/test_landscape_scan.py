@@ -16,13 +16,13 @@ from landscape.interpolate import InterpolateConfig, main, scan
 from landscape.points import images
 from runs.checkpoint import save_checkpoint
 from runs.data import load_dataset
-from runs.distill import DistillConfig, distill
-from runs.engine import eval_loader
+from runs.engines.distill import DistillConfig, distill
+from runs.engines.train import TrainConfig, evaluate, load_data, train
 from runs.errors import UserError
+from runs.gpu_loader import eval_loader
 from runs.models import create_model
 from runs.refs import load_head, load_model
 from runs.results import merge_results, open_result, shard_path
-from runs.train import TrainConfig, evaluate, load_data, train
 
 # toy 16x16: 256 train images, 8 steps of 32 per epoch.
 TRAIN = TrainConfig(model="convnet", width=0.125, dataset="toy", batch_size=32, num_steps=8,
@@ -62,7 +62,7 @@ def metric_at(data, name, **where):
 
 
 def own_metrics(ref, bn_images=None) -> dict:
-    """runs.train.evaluate of a checkpoint on toy train and test; BN recalibrated first with
+    """runs.engines.train.evaluate of a checkpoint on toy train and test; BN recalibrated first with
     update_bn when bn_images are given."""
     model = load_model(ref).model
     if bn_images is not None:
@@ -79,7 +79,7 @@ def own_metrics(ref, bn_images=None) -> dict:
 
 def test_path_endpoints_reproduce_each_checkpoint(runs, tmp_path):
     """alpha 0 and 1 are A and B themselves: with `interpolate` both endpoints give the
-    checkpoints' own metrics (runs.train.evaluate); `keep` gives A's at alpha 0 (at 1 it
+    checkpoints' own metrics (runs.engines.train.evaluate); `keep` gives A's at alpha 0 (at 1 it
     would be B's weights under A's statistics); `recalibrate` gives each checkpoint after
     torch's update_bn on the same fixed images."""
     cfg = config(runs["A"], runs["B"], grid="0,0.5,1", bn_mode="interpolate")

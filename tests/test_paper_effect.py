@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 
 from runs.data import cifar10_subset_path
-from runs.distill import load_data
-from runs.reproduce import noise_config, preset_config, run_one
+from runs.engines.distill import load_data
+from runs.studies.reproduce import noise_config, preset_config, run_one
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(cifar10_subset_path() is None,

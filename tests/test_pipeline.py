@@ -7,7 +7,7 @@ import pytest
 
 from figures.__main__ import FIGURES
 from runs.errors import UserError
-from runs.pipeline import flags, load_preset, main, resolve
+from runs.studies.pipeline import flags, load_preset, main, resolve
 
 REDUCED = {
     "description": "the demo preset, reduced for CI",
@@ -83,15 +83,15 @@ def test_rerun_trains_nothing(demo, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("runs.train.fit", refuse)
-    monkeypatch.setattr("runs.distill.fit", refuse)
+    monkeypatch.setattr("runs.engines.train.fit", refuse)
+    monkeypatch.setattr("runs.engines.distill.fit", refuse)
     assert main(["--preset", str(preset), "--out", str(root / "out")]) == 0
     assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
 
 
 def test_alpha_groups_take_their_own_seeds():
     """`alphas` adds a group per alpha at every seed, or at `alpha_seeds` where given."""
-    from runs.pipeline import distill_configs
+    from runs.studies.pipeline import distill_configs
     preset = {"seeds": [0, 1], "alphas": [0.5, 1.0], "distill": {"model": "convnet",
                                                                 "dataset": "toy"}}
     groups = distill_configs(preset)
@@ -103,7 +103,7 @@ def test_alpha_groups_take_their_own_seeds():
 
 
 def test_stages_report_their_wall_time(capsys):
-    from runs.pipeline import timed
+    from runs.studies.pipeline import timed
     with timed("probe"):
         pass
     assert capsys.readouterr().err == "stage probe: 0 min 0 s\n"
@@ -142,7 +142,7 @@ def test_shipped_presets_load():
 
 
 def test_overrides():
-    from runs.pipeline import override
+    from runs.studies.pipeline import override
     preset = {"distill": {"data_root": "data"}, "imp": [{"levels": 24}, {"levels": 24}]}
     override(preset, ["distill.data_root=~/cifar", "imp.levels=3", "seeds=[0, 1]"])
     assert preset == {"distill": {"data_root": "~/cifar"}, "imp": [{"levels": 3}, {"levels": 3}],

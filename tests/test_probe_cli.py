@@ -108,7 +108,7 @@ def test_label_count_mismatch_is_a_clear_error():
 ])
 def test_rows_say_what_was_probed(tmp_path, kind, config, role):
     """Students initialised away from the recipe's alpha are not pooled with its students."""
-    from runs.distill import DistillConfig
+    from runs.engines.distill import DistillConfig
     assert DistillConfig().alpha == 1e-10  # the recipe's (PAPER.md)
     from probes.evaluate import describe
     model = create_model("convnet", width=0.125, in_channels=1, num_classes=10, seed=3)

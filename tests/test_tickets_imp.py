@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import tickets.imp as imp_module
-from runs import train as train_module
 from runs.checkpoint import read_checkpoint, save_checkpoint
-from runs.distill import DistillConfig, distill
+from runs.engines import train as train_module
+from runs.engines.distill import DistillConfig, distill
 from runs.models import create_model
 from runs.results import merge_results, open_result
 from tests.helpers import assert_same

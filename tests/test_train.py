@@ -8,15 +8,14 @@ import io
 import pytest
 import torch
 
-from runs import train as train_module
 from runs.checkpoint import read_checkpoint
-from runs.data import DatasetInfo, ImageData
-from runs.distill import DistillConfig, distill
-from runs.engine import holdout
+from runs.data import DatasetInfo, ImageData, holdout
+from runs.engines import train as train_module
+from runs.engines.distill import DistillConfig, distill
+from runs.engines.train import TrainConfig, lr_factor, main, make_optimizer, train
 from runs.errors import UserError
 from runs.models import create_model
 from runs.store import Run
-from runs.train import TrainConfig, lr_factor, main, make_optimizer, train
 from tests.helpers import assert_same
 
 # toy 16x16: 256 train images, 32 held out, 224 left = 7 steps of 32 per epoch; 24 steps

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from runs.config import from_dict
+from runs.engines.train import TrainConfig
 from runs.errors import UserError
-from runs.train import TrainConfig
 from tickets.imp import SET_PER_LEVEL, ImpConfig, build_sweep, fill_result
 from tickets.mask import Masks, dense_mask, num_kept, num_total, prunable_names
 from tickets.prune import magnitude_prune

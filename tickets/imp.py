@@ -40,15 +40,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from runs import engine
 from runs.checkpoint import read_checkpoint
 from runs.config import add_config_args, arg, config_from_args, non_default, parse_steps
+from runs.device import resolve_device, use_bf16
+from runs.engines import engine
+from runs.engines.train import TrainConfig, load_data, train
 from runs.errors import UserError, cli, unknown
 from runs.launch import add_launcher_args, launch, launching
 from runs.models import create_model
 from runs.registry import Registry
 from runs.store import Run, atomic_write_text, run_path
-from runs.train import TrainConfig, load_data, train
 from tickets.mask import SCOPES, dense_mask, num_kept, prunable_names, read_mask, save_mask
 from tickets.prune import (
     check_levels,
@@ -184,7 +185,7 @@ def child_config(plan: Plan, cfg: TrainConfig, level: int) -> TrainConfig:
 class Sweep:
     """A plan plus what running it needs: the data (loaded once) and the runtime flags."""
     plan: Plan
-    data: tuple  # (train, val or None, test), as runs.train.load_data returns
+    data: tuple  # (train, val or None, test), as runs.engines.train.load_data returns
     device: str = "auto"
     precision: str = "auto"
     compile_model: bool = False
@@ -202,7 +203,7 @@ class Sweep:
         if self._measured is None:
             from landscape.border import measured_data
             self._measured = measured_data(border_config(self.plan), self.data,
-                                           engine.resolve_device(self.device), batch_size=512)
+                                           resolve_device(self.device), batch_size=512)
         return self._measured
 
 
@@ -233,7 +234,7 @@ def ensure_mask(sweep: Sweep, seed: int, chain: str, level: int) -> Path:
 def final_weights(sweep: Sweep, run: Run) -> dict[str, torch.Tensor]:
     """The prunable weights at the run's final step, on the sweep's device."""
     state = read_checkpoint(run.ckpt_path(sweep.plan.train.num_steps))["model"]["state"]
-    device = engine.resolve_device(sweep.device)
+    device = resolve_device(sweep.device)
     return {name: state[name].to(device) for name in sweep.plan.shapes}
 
 
@@ -267,8 +268,8 @@ def instability(sweep: Sweep, cfg: TrainConfig, level: int) -> dict:
     from landscape.border import pair_curves
     sibling = sweep.train(child_config(sweep.plan, cfg, level))
     first = Run(run_path(sweep.plan.store, "train", cfg, cfg.seed))
-    device = engine.resolve_device(sweep.device)
-    bf16, per_pass = engine.use_bf16(device, sweep.precision), 8 if device.type == "cuda" else 1
+    device = resolve_device(sweep.device)
+    bf16, per_pass = use_bf16(device, sweep.precision), 8 if device.type == "cuda" else 1
     alphas = barrier_grid(sweep.plan.imp)
     curves = pair_curves([first, sibling], border_config(sweep.plan), sweep.measured(),
                          alphas, device, bf16, per_pass)  # (1 pair, alphas, splits) each
@@ -376,7 +377,7 @@ def open_imp_result(plan: Plan, seeds: list[int], path, device, overwrite=False,
     inputs = [ref_record(plan.reference)] if plan.reference else []
     path = shard_path(path, *shard) if shard and path is not None else path
     return new_result(path, "imp", coords, result_metrics(plan), POINT_DIMS,
-                      result_config(plan), inputs, str(engine.resolve_device(device)),
+                      result_config(plan), inputs, str(resolve_device(device)),
                       attrs, overwrite=overwrite, shard=shard)
 
 
@@ -525,7 +526,7 @@ def build_sweep(imp: ImpConfig, cfg: TrainConfig, store, steps, save_at=(), seed
     steps, save_at: "160ep"-style lengths, resolved once the data is loaded.
     """
     check_options(imp, list(seeds))
-    engine.use_bf16(engine.resolve_device(device), precision)  # a bad device or precision
+    use_bf16(resolve_device(device), precision)  # a bad device or precision
     data = load_data(cfg)
     plan = make_plan(imp, cfg, store, data, steps, save_at)
     sweep = Sweep(plan, data, device, precision, compile_model)

@@ -1,8 +1,9 @@
 """Sparsity masks of lottery tickets: which parameters are prunable, counts, nesting, files.
 
 A mask is a dict parameter name -> bool tensor of the parameter's shape (True = kept), in
-the model's parameter order: the format `runs.masking` applies during training (`TrainConfig.
-mask`). Only prunable parameters have an entry; every other parameter stays dense.
+the model's parameter order: the format `runs.engines.masking` applies during training
+(`TrainConfig.mask`). Only prunable parameters have an entry; every other parameter stays
+dense.
 
     names = prunable_names(model, scope="weights", keep_output_dense=False)
     mask = dense_mask(model, names)            # all True: level 0
@@ -16,8 +17,8 @@ import torch
 from torch import nn
 
 from runs.checkpoint import save_file
+from runs.engines.masking import load_mask
 from runs.errors import unknown
-from runs.masking import load_mask
 from runs.store import atomic_write
 
 Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True = kept

@@ -12,6 +12,11 @@ from torch import nn
 
 from runs.models.base import BUILDERS
 
+# The recipe's student init (App. E): theta_S(alpha) = ((1 - alpha) theta_T + alpha theta_fresh)
+# / delta, encoder and head, with alpha tiny but not 0: the student starts next to its
+# teacher. DistillConfig's default; probes compare a run's alpha against it.
+RECIPE_ALPHA = 1e-10
+
 
 class NormedLinear(nn.Module):
     """Linear without bias whose rows are L2-normalised on every forward."""
@@ -61,3 +66,22 @@ def create_head(name: str = "dino_head", in_dim: int = 512, out_dim: int = 65536
 
 
 BUILDERS["head"] = create_head
+
+
+class DinoNet(nn.Module):
+    """Encoder + DINO head as one module: images (B, C, H, W) -> head logits (B, m).
+
+    `model`: the Classifier whose encoder is used (its fc is carried, unused); `encoder`
+    gives the embedding (B, D) that probes read. State keys `model.*`, `head.*`.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module):
+        super().__init__()
+        self.model, self.head = model, head
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model.encoder(x))

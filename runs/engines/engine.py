@@ -1,11 +1,11 @@
-"""What the training engines share: devices and precision, the step clock, data splits,
-checkpoint save/restore for resume, NaN guards and progress bars.
+"""What the training engines share: model preparation (channels_last, DDP, torch.compile),
+the step clock, the training loader, checkpoint save/restore for resume, NaN guards,
+progress bars and the engines' command-line flags.
 
 The loop itself stays in each engine, flat, reading top to bottom (train.py, distill.py).
 """
 
 import argparse
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -14,42 +14,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from runs import distributed
 from runs.checkpoint import read_checkpoint, set_rng_state
 from runs.config import add_config_args, from_dict, parse_steps
-from runs.data import ImageData, load_dataset
+from runs.data import ImageData
+from runs.device import PRECISIONS
+from runs.engines import distributed
 from runs.errors import UserError
 from runs.gpu_loader import Augment, GPULoader
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' is CUDA when present, else CPU; anything else is checked, not trusted."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: cannot parse {name!r}; valid: auto, cpu, cuda, cuda:N") \
-            from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
-    return device
-
-
-def use_bf16(device: torch.device, precision: str) -> bool:
-    """bf16 autocast on CUDA by default; fp32 on CPU (bf16 there is slow and changes bits)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def autocast(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
 
 # torch.compile modes; reduce-overhead also captures CUDA graphs (cudagraph trees) on CUDA.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -117,44 +88,6 @@ def train_loader(data: ImageData, batch_size: int, device, data_seed: int,
     return GPULoader(data.x, data.y, data.info.mean, data.info.std, batch_size, device,
                      shuffle=True, drop_last=True, augment=augment, data_seed=data_seed,
                      part=distributed.rank_slice(batch_size, world))
-
-
-def eval_loader(data: ImageData, device, batch_size: int = 1024) -> GPULoader:
-    return GPULoader(data.x, data.y, data.info.mean, data.info.std, batch_size, device,
-                     shuffle=False)
-
-
-def holdout(data: ImageData, size: int, seed: int) -> tuple[ImageData, ImageData]:
-    """Split `size` images off train, stratified by class and seeded: (train, validation).
-
-    Model selection (best epoch, early stopping) uses the validation part, never test.
-    """
-    if size <= 0:
-        return data, None
-    if size >= len(data.y):
-        raise UserError(f"--val-size {size}: must be below the {len(data.y)} training images")
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data.y), generator=gen)
-    classes = data.y[order]
-    # Round-robin over classes in shuffled order: each class gives its share to validation.
-    rank = torch.zeros_like(order)
-    for c in classes.unique():
-        members = (classes == c).nonzero().squeeze(1)
-        rank[members] = torch.arange(len(members))
-    frac = rank.float() / torch.bincount(classes)[classes].float()
-    val = order[torch.argsort(frac, stable=True)[:size]]
-    keep = torch.ones(len(data.y), dtype=torch.bool)
-    keep[val] = False
-    return (ImageData(data.x[keep], data.y[keep], data.info),
-            ImageData(data.x[val], data.y[val], data.info))
-
-
-def load_splits(dataset: str, root: str, subset: int, seed: int, **options):
-    """(train, test) of a dataset, train subset per class when `subset` > 0."""
-    kwargs = dict(root=root or None, seed=seed, **options)
-    train = load_dataset(dataset, split="train", subset=subset or None, **kwargs)
-    test = load_dataset(dataset, split="test", **kwargs)
-    return train, test
 
 
 def check_finite(loss: torch.Tensor, step: int, run) -> None:

@@ -1,0 +1,25 @@
+"""Benchmark of the hot paths: `python -m runs.bench [--device auto] [--quick] [--out bench]`.
+
+For each hot path, in one process, the toolkit's fast path and a plain reference written here
+the way public research code works: a torch.utils.data.DataLoader over a Dataset of PIL images
+with torchvision transforms and worker processes, eager fp32, channels-first, one model or one
+point at a time. Both compute the same thing (tests/test_bench.py checks it with augmentation
+off and a fixed order); only their speed differs.
+
+Per path: items per second (images, points, queries), seconds per step, achieved GFLOP/s,
+model-FLOP utilisation (MFU) against the device's dense bf16 peak, and the ratio to the
+reference. FLOPs per item are counted, not estimated: torch.utils.flop_counter.FlopCounterMode
+over one forward + backward (forward only for inference) of the same network on the CPU, so
+the backward is what autograd really runs, not a 3x rule. MFU is n/a on CPUs and on GPUs
+missing from PEAK_BF16_TFLOPS (give --peak-tflops).
+
+Sections (SECTIONS, --sections; all by default): train, distill, eval, probes, landscape,
+tickets. A section whose package cannot be imported is recorded as skipped; one that fails
+is recorded with its error and the others still run. The JSON goes to
+`<out>/<device-slug>[-quick].json`, merged with the sections already there.
+
+Modules: common (BenchConfig and its FULL/QUICK sizes, Bench, device facts, Runner, measure,
+comparison, synthetic data and both loaders), one module per group of sections (training:
+train, distill, eval; probes; landscape; tickets), report (the section registry, provenance,
+the JSON, goals, tables) and cli (`main`; `python -m runs.bench` is its door).
+"""

@@ -1,0 +1,297 @@
+"""The whole study in one command: `python -m runs.pipeline --preset demo`.
+
+Stages, in order: distill (students on images, the noise control, optional alphas) ->
+probe -> interpolate / plane -> border -> imp -> figures. A preset is data (a JSON file in
+runs/studies/presets/, or a path): per stage, the flags of that stage's command. Every stage
+calls its command's `main(argv)`, imported inside the stage, so `runs` depends on no analysis
+at import time; each command skips finished work, so re-running the pipeline resumes it.
+
+Layout under --out: store/ (runs), results/ (HDF5 results), figures/ (PDF, PNG, tables).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runs.errors import UserError, cli
+
+PRESETS = Path(__file__).with_name("presets")
+STAGES = ("distill", "probe", "interpolate", "border", "imp", "figures")
+
+
+@dataclass(frozen=True)
+class Layout:
+    out: Path
+
+    @property
+    def store(self) -> Path:
+        return self.out / "store"
+
+    @property
+    def results(self) -> Path:
+        return self.out / "results"
+
+    @property
+    def figures(self) -> Path:
+        return self.out / "figures"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.json"))
+
+
+def load_preset(name: str) -> dict:
+    """A preset by name (runs/studies/presets/NAME.json) or by path to a JSON file."""
+    path = Path(name) if name.endswith(".json") else PRESETS / f"{name}.json"
+    if not path.is_file():
+        raise UserError(f"--preset {name!r}: no such preset; valid: {', '.join(preset_names())}"
+                        f" or a path to a .json file")
+    try:
+        preset = json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"--preset {path}: not valid JSON ({err})") from None
+    valid = {*STAGES, "description", "seeds", "noise", "alphas", "alpha_seeds", "subsets",
+             "train"}
+    unknown = sorted(set(preset) - valid)
+    if unknown:
+        raise UserError(f"--preset {path}: unknown key(s) {', '.join(unknown)}; valid: "
+                        f"{', '.join(sorted(valid))}")
+    return preset
+
+
+def override(preset: dict, assignments: list[str]) -> dict:
+    """Apply `stage.key=value` (or `key=value`) overrides; values are JSON or strings.
+
+    A stage that is a list of jobs gets the value in every job.
+    """
+    for item in assignments:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected STAGE.KEY=VALUE, e.g. "
+                            f"distill.data_root=~/data")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        *stage, key = path.split(".")
+        target = preset.get(stage[0]) if stage else preset
+        for place in (target if isinstance(target, list) else [target]):
+            if not isinstance(place, dict):
+                raise UserError(f"--set {item!r}: the preset has no stage {stage[0]!r}")
+            place[key] = value
+    return preset
+
+
+def flags(options: dict) -> list[str]:
+    """{"batch_size": 64, "save_at": ["1ep", "2ep"], "flip": false} -> CLI argv."""
+    argv = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def distill_configs(preset: dict) -> dict[str, list]:
+    """{group: [DistillConfig per seed]}: images, the noise control, one group per alpha
+    (at `alpha_seeds`, default the preset's seeds) and one per data size (`subsets`: train
+    images per class)."""
+    from runs.config import from_dict
+    from runs.engines.distill import DistillConfig, load_data
+    fields = {k: v for k, v in preset["distill"].items() if k not in ("steps", "save_at")}
+    groups = {"images": [from_dict(DistillConfig, dict(fields, seed=s))
+                         for s in preset.get("seeds", [0])]}
+    alpha_seeds = preset.get("alpha_seeds", preset.get("seeds", [0]))
+    for alpha in preset.get("alphas", []):
+        groups[f"alpha={alpha}"] = [from_dict(DistillConfig, dict(fields, seed=s, alpha=alpha))
+                                    for s in alpha_seeds]
+    for per_class in preset.get("subsets", []):
+        groups[f"subset={per_class}"] = [dataclasses.replace(c, subset=per_class)
+                                         for c in groups["images"]]
+    if preset.get("noise"):
+        from runs.studies.reproduce import noise_config
+        train = load_data(groups["images"][0])[0]
+        groups["noise"] = [noise_config(c, train) for c in groups["images"]]
+    return groups
+
+
+def distill_stage(preset: dict, layout: Layout, device: str) -> dict[str, list]:
+    """Train every student; returns {group: [Run per seed]}.
+
+    The data-size groups take the full-data students' number of steps (not epochs): the
+    study varies the data, not the optimisation budget.
+    """
+    from runs.engines.distill import distill_with_steps
+    steps = preset["distill"].get("steps", "100ep")
+    save_at = preset["distill"].get("save_at", [])
+    runs = {}
+    for group, configs in distill_configs(preset).items():
+        if group.startswith("subset="):
+            full = runs["images"][0]
+            runs[group] = [distill_with_steps(sized_config(cfg, full), str(full.latest_step()),
+                                              (), str(layout.store), device)
+                           for cfg in configs]
+        else:
+            runs[group] = [distill_with_steps(cfg, steps, save_at, str(layout.store), device)
+                           for cfg in configs]
+    return runs
+
+
+def sized_config(cfg, full):
+    """A data-size student probed as often as the full-data run `full` (per step, not per
+    epoch): 300 images make an epoch of one step, and a probe each 3 of those would embed
+    the probe sets 95 times where the full-data student does 5."""
+    from runs.engines.distill import load_data
+    if cfg.probe_every <= 0:
+        return cfg
+    steps_per_epoch = max(1, len(load_data(cfg)[0].y) // cfg.batch_size)
+    every = cfg.probe_every * full.config()["steps_per_epoch"] // steps_per_epoch
+    return dataclasses.replace(cfg, probe_every=max(1, every))
+
+
+def probe_refs(students: dict) -> list[str]:
+    """pixels, then teacher and student of every seed, then the noise and alpha students
+    (the data-size students are read from their own k-NN curves by the data-size figure)."""
+    refs = ["pixels"]
+    for run in students["images"]:
+        refs += [f"{run.path}@last:teacher", f"{run.path}@last"]
+    for group, runs in students.items():
+        if group != "images" and not group.startswith("subset="):
+            refs += [f"{run.path}@last" for run in runs]
+    return refs
+
+
+def probe_stage(preset: dict, layout: Layout, students: dict, device: str) -> Path:
+    from probes.evaluate import main as probe_main
+    options = dict(preset.get("probe", {}))
+    base = preset["distill"]
+    options.setdefault("dataset", base.get("dataset"))
+    options.setdefault("data_root", base.get("data_root", ""))
+    out = layout.results / f"probe_{options['dataset']}.h5"
+    call(probe_main, [*probe_refs(students), *flags(options), "--out", str(out),
+                      "--device", device], "probe")
+    return out
+
+
+# `@group[seed]:part` in a preset names a run of the distill stage, e.g. `@images[0]:teacher`.
+TEMPLATE = re.compile(r"^@(?P<group>[^\[\]]+)\[(?P<index>\d+)\](?::(?P<part>\w+))?$")
+PARTS = {"last": "@last", "init": "@init", "teacher": "@last:teacher",
+         "encoder": "@last:encoder", None: ""}
+
+
+def resolve(value, students: dict):
+    """Replace `@group[i]:part` templates (in strings and lists) with run references."""
+    if isinstance(value, list):
+        return [resolve(v, students) for v in value]
+    match = TEMPLATE.match(value) if isinstance(value, str) else None
+    if not match:
+        return value
+    group, index, part = match["group"], int(match["index"]), match["part"]
+    if group not in students or index >= len(students[group]) or part not in PARTS:
+        raise UserError(f"preset template {value!r}: groups {', '.join(students)}, "
+                        f"index below the number of seeds, parts "
+                        f"{', '.join(p for p in PARTS if p)}")
+    return f"{students[group][index].path}{PARTS[part]}"
+
+
+def jobs_stage(stage: str, main, preset: dict, layout: Layout, students: dict,
+               device: str, store: bool = False, defaults: dict = None) -> None:
+    """Run every job of a stage: {"name", "refs": [...], flag: value, ...} -> main(argv)."""
+    for job in preset.get(stage, []):
+        job = {**(defaults or {}), **job}
+        name = job.pop("name", stage)
+        refs = resolve(job.pop("refs", []), students)
+        options = {k: resolve(v, students) for k, v in job.items()}
+        argv = [*refs, *flags(options), "--out", str(layout.results / f"{name}.h5"),
+                "--device", device]
+        call(main, argv + (["--store", str(layout.store)] if store else []), f"{stage} {name}")
+
+
+def training_defaults(preset: dict) -> dict:
+    """Children and IMP runs train the distilled architecture on the same data, with the
+    preset's `train` flags (augmentation, batch size, ...) unless a job sets its own."""
+    base = preset["distill"]
+    keys = ("model", "width", "dataset", "data_root", "subset")
+    return {**{k: base[k] for k in keys if k in base}, **preset.get("train", {})}
+
+
+def figures_stage(layout: Layout) -> None:
+    from figures.__main__ import main as figures_main
+    call(figures_main, ["all", "--results", str(layout.out), "--out", str(layout.figures)],
+         "figures")
+
+
+def call(main, argv: list[str], stage: str) -> None:
+    """Run a stage's command; a non-zero exit stops the pipeline naming the stage."""
+    code = main(argv)
+    if code != 0:
+        raise UserError(f"stage {stage} failed (exit {code}); fix it and re-run the same "
+                        f"pipeline command to resume")
+
+
+@contextlib.contextmanager
+def timed(stage: str):
+    """Print the stage's wall time on stderr when it ends (`stage distill: 3 min 12 s`)."""
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    print(f"stage {stage}: {int(seconds // 60)} min {seconds % 60:.0f} s", file=sys.stderr)
+
+
+def run_pipeline(preset: dict, layout: Layout, device: str, stages=STAGES) -> None:
+    with timed("distill"):
+        students = distill_stage(preset, layout, device)
+    if "probe" in stages and "probe" in preset:
+        with timed("probe"):
+            probe_stage(preset, layout, students, device)
+    training = training_defaults(preset)
+    jobs = {"interpolate": ("landscape.interpolate", False, None),
+            "border": ("landscape.border", True, training),
+            "imp": ("tickets.imp", True, training)}
+    for stage, (module, store, defaults) in jobs.items():
+        if stage in stages:
+            with timed(stage):
+                main = importlib.import_module(module).main
+                jobs_stage(stage, main, preset, layout, students, device, store, defaults)
+    if "figures" in stages:
+        with timed("figures"):
+            figures_stage(layout)
+
+
+@cli
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runs.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo", help=f"one of {', '.join(preset_names())}, "
+                   f"or a path to a preset .json")
+    p.add_argument("--out", default=None, help="output folder (default: out/<preset>)")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                   help="stages to run (distill always runs: later stages need its runs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--set", nargs="*", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a preset value, e.g. distill.data_root=~/data or "
+                        "seeds=[0] (VALUE is JSON, or a plain string)")
+    args = p.parse_args(argv)
+    print(f"runs.pipeline {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+    preset = override(load_preset(args.preset), args.set)
+    layout = Layout(Path(args.out or Path("out") / Path(args.preset).stem))
+    run_pipeline(preset, layout, args.device, args.stages)
+    for table in sorted(layout.figures.glob("*.md")):
+        print(f"\n{table.stem}:\n{table.read_text().rstrip()}")
+    print(f"\npipeline {args.preset}: results in {layout.results}, figures in {layout.figures}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
