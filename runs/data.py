@@ -310,7 +310,7 @@ def _image_tensor(image) -> torch.Tensor:
     """A tensor as it is; PIL images and numpy arrays (H, W[, C]) as uint8 (C, H, W)."""
     if torch.is_tensor(image):
         return image
-    array = torch.as_tensor(np.asarray(image))
+    array = torch.from_numpy(np.array(image))  # a copy: PIL arrays are read-only
     return array[None] if array.dim() == 2 else array.permute(2, 0, 1).contiguous()
 
 
