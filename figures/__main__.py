@@ -51,10 +51,16 @@ def draw_all(results, out, **options) -> tuple[list[Path], list[str]]:
     return paths, skipped
 
 
-@cli
-def main(argv=None) -> int:
+EPILOG = r"""examples:
+  python -m figures all --results out/demo --out out/demo/figures
+  python -m figures probe-table --results results/probe.h5 --probe knn@20 --paper
+  python -m figures plane --results results --out figures_out"""
+
+
+def parser() -> argparse.ArgumentParser:
+    from runs.config import HelpFormatter  # argparse only: figures stay torch-free
     p = argparse.ArgumentParser(prog="python -m figures", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("name", help=f"one of: {', '.join(FIGURES)}, or all")
     p.add_argument("--results", default="results", help="folder or file of HDF5 results")
     p.add_argument("--out", default="figures_out", help="folder for the figures")
@@ -63,8 +69,18 @@ def main(argv=None) -> int:
                         "(repeatable; default every probe in the results)")
     p.add_argument("--paper", action="store_true",
                    help="probe-table: mark the paper's values beside the reproduction")
-    args = p.parse_args(argv)
-    options = {"probes": args.probes, "paper": args.paper}
+    p.add_argument("--store", default=None,
+                   help="distill-curves, alpha-locality, data-size: the store that holds the "
+                        "distillation runs (STORE/distill_<hash>/seed_<s>/distill.h5) when "
+                        "they are not under --results (default: the results folder's "
+                        "sibling store/, if there is one)")
+    return p
+
+
+@cli
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    options = {"probes": args.probes, "paper": args.paper, "store": args.store}
     if args.name == "all":
         paths, skipped = draw_all(args.results, args.out, **options)
         for reason in skipped:

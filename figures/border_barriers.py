@@ -3,19 +3,38 @@
 The test error barrier between SGD children of each start point, in the order the scan
 recorded them (a distillation trajectory, students at several alphas, or supervised rewind
 steps): every pair of children as a dot, their mean with its 95 % t-interval as error bars.
+This figure owns the scans (two or more start points of one kind: `--from-distill`,
+`--alpha-runs`, `--rewind-steps`, with or without `random` beside them); explicit start
+lists (e.g. `random` against one student) are the `lmc` figure's.
 """
 
 import numpy as np
 
 from figures import style
-from figures.labels import start_names
+from figures.labels import parse, start_names, start_refs
 from figures.sources import load, pick, save_each
 
 NAME = "border"
 ANALYSIS = "border"
+NEED = "scan (start points along a distillation run, alphas or rewind steps)"
 BARRIERS = {"error_barrier": ("error barrier", "%", 100),
             "loss_barrier_mean": ("loss barrier", "nats", 1),
             "loss_barrier_linear": ("loss barrier over the chord", "nats", 1)}
+
+
+def is_scan(result) -> bool:
+    """Two or more non-random start points of one kind that walk along something: the steps
+    of one run (--from-distill, --rewind-steps) or students at several alphas
+    (--alpha-runs). Students of several seeds at their last step (random vs students) are
+    an explicit list, the `lmc` figure's."""
+    labels = [ref for ref in start_refs(result)[0] if ref != "random"]
+    kinds = {parse(label)["kind"] for label in labels}
+    if len(labels) < 2 or len(kinds) != 1 or not kinds <= {"distill", "train"}:
+        return False
+    one_run = len({parse(label)["source"] for label in labels}) == 1
+    alphas = {float(a) for a in np.asarray(result.metrics.get("start_alpha", []), float)
+              if np.isfinite(a)}
+    return one_run or len(alphas) > 1
 
 
 def summary(result, barrier: str, split: str) -> tuple[np.ndarray, ...]:
@@ -55,5 +74,5 @@ def build(result, barrier: str = "error_barrier", split: str = "test"):
 
 
 def draw(results_dir, out_dir) -> list:
-    results = load(results_dir, ANALYSIS, NAME)
+    results = load(results_dir, ANALYSIS, NAME, where=is_scan, need=NEED)
     return save_each(results, NAME, build, out_dir)

@@ -2,10 +2,12 @@
 it was distilled on, with the noise-input control beside it.
 
 One panel per probed dataset. x: distillation images (the run's `train_images`; log axis),
-y: the student's k-NN test accuracy at its best probed epoch (epoch >= 1), mean +- std over
-seeds. Students distilled on Gaussian noise are crosses at their sample count; each
-setting's random teacher is a dashed line (its mean over seeds and probed epochs). The
-pipeline's `subsets` key makes the runs (equal optimisation steps for every size).
+y: the student's k-NN test accuracy at its last probed epoch (no epoch is chosen on the test
+split), mean +- std over seeds, clipped to [0, 100] %. Students distilled on Gaussian noise
+are crosses at their sample count; each setting's random teacher is a dashed line (its
+mean over seeds and probed epochs). The pipeline's `subsets` key makes the runs (equal
+optimisation steps for every size). Runs that differ in any other config key (lr, steps,
+temperatures, ...) are refused, naming the keys.
 """
 
 from collections import defaultdict
@@ -13,7 +15,7 @@ from collections import defaultdict
 import numpy as np
 from matplotlib import ticker
 
-from figures import style
+from figures import honest, style
 from figures.distill_curves import lowest_alpha, probed_on, role_index
 from figures.sources import load
 
@@ -21,6 +23,11 @@ NAME = "data-size"
 ANALYSIS = "distill"
 # Fields that tell series apart within a panel (data size and seeds are pooled or on x).
 SERIES_FIELDS = ("model", "width", "out_dim")
+# Keys that may differ between the runs of one figure (seeds pooled, size on x, inputs and
+# their probe data per series; the bookkeeping of when to save and probe).
+VARYING_OK = (*SERIES_FIELDS, "seed", "teacher_seed", "subset", "dataset", "data_root",
+              "data_options", "probe_dataset", "probe_root", "save_at", "probe_every", "alpha")
+OPTIONS = ("store",)
 
 
 def train_images(result) -> int:
@@ -38,9 +45,11 @@ def model_accuracy(result, role: str) -> np.ndarray:
     return later if later.size else values[np.isfinite(values)]
 
 
-def best_student(result) -> float:
+def last_student(result) -> float:
+    """The student's accuracy (%) at its last probed epoch: the run's own end point, not an
+    epoch picked by its test accuracy."""
     values = model_accuracy(result, "student")
-    return float(values.max()) if values.size else float("nan")
+    return float(values[-1]) if values.size else float("nan")
 
 
 def series_key(config: dict) -> tuple:
@@ -51,15 +60,16 @@ def series_key(config: dict) -> tuple:
 def group(results) -> dict:
     """{panel: {series: {train_images: [results over seeds]}}}."""
     panels = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    honest.refuse_mixed(lowest_alpha(results), VARYING_OK, NAME)
     for res in lowest_alpha(results):  # other alphas: the alpha-locality figure
         panels[probed_on(res.config)][series_key(res.config)][train_images(res)].append(res)
     return panels
 
 
 def points(by_size: dict):
-    """(sizes, mean, std) of the best student accuracy over seeds, by ascending size."""
+    """(sizes, mean, std) of the last-epoch student accuracy over seeds, by ascending size."""
     sizes = sorted(by_size)
-    stats = [[best_student(r) for r in by_size[n]] for n in sizes]
+    stats = [[last_student(r) for r in by_size[n]] for n in sizes]
     return (np.asarray(sizes, float), np.asarray([np.mean(s) for s in stats]),
             np.asarray([np.std(s) for s in stats]))
 
@@ -87,7 +97,8 @@ def draw_panel(ax, series: dict) -> None:
         color = colors.setdefault(key[:-1], style.PALETTE[len(colors) % len(style.PALETTE)])
         x, mean, std = points(series[key])
         noise = key[-1] == "noise inputs"
-        ax.errorbar(x, mean, yerr=std, color=color, marker="X" if noise else "o", ms=4,
+        yerr = [mean - np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100) - mean]
+        ax.errorbar(x, mean, yerr=yerr, color=color, marker="X" if noise else "o", ms=4,
                     ls="none" if noise else "-", capsize=2,
                     label=f"student ({series_label(key, varying)})")
         if not noise:
@@ -100,7 +111,7 @@ def draw_panel(ax, series: dict) -> None:
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.set_xlabel("distillation images (count)")
-    ax.set_ylabel("k-NN test accuracy (%)")
+    ax.set_ylabel("k-NN test accuracy, last epoch (%)")
     ax.legend(frameon=False, fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.3))
 
 
@@ -111,8 +122,9 @@ def build(results):
     for ax, (title, series) in zip(axes[0], sorted(panels.items())):
         draw_panel(ax, series)
         ax.set_title(f"k-NN probe on {title}", fontsize="small")
+    honest.note_incomplete(fig, results)
     return fig
 
 
-def draw(results_dir, out_dir) -> list:
-    return style.save(build(load(results_dir, ANALYSIS, NAME)), out_dir, NAME)
+def draw(results_dir, out_dir, store=None) -> list:
+    return style.save(build(load(results_dir, ANALYSIS, NAME, store=store)), out_dir, NAME)

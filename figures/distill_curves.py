@@ -13,12 +13,13 @@ from collections import defaultdict
 
 import numpy as np
 
-from figures import style
+from figures import honest, style
 from figures.labels import dataset_name
 from figures.sources import load
 
 NAME = "distill-curves"
 ANALYSIS = "distill"
+OPTIONS = ("store",)
 SEED_FIELDS = ("seed", "teacher_seed")
 
 
@@ -51,9 +52,13 @@ def teacher_label(config: dict, varying: set) -> str:
 
 
 def full_data(results) -> list:
-    """The full-data students where there are any, else every run."""
+    """The full-data students (subset 0) where there are any, else those on the largest
+    subset (a preset that distils on a subset and adds smaller ones for data-size)."""
     full = [r for r in results if not r.config.get("subset")]
-    return full or list(results)
+    if full or not results:
+        return full
+    largest = max(int(r.config.get("subset") or 0) for r in results)
+    return [r for r in results if int(r.config.get("subset") or 0) == largest]
 
 
 def lowest_alpha(results) -> list:
@@ -99,11 +104,12 @@ def build(results):
         draw_panel(ax, groups)
         ax.set_title(f"k-NN probe on {title}", fontsize="small")
         ax.set_ylabel("k-NN test accuracy (%)")
+    honest.note_incomplete(fig, results)
     return fig
 
 
-def draw(results_dir, out_dir) -> list:
-    return style.save(build(load(results_dir, ANALYSIS, NAME)), out_dir, NAME)
+def draw(results_dir, out_dir, store=None) -> list:
+    return style.save(build(load(results_dir, ANALYSIS, NAME, store=store)), out_dir, NAME)
 
 
 def draw_panel(ax, groups) -> None:
@@ -114,7 +120,8 @@ def draw_panel(ax, groups) -> None:
         x, mean, std = curves(runs, role_index(runs[0], "student"))
         name = label(runs[0].config, varying)
         ax.plot(x, mean, color=color, marker="o", ms=2.5, label=f"student ({name})")
-        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+        ax.fill_between(x, np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100),
+                        color=color, alpha=0.2, lw=0)
         x, mean, _ = curves(runs, role_index(runs[0], "teacher"))
         if any(np.allclose(mean, seen) for seen in teachers if len(seen) == len(mean)):
             continue  # the same random teacher as an earlier line

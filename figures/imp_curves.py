@@ -4,9 +4,13 @@ One panel per architecture and dataset; one colour per rewind point (init@K as t
 was given, "student" for a distilled checkpoint), one line style per branch (the ticket,
 random masks, random re-initialisation). Sweeps with the same rewind point are pooled (the
 paper aggregates several student checkpoints): the mean over all their seeds with its 95 %
-t-interval as a band (none where a level has one seed). The x axis is logarithmic and
-reversed, so sparsity grows to the right. When the sweeps stored instability
-(--instability), a second row shows the test error barrier.
+t-interval as a band from 3 seeds on, the min-max range with 2, none with 1, clipped to
+[0, 100] %. The x axis is logarithmic and reversed, so sparsity grows to the right. When the
+sweeps stored instability (--instability), a second row shows the test error barrier.
+Sweeps whose recipes differ (batch size, learning rate, steps, pruning rate, ...: any config
+key but the rewind point, seeds and levels) are drawn as separate figures, `imp` for the
+first and `imp_KEYVALUE` for the others, each titled by its keys; a sweep still running is
+drawn with an "N of M cells done" note.
 """
 
 from collections import defaultdict
@@ -15,7 +19,7 @@ import numpy as np
 from matplotlib import ticker
 from scipy import stats
 
-from figures import style
+from figures import honest, style
 from figures.labels import config_dataset, parse, ref_label
 from figures.sources import has, load
 
@@ -24,6 +28,14 @@ ANALYSIS = "imp"
 BRANCH_STYLES = {"ticket": ("-", "o"), "random": ("--", "s"), "reinit": (":", "^")}
 BRANCH_NAMES = {"ticket": "", "random": ", random mask", "reinit": ", reinit"}
 REWIND_COLORS = [style.PALETTE[i] for i in (0, 2, 3, 4, 5, 6, 8, 9)]
+# Config keys that may differ within one figure: the rewind point (one colour each), seeds,
+# levels (pooled up to the common ones), branches, and bookkeeping; panels split by model
+# and dataset. Any other differing key starts a separate figure.
+POOLED_KEYS = ("reference", "rewind_step", "mask_dir", "prunable", "prunable_weights",
+               "imp.rewind", "imp.levels", "imp.baselines", "imp.instability", "seeds",
+               "train.init", "train.rewind", "train.mask", "train.seed", "train.data_seed",
+               "train.save_at", "train.eval_every", "train.model", "train.dataset",
+               "train.data_root", "train.width", "shard", "imp.seeds")
 
 
 def rewind_label(result) -> str:
@@ -58,7 +70,7 @@ def pooled(results, metric: str, split: str = None) -> dict:
                 cell = cell[..., [str(s) for s in r.coords["split"]].index(split)]
             values.append(cell)
         if values:
-            out[branch] = (100 * np.nanmean(np.concatenate(density, 1), 1),
+            out[branch] = (100 * honest.nanmean(np.concatenate(density, 1), 1),
                            np.concatenate(values, 1))
     return out
 
@@ -92,15 +104,16 @@ def mean_ci(values, confidence: float = 0.95):
     return mean, half
 
 
-def draw_series(ax, density, values, color, linestyle, marker, label) -> None:
-    """Mean over seeds with a 95 % t-interval band; levels without a finished seed are left
-    out."""
+def draw_series(ax, density, values, color, linestyle, marker, label,
+                limits=(None, None)) -> None:
+    """Mean over seeds with a band (95 % t-interval from 3 seeds, min-max with 2, clipped to
+    `limits`); levels without a finished seed are left out."""
     count = np.isfinite(values).sum(1)
     ok = count > 0
-    mean, half = mean_ci(values[ok])
+    mean, lower, upper = honest.spread(values[ok], *limits)
     ax.plot(density[ok], mean, ls=linestyle, marker=marker, ms=2.5, color=color,
             label=f"{label} (n={int(count.max())})")
-    ax.fill_between(density[ok], mean - half, mean + half, color=color, alpha=0.2, lw=0)
+    ax.fill_between(density[ok], lower, upper, color=color, alpha=0.2, lw=0)
 
 
 def density_axis(ax, density) -> None:
@@ -116,12 +129,13 @@ def density_axis(ax, density) -> None:
 
 def draw_panel(ax, series: dict, palette: dict, metric: str, split: str = None) -> None:
     factor = 100
+    limits = (0, 100) if metric == "test_accuracy" else (-100, 100)  # % either way
     all_density = []
     for label, results in series.items():
         for branch, (density, values) in pooled(results, metric, split).items():
             ls, marker = BRANCH_STYLES.get(branch, ("-.", "d"))
             draw_series(ax, density, factor * values, palette[label], ls, marker,
-                        f"{label}{BRANCH_NAMES.get(branch, f', {branch}')}")
+                        f"{label}{BRANCH_NAMES.get(branch, f', {branch}')}", limits)
             all_density.append(density)
     density_axis(ax, max(all_density, key=len))
 
@@ -155,9 +169,26 @@ def build(results):
     fig.legend(seen.values(), seen.keys(), loc="outside lower center",
                ncol=3 if len(panels) > 1 else 2,
                frameon=False, fontsize="x-small",
-               title="mean and 95 % t-interval over seeds (n seeds)", title_fontsize="x-small")
+               title=honest.SPREAD_LEGEND, title_fontsize="x-small")
+    honest.note_incomplete(fig, results)
     return fig
 
 
+def figures(results) -> list[tuple[str, object]]:
+    """[(file name, figure)]: one figure per recipe (see POOLED_KEYS), titled by the keys
+    that tell the recipes apart."""
+    groups = honest.config_groups(results, POOLED_KEYS)
+    out = []
+    for i, (values, members) in enumerate(groups):
+        fig = build(members)
+        if len(groups) > 1:
+            fig.suptitle(f"IMP sweeps with {honest.group_name(values)}", fontsize="small")
+        out.append((NAME if i == 0 else f"{NAME}_{honest.file_suffix(values)}", fig))
+    return out
+
+
 def draw(results_dir, out_dir) -> list:
-    return style.save(build(load(results_dir, ANALYSIS, NAME)), out_dir, NAME)
+    paths = []
+    for name, fig in figures(load(results_dir, ANALYSIS, NAME)):
+        paths += style.save(fig, out_dir, name)
+    return paths

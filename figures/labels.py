@@ -1,7 +1,9 @@
 """Short, human names for what results record: checkpoint references, start points, units.
 
-A reference is `[NAME=]SOURCE[@STEP][:PART...]` (runs.refs); a run directory is
-`<store>/<kind>_<hash>/seed_<s>`. Parsed here by hand: runs.refs imports torch.
+A reference is `[LABEL:=][NAME=]SOURCE[@STEP][:PART...]` (runs.refs); a run directory is
+`<store>/<kind>_<hash>/seed_<s>`. Parsed here by hand: runs.refs imports torch. Results
+written since labels exist name checkpoints by readable labels (coordinates, `label` of
+each `inputs` record); older files name them by their references, parsed here.
 """
 
 import re
@@ -35,16 +37,19 @@ def moved(result) -> str:
 
 
 def parse(ref: str) -> dict:
-    """{"source", "step", "parts", "kind", "seed"} of a reference ('' where absent)."""
+    """{"source", "step", "parts", "kind", "seed", "label"} of a reference ('' where
+    absent; "label": LABEL of LABEL:=REF)."""
+    label, sep, rest = ref.partition(":=")
+    label, ref = (label.strip(), rest) if sep else ("", ref)
     match = _REF.match(ref.strip())
     if not match:
-        return {"source": ref, "step": "", "parts": (), "kind": "", "seed": ""}
+        return {"source": ref, "step": "", "parts": (), "kind": "", "seed": "", "label": label}
     source = PurePath(match["source"])
     seed = source.name.removeprefix("seed_") if source.name.startswith("seed_") else ""
     run = _RUN.match(source.parent.name) if seed else None
     return {"source": match["source"], "step": match["step"] or "",
             "parts": tuple(p for p in match["parts"].split(":") if p),
-            "kind": run["kind"] if run else "", "seed": seed}
+            "kind": run["kind"] if run else "", "seed": seed, "label": label}
 
 
 RECIPE_ALPHA = 1e-10  # the paper's student init (runs.models.head.RECIPE_ALPHA)
@@ -53,10 +58,13 @@ RECIPE_ALPHA = 1e-10  # the paper's student init (runs.models.head.RECIPE_ALPHA)
 def ref_label(ref: str, record: dict = None) -> str:
     """'teacher', 'student init', 'student', 'student @8', 'noise student', 'student α=1',
     'supervised s1', 'x.pt'. `record`: the reference's entry in the result's `inputs`,
-    whose `run` summary (dataset, alpha) names a noise-input or an off-recipe student."""
+    whose `run` summary (dataset, alpha) names a noise-input or an off-recipe student.
+    A record's `label` (results since labels exist) or a LABEL:=REF's LABEL wins."""
     if ref == "random":
         return "random init"
     info = parse(ref)
+    if (record or {}).get("label") or info["label"]:
+        return (record or {}).get("label") or info["label"]
     if "teacher" in info["parts"]:
         return "teacher"
     when = info["step"] or "last"
@@ -98,6 +106,16 @@ def unique(labels: list[str]) -> list[str]:
             for i, label in enumerate(labels)]
 
 
+def start_refs(result) -> tuple[list[str], bool]:
+    """(reference per start point, whether the `start` coordinates are labels): newer files
+    name starts by labels and keep each reference in its `inputs` record; older ones use
+    the references as coordinates."""
+    coords = [str(s) for s in result.coords["start"]]
+    records = list(result.attrs.get("inputs") or [])
+    named = len(records) == len(coords) and all("label" in r for r in records)
+    return ([r.get("ref", "") for r in records] if named else coords), named
+
+
 def start_names(result) -> tuple[list[str], str]:
     """(tick label per start point, x-axis label) of a `border` result, in recorded order.
 
@@ -105,7 +123,8 @@ def start_names(result) -> tuple[list[str], str]:
     across --alpha-runs), supervised rewind points 'k=1ep' (or 'k=N'); the random init is
     'random init'. Mixed kinds keep their role.
     """
-    labels = [str(s) for s in result.coords["start"]]
+    coords = [str(s) for s in result.coords["start"]]
+    labels, named = start_refs(result)
     steps, alphas = result.metrics["start_step"], result.metrics["start_alpha"]
     epochs = result.metrics.get("start_epoch", np.full(len(labels), np.nan))
     infos = [parse(label) for label in labels]
@@ -124,11 +143,15 @@ def start_names(result) -> tuple[list[str], str]:
     for i, label in enumerate(labels):
         if label == "random":
             names.append("random init")
+        elif infos[i]["label"]:
+            names.append(infos[i]["label"])  # LABEL:=REF: the user's name
         elif kinds == {"distill"}:
             names.append(role + (f"α={alphas[i]:g}" if len(alpha_set) > 1 else
                                  f"ep {epochs[i]:g}" if in_epochs else f"step {step(i)}"))
         elif kinds == {"train"}:
             names.append(f"k={step(i)}")
+        elif named:
+            names.append(coords[i])  # mixed kinds: the recorded label says whose
         else:
             names.append(ref_label(label.rsplit("@", 1)[0] + f"@{step(i)}"))
     unit = "epochs" if in_epochs else "iterations"

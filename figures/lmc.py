@@ -2,19 +2,23 @@
 
 Test error along the linear path between two SGD children of the same start point, one
 panel per start point (one colour each when there are many): every pair of children as a
-thin line, their mean in bold.
+thin line, their mean in bold. This figure owns explicit start lists (e.g. `random` against
+one student); scans along a distillation run, alphas or rewind steps are the `border`
+figure's. A start point not yet done is left blank with a note.
 """
 
 import numpy as np
 from matplotlib import colormaps
 
-from figures import style
+from figures import honest, style
+from figures.border_barriers import is_scan
 from figures.labels import start_names
 from figures.sources import load, pick, save_each
 
 NAME = "lmc"
 ANALYSIS = "border"
 MAX_PANELS = 8  # more start points than this share one panel, a colour each
+NEED = "explicit start list (e.g. random vs student, not a scan)"
 XLABEL = r"$\alpha$ between children ($\theta_i \to \theta_j$)"
 
 
@@ -24,9 +28,13 @@ def curves(result, start: str, split: str) -> np.ndarray:
 
 
 def draw_start(ax, alpha, values, color, label=None, thin: float = 0.35) -> None:
+    if not np.isfinite(values).any():  # not done yet: say so, draw nothing
+        ax.text(0.5, 0.5, "not done yet", transform=ax.transAxes, ha="center",
+                fontsize="x-small", color="firebrick")
+        return
     for row in values:
         ax.plot(alpha, row, color=color, lw=0.6, alpha=thin)
-    ax.plot(alpha, np.nanmean(values, 0), color=color, lw=2, label=label)
+    ax.plot(alpha, honest.nanmean(values, 0), color=color, lw=2, label=label)
 
 
 def build(result, split: str = "test"):
@@ -61,5 +69,5 @@ def build(result, split: str = "test"):
 
 
 def draw(results_dir, out_dir) -> list:
-    results = load(results_dir, ANALYSIS, NAME)
+    results = load(results_dir, ANALYSIS, NAME, where=lambda r: not is_scan(r), need=NEED)
     return save_each(results, NAME, build, out_dir)

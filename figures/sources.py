@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from figures import honest
 from runs.errors import UserError
 from runs.results import ResultData, open_result
 
@@ -27,12 +28,44 @@ def result_files(root) -> list[Path]:
     return sorted(p for p in root.rglob("*.h5") if ".shard" not in p.name)
 
 
-def load(root, analysis: str, figure: str, where=None, need: str = "") -> list[ResultData]:
+def store_roots(root, store=None) -> list[Path]:
+    """Where distillation results live besides `root`: `store` when given, else the results
+    folder's sibling `store/` (the pipeline's OUT/results beside OUT/store), if it exists;
+    `load` searches the sibling only when `root` itself holds no distill result.
+    runs.distill writes STORE/distill_<hash>/seed_<s>/distill.h5 into the store, not into
+    the results folder."""
+    if store:
+        return [Path(store)]
+    root = Path(root)
+    sibling = (root.parent if root.is_dir() else root.parent.parent) / "store"
+    if root.is_dir() and sibling.is_dir() and root.resolve() not in sibling.resolve().parents \
+            and sibling.resolve() != root.resolve():
+        return [sibling]
+    return []
+
+
+def load(root, analysis: str, figure: str, where=None, need: str = "",
+         store=None) -> list[ResultData]:
     """Every result of `analysis` under root (a folder, or one file that must be one).
 
     `where(result) -> bool` narrows the selection (e.g. 2-D interpolation only); `need`
-    names what it asks for in the error when nothing passes (e.g. "2-D plane").
+    names what it asks for in the error when nothing passes (e.g. "2-D plane"). Distill
+    results are also looked for in the store (`store`, or root's sibling `store/`).
+    Results with no cell done yet are skipped with a warning on stderr; partly done ones
+    are kept (the figures note "N of M cells done").
     """
+    found = _load(root, analysis, figure, where, need, store)
+    kept = [r for r in found if honest.cells_done(r)[0] > 0]
+    for result in found:
+        if honest.cells_done(result)[0] == 0:
+            honest.warn(f"figure {figure}: skipped {result.path}: no cell done yet")
+    if not kept:
+        raise UserError(f"figure {figure}: no {analysis!r} result under {root} has a finished "
+                        f"cell yet; let the {PRODUCERS[analysis]} stage finish")
+    return kept
+
+
+def _load(root, analysis, figure, where, need, store) -> list[ResultData]:
     files = result_files(root)
     wanted = f"{need} {analysis!r}" if need else repr(analysis)
     if Path(root).is_file():
@@ -43,10 +76,21 @@ def load(root, analysis: str, figure: str, where=None, need: str = "") -> list[R
             raise UserError(f"{root} holds {holds}; figure {figure} needs {wanted} results "
                             f"(made by the {PRODUCERS[analysis]} stage)")
         return [found]
-    picked = [r for r in (_try_open(p) for p in files)
-              if r is not None and r.analysis == analysis and (where is None or where(r))]
+
+    def keep(r) -> bool:
+        return r is not None and r.analysis == analysis and (where is None or where(r))
+
+    picked = [r for r in (_try_open(p) for p in files) if keep(r)]
+    if analysis == "distill" and (store or not picked):  # the sibling store: only as fallback
+        seen = {p.resolve() for p in files}
+        for extra in store_roots(root, store):
+            picked += [r for r in (_try_open(p) for p in result_files(extra)
+                                   if p.resolve() not in seen) if keep(r)]
     if not picked:
-        raise UserError(f"figure {figure}: no {wanted} results under {root}; run the "
+        looked = "" if analysis != "distill" else \
+            " or in " + (", ".join(str(p) for p in store_roots(root, store)) or
+                         "a store (give --store STORE)")
+        raise UserError(f"figure {figure}: no {wanted} results under {root}{looked}; run the "
                         f"{PRODUCERS[analysis]} stage first")
     return picked
 
@@ -104,5 +148,7 @@ def save_each(results: list[ResultData], figure: str, build, out_dir) -> list:
     from figures import style
     paths = []
     for result, name in zip(results, figure_names(results, figure)):
-        paths += style.save(build(result), out_dir, name)
+        fig = build(result)
+        honest.note_incomplete(fig, [result])
+        paths += style.save(fig, out_dir, name)
     return paths

@@ -23,13 +23,13 @@ import argparse
 import dataclasses
 import json
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from landscape import geometry as G
 from landscape.barrier import NAMES, barriers, mean_ci
@@ -37,12 +37,20 @@ from landscape.batchnorm import MODES, check_mode
 from landscape.interpolate import auto_points_per_pass
 from landscape.network import load_anchor
 from landscape.points import SPLITS, Measures, PointEvaluator, eval_data
-from runs.config import add_config_args, arg, config_from_args, from_dict, parse_steps
+from runs.config import (
+    HelpFormatter,
+    add_config_args,
+    arg,
+    config_from_args,
+    from_dict,
+    parse_steps,
+)
 from runs.device import resolve_device, use_bf16
 from runs.engines import engine
 from runs.engines.train import TrainConfig, load_data, train
 from runs.errors import UserError, cli
 from runs.launch import add_launcher_args, launch, launching
+from runs.progress import Progress
 from runs.store import Run, find_run, run_path
 
 ANALYSIS = "border"
@@ -66,7 +74,8 @@ class BorderConfig:
 
 @dataclass(frozen=True)
 class Start:
-    label: str  # the `start` coordinate: the reference as used, or "random"
+    label: str  # the `start` coordinate: the reference as given (a readable label once
+    # `border` names it: LABEL:=REF's LABEL or runs.refs.ref_labels'), or "random"
     init: str = ""  # TrainConfig.init of the children
     rewind: str = ""  # TrainConfig.rewind of the children (supervised rewinding)
     base: dict = field(default=None, compare=False)  # rewind: the parent run's TrainConfig
@@ -148,7 +157,20 @@ def rewind_starts(run_dir: str, steps: str) -> list[Start]:
 
 
 def given_starts(refs) -> list[Start]:
-    return [Start(RANDOM) if ref == RANDOM else Start(ref, init=ref) for ref in refs]
+    """Start points as given; LABEL:=REF names the start, the children start from REF (so
+    a label never changes which children runs are trained or reused)."""
+    from runs.refs import split_label
+    return [Start(RANDOM) if ref == RANDOM else Start(ref, init=split_label(ref)[1])
+            for ref in refs]
+
+
+def named_starts(starts: list[Start]) -> list[Start]:
+    """The starts with readable, unique labels (the `start` coordinate): LABEL of
+    LABEL:=REF, else derived from the run ("student s0 ep2", "supervised s0 @40"); the
+    same starts get the same labels, so a re-run resumes."""
+    from runs.refs import ref_labels
+    names = ref_labels([s.label for s in starts], keep=(RANDOM,))
+    return [dataclasses.replace(s, label=name) for s, name in zip(starts, names)]
 
 
 def start_record(start: Start) -> dict:
@@ -176,7 +198,8 @@ def pair_curves(runs: list[Run], cfg: BorderConfig, data, alphas, device, bf16,
                 for run in runs]
     loss, error = [], []
     for i, j in combinations(range(len(runs)), 2):
-        evaluator = PointEvaluator(subjects[i], G.line(subjects[i], subjects[j]).to(device),
+        path = G.line(subjects[i], subjects[j], guard=False)  # identical children: 0
+        evaluator = PointEvaluator(subjects[i], path.to(device),
                                    cfg.bn_mode, data, measures, None, device, bf16)
         points = []
         for start in range(0, len(alphas), per_pass):
@@ -249,6 +272,7 @@ def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store:
     """
     from runs.results import create_result, parse_shard, shard_path
     check(cfg, starts)
+    given, starts = [s.label for s in starts], named_starts(starts)
     if points_per_pass < 0:
         raise UserError(f"--points-per-pass {points_per_pass}: must be >= 1 (0 = auto)")
     if batch_size < 1:  # now, not after the children have trained
@@ -266,19 +290,24 @@ def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store:
     coords, metrics = layout(starts, cfg.children, alphas)
     path = shard_path(out, *shard) if shard else out
     per_pass = points_per_pass or auto_points_per_pass(device)
-    records = [start_record(s) for s in starts]
+    records = [{**start_record(s), "ref": ref, "label": s.label}  # + paths, sha256
+               for s, ref in zip(starts, given)]
     with create_result(path, ANALYSIS, coords, metrics, ("start",), config, records,
                        str(device), attrs, overwrite, shard) as result:
-        for n, (index,) in enumerate(tqdm(result.missing(), desc=ANALYSIS, disable=None)):
-            if stop_after is not None and n >= stop_after:
-                break
-            configs = children[starts[index].label]
-            splits = load_data(configs[0])  # (train, val, test), shared by the children
-            runs = train_children(configs, splits, store, device, precision, compile_model)
-            data = measured_data(cfg, splits, device, batch_size)
-            curves = pair_curves(runs, cfg, data, alphas, device, bf16, per_pass)
-            result.write((index,), **start_values(curves, alphas, starts[index],
-                                                  records[index]))
+        todo = result.missing()
+        with Progress(len(todo), ANALYSIS, "start") as bar:
+            for n, (index,) in enumerate(todo):
+                if stop_after is not None and n >= stop_after:
+                    break
+                configs = children[starts[index].label]
+                splits = load_data(configs[0])  # (train, val, test), shared by the children
+                runs = train_children(configs, splits, store, device, precision,
+                                      compile_model)
+                data = measured_data(cfg, splits, device, batch_size)
+                curves = pair_curves(runs, cfg, data, alphas, device, bf16, per_pass)
+                result.write((index,), **start_values(curves, alphas, starts[index],
+                                                      records[index]))
+                bar.update(1)
     return path
 
 
@@ -323,9 +352,19 @@ def report(path: str) -> str:
 # ---------------------------------------------------------------------------- CLI
 
 
+EPILOG = r"""examples:
+  python -m landscape.border random --from-distill store/distill_x/seed_0 --children 5 \
+      --dataset cifar10 --data-root ~/data --steps 30ep --store store
+  python -m landscape.border --rewind-steps store/train_y/seed_0 0,1ep,2ep,5ep --children 5
+  python -m landscape.border --alpha-runs store/distill_a/seed_0 store/distill_b/seed_0 \
+      --dataset cifar10 --data-root ~/data --steps 30ep
+  python -m landscape.border --alphas store/distill_a/seed_0 0,0.1,0.5,1 --children 3 \
+      --dataset cifar10 --data-root ~/data"""
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m landscape.border", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("starts", nargs="*", metavar="START", help="start points: checkpoint "
                    "references or 'random'")
     p.add_argument("--from-distill", default="", metavar="RUN", help="every saved step of "
@@ -343,7 +382,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a result of another "
                    "config")
     p.add_argument("--points-per-pass", type=int, default=0, help="path points evaluated "
-                   "together under vmap; 1 = reference path; 0 = auto (8 CUDA, 4 CPU)")
+                   "together under vmap; 1 = reference path; 0 = auto (8 CUDA, 1 CPU)")
     p.add_argument("--eval-batch-size", type=int, default=512, help="images per forward "
                    "pass when measuring")
     p.add_argument("--steps", default="160ep", help="children's training length: "
@@ -372,7 +411,7 @@ def collect_starts(args) -> list[Start]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(G.join_negative(argv))
-    print(f"landscape.border {' '.join(argv)}", file=sys.stderr)
+    print(f"landscape.border {shlex.join(argv)}", file=sys.stderr)
     if launching(args):
         return launch(main, argv, args, args.out)
     cfg = config_from_args(BorderConfig, args)

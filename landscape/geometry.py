@@ -135,9 +135,16 @@ class Geometry:
         return torch.linalg.solve(system, rhs).T  # (P, n)
 
 
-def line(a: nn.Module, b: nn.Module) -> Geometry:
-    """theta(alpha) = (1 - alpha) theta_A + alpha theta_B."""
+def line(a: nn.Module, b: nn.Module, guard: bool = True) -> Geometry:
+    """theta(alpha) = (1 - alpha) theta_A + alpha theta_B.
+
+    guard: refuse A and B closer than P.TOO_CLOSE of their norm (a scan of one point);
+    landscape.border turns it off, since two SGD children may legitimately coincide (their
+    barrier is then exactly 0).
+    """
     (pa, ba), (pb, bb) = split_state(a), split_state(b)
+    if guard:  # before any point: a tiny unit is a meaningless scan
+        P.check_apart({"A": pa, "B": pb})
     return Geometry("line", pa, [P.subtract(pb, pa)], [ba, bb], {"A": [0.0], "B": [1.0]},
                     P.norm(P.subtract(pb, pa)), end=pb)
 

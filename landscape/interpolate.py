@@ -17,12 +17,12 @@ by `--bn-mode` keep | interpolate | recalibrate (default). Writes one HDF5 resul
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from landscape import geometry as G
 from landscape.batchnorm import MODES, check_mode
@@ -36,11 +36,12 @@ from landscape.network import (
 )
 from landscape.params import BASES
 from landscape.points import METRICS, SPLITS, EvalData, Measures, PointEvaluator, eval_data
-from runs.config import add_config_args, arg, config_from_args
+from runs.config import HelpFormatter, add_config_args, arg, config_from_args
 from runs.data import holdout, load_splits, parse_data_options
 from runs.device import PRECISIONS, resolve_device, use_bf16
 from runs.errors import UserError, cli
 from runs.launch import add_launcher_args, launch, launching
+from runs.progress import Progress
 
 ANALYSIS = "interpolate"
 
@@ -183,7 +184,16 @@ def prepare(cfg: InterpolateConfig, device, batch_size: int = 512) -> Plan:
         inputs.append(_record(cfg.teacher))
     if cfg.fc and "supervised" in measures.metrics:
         inputs.append(_record(cfg.fc))
-    return make_plan(cfg, anchors, measures, data, teacher, inputs, device)
+    return make_plan(cfg, anchors, measures, data, teacher, labelled(inputs), device)
+
+
+def labelled(inputs: list[dict]) -> list[dict]:
+    """The input records, each with its readable `label` (LABEL of LABEL:=REF, else derived
+    from the run: "student s0 ep2"), unique within the result: figures name the anchors by
+    it; paths and sha256 (the inputs' identity on resume) stay beside it."""
+    from runs.refs import ref_labels
+    names = ref_labels([record["ref"] for record in inputs])
+    return [{**record, "label": name} for record, name in zip(inputs, names)]
 
 
 def measures_of(cfg: InterpolateConfig) -> Measures:
@@ -289,7 +299,7 @@ def fill(result, evaluator: PointEvaluator, coords: dict, per_pass: int,
     """Evaluate the missing cells `per_pass` at a time, writing each pass as it finishes."""
     todo = result.missing()
     axes_ = list(coords.values())
-    with tqdm(total=len(todo), desc=ANALYSIS, unit="point", disable=None) as bar:
+    with Progress(len(todo), ANALYSIS, "point") as bar:
         for passes, start in enumerate(range(0, len(todo), per_pass)):
             if stop_after is not None and passes >= stop_after:
                 return
@@ -323,10 +333,10 @@ def summary(path: str) -> str:
 
 
 HELP = __doc__
-EPILOG = """examples:
-  python -m landscape.interpolate store/train_a/seed_0@last store/train_b/seed_0@last \\
+EPILOG = r"""examples:
+  python -m landscape.interpolate store/train_a/seed_0@last store/train_b/seed_0@last \
       --grid -0.25:1.25:31 --metrics supervised norm
-  python -m landscape.interpolate RUN@init:teacher RUN@init RUN@last --metrics distill knn \\
+  python -m landscape.interpolate RUN@init:teacher RUN@init RUN@last --metrics distill knn \
       norm --teacher RUN@init:teacher --grid -0.5:1.5:21 --basis orthonormal
   python -m landscape.interpolate RUN@last --directions 2 --grid -1:1:21 --bn-mode keep
 """
@@ -334,7 +344,7 @@ EPILOG = """examples:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m landscape.interpolate", description=HELP,
-                                epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter)
+                                epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("refs", nargs="+", metavar="REF", help="checkpoint references "
                    "(RUN@last, RUN@init:teacher, file.pt, ...)")
     p.add_argument("--out", default="results/interpolate.h5", help="HDF5 result file")
@@ -347,7 +357,7 @@ def parser() -> argparse.ArgumentParser:
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--points-per-pass", type=int, default=0, help="parameter sets "
                    "evaluated together under vmap; 1 = the one-at-a-time reference path; "
-                   "0 = auto (8 on CUDA, 4 on CPU)")
+                   "0 = auto (8 on CUDA, 1 on CPU)")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
     metrics = f"; valid: {', '.join(METRICS)}"
     add_config_args(p, InterpolateConfig, exclude=("refs", "precision"), group="scan")
@@ -362,7 +372,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(G.join_negative(argv))
-    print(f"landscape.interpolate {' '.join(argv)}", file=sys.stderr)
+    print(f"landscape.interpolate {shlex.join(argv)}", file=sys.stderr)
     if launching(args):
         return launch(main, argv, args, args.out)
     cfg = config_from_args(InterpolateConfig, args, refs=tuple(args.refs), precision="")

@@ -14,7 +14,7 @@ from torch import nn
 from runs.checkpoint import check_finite, module_sha256
 from runs.errors import UserError
 from runs.models.adapt import Tapped, has_protocol
-from runs.refs import load_head, load_model, parse_ref
+from runs.refs import load_head, load_model, parse_ref, split_label
 
 
 class Subject(nn.Module):
@@ -87,7 +87,8 @@ def check_classifier(ref: str, loaded, num_classes: int = None) -> None:
     """UserError unless the reference's fc is a trained classifier for `num_classes`."""
     payload = loaded.payload or {}
     kind = (payload.get("extra") or {}).get("kind")
-    how = (f"fine-tune one (python -m runs.train --init {ref.split(':')[0]}:encoder ...) and "
+    source = split_label(ref)[1].split(":")[0]  # RUN@STEP, without a LABEL:= or :PART
+    how = (f"fine-tune one (python -m runs.train --init {source}:encoder ...) and "
            f"scan those runs, pass --fc REF to attach the trained fc of a classifier run to "
            f"every point, or scan the distillation landscape instead (--metrics distill knn "
            f"norm --teacher RUN@last:teacher)")

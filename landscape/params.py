@@ -16,6 +16,9 @@ BASES = ("lstsq", "orthonormal")
 # sin of the angle at a below which c counts as on the line a-b (float32 weights carry
 # ~1e-7 relative noise, so an exactly collinear triple measures about that)
 COLLINEAR = 1e-5
+# two anchors closer than this fraction of the largest anchor norm count as one point (a
+# student at alpha 1e-10 and its teacher: ~1e-10; float32 rounding alone: ~1e-7)
+TOO_CLOSE = 1e-6
 
 
 def flatten(params: dict) -> torch.Tensor:
@@ -105,11 +108,9 @@ def plane_directions(a: dict, b: dict, c: dict, basis: str = "lstsq") -> list[di
     """
     if basis not in BASES:
         raise UserError(f"unknown plane basis {basis!r}; valid: {', '.join(BASES)}")
+    check_apart({"A": a, "B": b, "C": c})
     u, v = subtract(b, a), subtract(c, a)
     unit = norm(u)
-    if unit == 0:
-        raise UserError("the first two checkpoints of the plane are identical; a plane needs "
-                        "three distinct, non-collinear checkpoints")
     if basis == "lstsq":
         _check_independent(u, v)
         return [u, v]
@@ -117,16 +118,45 @@ def plane_directions(a: dict, b: dict, c: dict, basis: str = "lstsq") -> list[di
     v_perp = subtract(v, scale(e1, dot(v, e1)))
     perp = norm(v_perp)
     if perp <= COLLINEAR * norm(v):
-        raise UserError("the three checkpoints are collinear; a plane needs three "
-                        "non-collinear checkpoints")
+        raise UserError(f"the three checkpoints are collinear (C is {perp:.2g} off the line "
+                        f"A-B, sin of the angle at A {perp / norm(v):.2g} < {COLLINEAR:g}); a "
+                        f"plane needs three non-collinear checkpoints: pick a C off the line "
+                        f"through A and B, or scan the path A-B instead")
     return [u, scale(v_perp, unit / perp)]
 
 
 def _check_independent(u: dict, v: dict) -> None:
     uu, vv, uv = dot(u, u), dot(v, v), dot(u, v)
-    if uu * vv - uv * uv <= COLLINEAR ** 2 * uu * vv:  # sin^2 of the angle at a
-        raise UserError("the three checkpoints are collinear (or two coincide); a plane needs "
-                        "three non-collinear checkpoints")
+    sin2 = max(uu * vv - uv * uv, 0.0) / (uu * vv)  # sin^2 of the angle at a
+    if sin2 <= COLLINEAR ** 2:
+        raise UserError(f"the three checkpoints are collinear (sin of the angle at A "
+                        f"{math.sqrt(sin2):.2g} < {COLLINEAR:g}); a plane needs three "
+                        f"non-collinear checkpoints: pick a C off the line through A and B, or "
+                        f"scan the path A-B instead")
+
+
+def check_apart(anchors: dict, minimum: float = TOO_CLOSE) -> None:
+    """Refuse anchors closer than `minimum` x the largest anchor norm (label -> params).
+
+    Coordinates are in units of |B - A|: a tiny unit gives a grid of indistinguishable
+    points (a student distilled at alpha = 1e-10 starts 1e-10 away from its teacher) that
+    takes as long to evaluate as a meaningful one. Checked before any point is computed.
+    """
+    norms = {label: norm(params) for label, params in anchors.items()}
+    largest = max(norms.values())
+    labels = list(anchors)
+    for i, first in enumerate(labels):
+        for second in labels[i + 1:]:
+            apart = norm(subtract(anchors[second], anchors[first]))
+            if apart <= minimum * largest:
+                raise UserError(
+                    f"{second} and {first} are {'nearly ' if apart else ''}identical, "
+                    f"{apart:.2g} apart (|{first}| = "
+                    f"{norms[first]:.4g}, below {minimum:g} of the largest norm): the "
+                    f"{'plane' if len(labels) > 2 else 'path'} would be one point repeated. "
+                    f"A student distilled at the default alpha=1e-10 starts at its teacher "
+                    f"(@init is the teacher up to 1e-10): distil one with --alpha 1, or "
+                    f"compare checkpoints further apart (e.g. @init:teacher and @last)")
 
 
 def project(origin: dict, directions: list[dict], theta: dict) -> list[float]:

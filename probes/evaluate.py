@@ -11,12 +11,14 @@ the code path of `probes.evaluate_model` (the same numbers from a notebook).
 """
 
 import argparse
+import shlex
 import sys
 from collections.abc import Mapping
 
 import numpy as np
 
 from probes.api import FEATURES, PIXELS, PROBES, fill_probes, probe_all, probe_labels, probe_result
+from runs.config import HelpFormatter
 from runs.data import load_dataset
 from runs.device import resolve_device
 from runs.errors import UserError, cli
@@ -29,15 +31,17 @@ __all__ = ["FEATURES", "PROBES", "describe", "main", "parser", "probe_all", "pro
            "table"]
 
 class LoadedModels(Mapping):
-    """reference -> its model, loaded (and checked against the data) when first asked for:
-    `fill_probes` asks only for the rows a resumed or sharded scan still misses."""
+    """row label -> its reference's model, loaded (and checked against the data) when first
+    asked for: `fill_probes` asks only for the rows a resumed or sharded scan still misses.
+    `current`: the reference last asked for (errors name its file, not only its label)."""
 
-    def __init__(self, refs, info):
-        self.refs, self.info = list(dict.fromkeys(refs)), info
+    def __init__(self, refs, labels, info):
+        self.refs, self.info = dict(zip(labels, refs)), info
+        self.current = None
 
-    def __getitem__(self, ref):
-        if ref not in self.refs:
-            raise KeyError(ref)
+    def __getitem__(self, label):
+        ref = self.refs[label]
+        self.current = ref
         return PIXELS if ref == PIXELS else load_checked(ref, self.info).model
 
     def __iter__(self):
@@ -57,7 +61,8 @@ def describe(ref: str, info) -> dict:
         return {"ref": ref, "role": "pixels", "model": "", "trained_on": ""}
     loaded = load_checked(ref, info)
     kind = (loaded.payload.get("extra") or {}).get("kind", "")
-    role = "teacher" if "teacher" in ref.rsplit("@", 1)[-1] else \
+    from runs.refs import parse_ref
+    role = "teacher" if "teacher" in parse_ref(ref).parts else \
         {"distill": "student", "train": "supervised"}.get(kind, "checkpoint")
     if role == "student" and loaded.config.get("dataset") == "noise":
         role = "noise-student"  # the random-input control
@@ -80,9 +85,17 @@ def load_checked(ref: str, info):
     return loaded
 
 
+EPILOG = r"""examples:
+  python -m probes.evaluate pixels RUN@init:teacher RUN@last --dataset cifar10 \
+      --data-root ~/data --probes knn knn-cosine linear linear-lbfgs --seeds 0 1 2
+  python -m probes.evaluate store/distill_x/seed_0@last --dataset stl10 --data-root ~/data \
+      --size 32 --probes knn       # transfer: probe a CIFAR-10 student on STL-10
+  python -m probes.evaluate pixels store/distill_x/seed_0@last --dataset digits --device cpu"""
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m probes.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("refs", nargs="+", metavar="REF",
                    help="checkpoint references (e.g. store/distill_x/seed_0@last) or "
                         "'pixels' for the raw-pixel baseline")
@@ -94,7 +107,14 @@ def parser() -> argparse.ArgumentParser:
                    "channels")
     p.add_argument("--subset", type=int, default=0, help="train images per class; 0 = all")
     p.add_argument("--probes", nargs="+", default=["knn", "linear"],
-                   help=f"probes to run; valid: {', '.join(PROBES.names())}")
+                   help=f"probes to run; valid: {', '.join(PROBES.names())}. knn: the "
+                   "paper's k-NN (squared L2, majority vote); knn-cosine: DINO's (cosine, "
+                   "votes weighted by exp(sim/0.07)); linear: the paper's AdamW probe (10 "
+                   "epochs), for reproducing its numbers on standardised features: a fixed "
+                   "step budget, far from converged on the small-scale raw features of an "
+                   "untrained network (demo teacher: 14%% raw vs 94%% converged); "
+                   "linear-lbfgs: logistic regression run to convergence, L2 strength by "
+                   "5-fold CV on train, the honest measure of linear capacity")
     p.add_argument("--ks", nargs="+", type=int, default=[20], help="k of the k-NN probes")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="seeds of the trained probes (k-NN is deterministic)")
@@ -108,14 +128,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def open_probe_result(args, device, shard, rows: list[dict]):
+def open_probe_result(args, device, shard, rows: list[dict], labels: list[str]):
+    """The result file, its `checkpoint` rows named by `labels` (see runs.refs.ref_labels):
+    the same references give the same labels, so a re-run resumes; the files' paths and
+    sha256 (what identifies the inputs) are in `inputs`."""
     from runs.refs import ref_record
     from runs.results import shard_path
     config = {k: v for k, v in vars(args).items()
               if k not in ("out", "overwrite", "shard", "device", "batch_size", *LAUNCH_FIELDS)}
     path = shard_path(args.out, *shard) if shard else args.out
-    inputs = [ref_record(ref) for ref in args.refs if ref != PIXELS]
-    return probe_result(path, args.refs, args.probes, args.ks, args.seeds, config, inputs,
+    inputs = [{**ref_record(ref), "label": label} for ref, label in zip(args.refs, labels)
+              if ref != PIXELS]
+    return probe_result(path, labels, args.probes, args.ks, args.seeds, config, inputs,
                         device, rows, overwrite=args.overwrite, shard=shard)
 
 
@@ -137,7 +161,8 @@ def table(accs: np.ndarray, refs, labels, features=FEATURES) -> str:
 @cli
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    print(f"probes.evaluate {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+    print(f"probes.evaluate {shlex.join(sys.argv[1:] if argv is None else argv)}",
+          file=sys.stderr)
     if launching(args):
         return launch(main, argv, args, args.out)
     from runs.results import parse_shard
@@ -152,14 +177,26 @@ def main(argv=None) -> int:
     data = (load_dataset(args.dataset, split="train", subset=args.subset or None, **kwargs),
             load_dataset(args.dataset, split="test", **kwargs))
     # Every reference is checked (and described) before a result file exists.
-    rows = [describe(ref, data[0].info) for ref in args.refs]
-    with open_probe_result(args, device, shard, rows) as result:
-        fill_probes(result, LoadedModels(args.refs, data[0].info), data, args.probes,
-                    args.ks, args.seeds, batch_size=args.batch_size, device=device)
+    from runs.refs import ref_labels
+    if len(set(args.refs)) != len(args.refs):
+        raise UserError(f"a checkpoint is given twice: {' '.join(args.refs)}")
+    names = ref_labels(args.refs, keep=(PIXELS,))  # the rows' names: LABEL:= or derived
+    # The `checkpoints` rows name a checkpoint as its label (as probes.evaluate_model does);
+    # its path is in `inputs`.
+    rows = [{**describe(ref, data[0].info), "ref": name} for ref, name in zip(args.refs, names)]
+    models = LoadedModels(args.refs, names, data[0].info)
+    with open_probe_result(args, device, shard, rows, names) as result:
+        try:
+            fill_probes(result, models, data, args.probes, args.ks, args.seeds,
+                        batch_size=args.batch_size, device=device)
+        except UserError as err:  # name the reference too, not only its label
+            if models.current in (None, PIXELS) or str(models.current) in str(err):
+                raise
+            raise UserError(f"{models.current}: {err}") from None
         path = result.path
     from runs.results import open_result
     done = open_result(path, "probe")
-    print(table(done.metrics["accuracy"], args.refs, labels))
+    print(table(done.metrics["accuracy"], names, labels))
     print(f"wrote {path}")
     return 0
 

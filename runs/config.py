@@ -98,6 +98,44 @@ def _scalar_type(hint):
     return hint
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The --help of every command: description and `examples:` epilog kept as written, and
+    each option's default shown exactly once, as it would be typed on the command line.
+
+    A help text that already speaks of its default (in words, "(default: ...)", or argparse's
+    own "%(default)s", which BooleanOptionalAction appends by itself) is left alone; defaults
+    that say nothing (None, switches that are off) are not shown.
+    """
+
+    _SHOWN = re.compile(r"%\(default\)|\bdefault\b", re.IGNORECASE)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if self._SHOWN.search(text) or not _default_worth_showing(action):
+            return text
+        shown = show_default(action.default).replace("%", "%%")
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+def _default_worth_showing(action) -> bool:
+    if action.default is None or action.default is argparse.SUPPRESS:
+        return False
+    if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction):
+        return False  # --help, store_true/store_const switches: the default is "off"
+    if not action.option_strings:  # a positional: only an optional one has a default
+        return action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+    return True
+
+
+def show_default(value) -> str:
+    """A default as it would be typed: '' for an empty string, space-separated sequences."""
+    if isinstance(value, str):
+        return value if value and not any(c.isspace() for c in value) else repr(value)
+    if isinstance(value, list | tuple):
+        return " ".join(show_default(v) for v in value) if value else "none"
+    return str(value)
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls, exclude=(), group: str = None):
     """Add one flag per dataclass field: `--field-name`, typed, with the field's help line."""
     target = parser.add_argument_group(group) if group else parser
@@ -106,8 +144,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude=(), group: str
         if f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
-        # argparse %-formats help texts: a literal "20 %" would crash --help.
-        text = (f.metadata.get("help", "") + f" (default: {f.default})").replace("%", "%%")
+        # argparse %-formats help texts: a literal "20 %" would crash --help. The default is
+        # shown by HelpFormatter (once), not here.
+        text = f.metadata.get("help", "").replace("%", "%%")
         hint = hints[f.name]
         if _scalar_type(hint) is bool and not _is_tuple_hint(hint):  # bool or bool | None
             target.add_argument(flag, action=argparse.BooleanOptionalAction,

@@ -23,6 +23,7 @@ import dataclasses
 import importlib
 import json
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 
@@ -268,7 +269,10 @@ def check_output(out_path, shard_files: list[str], overwrite: bool) -> None:
 
 def merge_command(out_path, n: int) -> str:
     from runs.results import shard_path
-    return f"python -m runs.results merge --overwrite {out_path} {shard_path(out_path, '*', n)}"
+    # Shell-quoted so it pastes back with spaces in the path; the * stays a glob.
+    before, _, after = str(shard_path(out_path, "*", n)).partition("*")
+    shards = f"{shlex.quote(before)}*{shlex.quote(after)}"
+    return f"python -m runs.results merge --overwrite {shlex.quote(str(out_path))} {shards}"
 
 
 def failure_reason(error) -> str:

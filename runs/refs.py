@@ -1,4 +1,4 @@
-"""One checkpoint reference syntax for every CLI: `[NAME=]SOURCE[@STEP][:PART...]`.
+"""One checkpoint reference syntax for every CLI: `[LABEL:=][NAME=]SOURCE[@STEP][:PART...]`.
 
     runs/ckpt/step_0001000.pt     a checkpoint file written by this toolkit
     store/train_ab12cd34/seed_0@last   a run directory at its latest step
@@ -7,6 +7,11 @@
     RUN@last:teacher              a named extra module of the checkpoint (distillation runs)
     resnet18=weights.pt           a plain state dict (torchvision key layout) for a model name
     dinopl=dino.ckpt:student      a dinopl Lightning checkpoint (student or teacher)
+    teacher:=RUN@last:teacher     any of these, named "teacher" in tables, results, figures
+
+Without a LABEL, results name a checkpoint by a label derived from its run's config and
+step ("student s0 ep15", "teacher s0", "supervised s1 @40", a loose file by its stem),
+never by its path; the paths stay in the results' `inputs` (see `ref_labels`).
 """
 
 import re
@@ -24,6 +29,8 @@ PARTS = ("encoder", "student", "teacher")
 _REF = re.compile(r"^(?:(?P<arch>[a-z][a-z0-9_]*)=)?(?P<source>[^@:]+)"
                   r"(?:@(?P<step>[^:]+))?(?P<parts>(?::[a-z]+)*)$")
 EXAMPLE = "e.g. store/train_ab12cd34/seed_0@last:encoder or ckpt.pt"
+LABEL_SEP = ":="  # LABEL:=REF names a checkpoint in results
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class Ref:
     arch: str | None = None  # registry name for a plain state dict
     step: str | None = None  # iterations, "Nep", "last" or "init"
     parts: tuple[str, ...] = ()  # selectors: "encoder", "student", "teacher"
+    label: str | None = None  # LABEL of LABEL:=REF: the name results give the checkpoint
 
 
 @dataclass
@@ -78,8 +86,124 @@ def ref_record(ref: str) -> dict:
     return file_record(ref, path, step)
 
 
+def split_label(text: str) -> tuple[str | None, str]:
+    """("teacher", "RUN@last:teacher") from "teacher:=RUN@last:teacher"; (None, text)."""
+    label, sep, ref = text.partition(LABEL_SEP)
+    if not sep:
+        return None, text
+    if not label.strip():
+        raise UserError(f"checkpoint reference {text!r}: empty LABEL before ':='; e.g. "
+                        f"teacher:=store/distill_x/seed_0@last:teacher")
+    return label.strip(), ref.strip()
+
+
+# ---------------------------------------------------------------------------- labels
+# The order in which fields tell apart checkpoints whose derived labels coincide.
+_TELLING = ("step", "model", "dataset", "alpha", "part", "arch")
+
+
+def ref_labels(refs, keep=()) -> list[str]:
+    """A short readable label per reference, unique within `refs` (a result's rows).
+
+    LABEL:=REF gives LABEL; otherwise "<role> s<seed> <step>" from the run's config.json
+    ("student s0 ep15", "teacher s0", "supervised s1 @40", "student α=1 s0 init") or a
+    loose file's stem, never a path. Labels that coincide get the field that differs
+    appended ("student s0 ep15 vgg11"), then the run's folder, then a letter. The same
+    reference text twice gets one label; the tokens in `keep` ("pixels", "random") are
+    their own labels. Reads only config.json and file names (no checkpoint is loaded).
+    """
+    texts = list(dict.fromkeys(refs))
+    bases, fields, fixed = [], [], []
+    for text in texts:
+        label = text if text in keep else parse_ref(text).label
+        base, info = (label, {}) if label else _derived(parse_ref(text))
+        bases.append(base)
+        fields.append(info)
+        fixed.append(label is not None)
+    twice = sorted({b for b, f in zip(bases, fixed) if f and
+                    sum(1 for b2, f2 in zip(bases, fixed) if f2 and b2 == b) > 1})
+    if twice:
+        raise UserError(f"label {twice[0]!r} names two different checkpoints; give each its "
+                        f"own LABEL:=REF")
+    labels = dict(zip(texts, _disambiguate(bases, fields, fixed)))
+    return [labels[text] for text in refs]
+
+
+def _derived(ref: Ref) -> tuple[str, dict]:
+    """(label, fields that may tell it apart from others) of an unlabelled reference."""
+    path, step, run = resolve_file(ref)
+    if run is None and path is not None and path.parent.name == "ckpt" \
+            and (path.parent.parent / "config.json").is_file():
+        run, step = Run(path.parent.parent), _file_step(path)  # a run's checkpoint file
+    role = next((p for p in ref.parts if p in ("student", "teacher")), "")
+    part = " ".join(p for p in ref.parts if p != role)
+    if run is None:
+        fields = {"part": part, "arch": ref.arch or ""}
+        return " ".join(filter(None, [Path(ref.source).stem, role])), fields
+    saved = run.config()
+    config = saved.get("config") or {}
+    kind = saved.get("kind", "")
+    if role != "teacher":
+        role = {"distill": _student(config), "train": "supervised"}.get(kind, kind)
+    when = "" if role == "teacher" else _step_text(step, saved.get("steps_per_epoch", 0))
+    fields = {"step": _step_text(step, saved.get("steps_per_epoch", 0)),
+              "model": config.get("model", ""), "dataset": config.get("dataset", ""),
+              "alpha": f"α={config['alpha']:g}" if "alpha" in config else "", "part": part,
+              **{key: f"{key}={value}" for key, value in sorted((saved.get("identity")
+                 or {}).items()) if "/" not in str(value) and key not in _TELLING},
+              "run": run.path.parent.name}
+    label = " ".join(filter(None, [role, f"s{saved.get('seed', '')}", when]))
+    return label, fields
+
+
+def _student(config: dict) -> str:
+    from runs.models.head import RECIPE_ALPHA
+    if config.get("dataset") == "noise":
+        return "noise student"
+    alpha = config.get("alpha", RECIPE_ALPHA)
+    return "student" if alpha == RECIPE_ALPHA else f"student α={alpha:g}"
+
+
+def _file_step(path: Path) -> int | None:
+    match = _STEP_FILE.match(path.name)
+    return int(match[1]) if match else None
+
+
+def _step_text(step: int | None, steps_per_epoch: int) -> str:
+    """"init" (step 0), "ep15" (whole epochs) or "@40" (iterations); "" when unknown."""
+    if step is None:
+        return ""
+    if step == 0:
+        return "init"
+    if steps_per_epoch and step % steps_per_epoch == 0:
+        return f"ep{step // steps_per_epoch}"
+    return f"@{step}"
+
+
+def _disambiguate(bases: list[str], fields: list[dict], fixed: list[bool]) -> list[str]:
+    """Append to the derived labels that coincide the first field that tells them apart."""
+    labels = list(bases)
+    for _ in range(4):
+        groups = {}
+        for i, label in enumerate(labels):
+            groups.setdefault(label, []).append(i)
+        clashes = [group for group in groups.values() if len(group) > 1]
+        if not clashes:
+            return labels
+        for group in clashes:
+            free = [i for i in group if not fixed[i]]  # a LABEL:= stays as written
+            keys = [k for k in dict.fromkeys(k for i in free for k in fields[i])
+                    if len({fields[i].get(k, "") for i in free}) > 1]
+            for i in free if keys else ():
+                if fields[i].get(keys[0]):
+                    labels[i] = f"{labels[i]} {fields[i][keys[0]]}"
+    return [f"{label} ({chr(65 + i)})" if labels.count(label) > 1 and not fixed[i] else label
+            for i, label in enumerate(labels)]
+
+
 def parse_ref(text: str) -> Ref:
-    match = _REF.match(text.strip())
+    label, body = split_label(text)
+    match = _REF.match(body.strip())
     if not match:
         raise UserError(f"cannot parse checkpoint reference {text!r}; {EXAMPLE}")
     parts = tuple(p for p in match["parts"].split(":") if p)
@@ -87,7 +211,7 @@ def parse_ref(text: str) -> Ref:
     if bad:
         raise UserError(f"checkpoint reference {text!r}: unknown part {bad[0]!r}; "
                         f"valid: {', '.join(PARTS)}")
-    return Ref(text, match["source"], match["arch"], match["step"], parts)
+    return Ref(text, match["source"], match["arch"], match["step"], parts, label)
 
 
 def run_step(run: Run, step: str) -> int:

@@ -698,7 +698,7 @@ def _difference(a: ResultData, b: ResultData, check_shard: bool = True) -> str |
     if a.analysis != b.analysis:
         return f"analysis ({a.analysis!r} vs {b.analysis!r})"
     if a.attrs.get("config") != b.attrs.get("config"):
-        return "config"
+        return f"config ({_config_difference(a.attrs.get('config'), b.attrs.get('config'))})"
     if _shas(a) != _shas(b):
         return "inputs (checkpoint sha256)"
     if list(a.coords) != list(b.coords):
@@ -715,6 +715,23 @@ def _difference(a: ResultData, b: ResultData, check_shard: bool = True) -> str |
     if check_shard and a.attrs.get("shard") != b.attrs.get("shard"):
         return f"shard ({a.attrs.get('shard')} vs {b.attrs.get('shard')})"
     return None
+
+
+def _config_difference(a, b, most: int = 3) -> str:
+    """The config keys that differ, each with both values: "grid: '0:1:25' vs '0:1:11'"."""
+    a, b = (json.loads(c) if isinstance(c, str) else (c or {}) for c in (a, b))
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return f"{a!r} vs {b!r}"
+    absent = object()
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, absent) != b.get(k, absent)]
+    shown = [f"{k}: {_config_value(a.get(k, absent), absent)} vs "
+             f"{_config_value(b.get(k, absent), absent)}" for k in keys[:most]]
+    more = f", and {len(keys) - most} more" if len(keys) > most else ""
+    return "; ".join(shown) + more
+
+
+def _config_value(value, absent) -> str:
+    return "(not set)" if value is absent else repr(value)
 
 
 def _shas(data: ResultData) -> list[str]:
@@ -901,17 +918,206 @@ def _fmt(label) -> str:
     return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
+# ---------------------------------------------------------------------------- show --values
+
+MAX_COLUMNS = 16  # a 1-D metric with more cells per point than this is summarised, not tabled
+
+
+def values_text(data: ResultData) -> str:
+    """The values `show --values` prints: a table over the point axis for 1-D scans (every
+    metric and split; mean ± std over `seed` where a metric has one: the probe table), the
+    min and max of every metric with their coordinates for larger grids."""
+    if len(data.point_dims) == 1:
+        return _table_1d(data)
+    lines = [f"min and max over {' x '.join(data.point_dims)} (done cells only):"]
+    for name in data.specs:
+        for key, values in _slices(data, name, keep=data.point_dims):
+            lines.append(f"  {name}{key}: {_extremes(data, values)}")
+    return "\n".join(lines)
+
+
+def _slices(data: ResultData, name: str, keep: tuple[str, ...]):
+    """(column suffix like "[test]", array over `keep`) for each index of the other axes;
+    `seed` stays as a last axis (averaged by the caller)."""
+    spec = data.specs[name]
+    rest = [d for d in spec.dims if d not in keep and d != "seed"]
+    tail = ["seed"] if "seed" in spec.dims and "seed" not in keep else []
+    array = np.moveaxis(data.metrics[name], [spec.dims.index(d) for d in (*keep, *rest, *tail)],
+                        range(len(spec.dims)))
+    for index in np.ndindex(*(len(data.coords[d]) for d in rest)):
+        key = ",".join(str(data.coords[d][i].item()) for d, i in zip(rest, index))
+        yield (f"[{key}]" if key else ""), array[(slice(None),) * len(keep) + index]
+
+
+def _extremes(data: ResultData, values: np.ndarray) -> str:
+    values = np.where(data.done.reshape(data.done.shape + (1,) * (values.ndim - data.done.ndim)),
+                      values, np.nan)
+    if np.isnan(values).all():
+        return "not computed"
+    out = []
+    for word, find in (("min", np.nanargmin), ("max", np.nanargmax)):
+        where = np.unravel_index(find(values), values.shape)
+        at = ", ".join(f"{d}={_fmt(data.coords[d][i])}" for d, i in zip(data.point_dims, where))
+        out.append(f"{word} {values[where]:.4g} at {at}")
+    return "; ".join(out)
+
+
+def _table_1d(data: ResultData) -> str:
+    dim = data.point_dims[0]
+    columns, skipped = {}, []
+    for name, spec in data.specs.items():
+        if dim not in spec.dims:
+            skipped.append(name)
+            continue
+        slices = list(_slices(data, name, keep=(dim,)))
+        if len(slices) > MAX_COLUMNS:
+            skipped.append(name)
+            continue
+        percent = spec.units == "fraction" and "seed" in spec.dims
+        for key, values in slices:
+            columns[f"{name}{key}" + (" %" if percent else "")] = \
+                (100 * values if percent else values)
+    header = [dim, *columns, "done"]
+    rows = [[_name(label), *(_cell(v[i]) for v in columns.values()),
+             "yes" if data.done[i] else "no"] for i, label in enumerate(data.coords[dim])]
+    text = _aligned(header, rows)
+    if "seed" in data.coords and any("seed" in data.specs[n].dims for n in data.specs):
+        count = len(data.coords["seed"])
+        text += f"\n(mean ± std over {count} seed{'s' * (count != 1)})"
+    if skipped:
+        text += f"\nnot tabled (more than {MAX_COLUMNS} values per {dim}): {', '.join(skipped)}"
+    return text
+
+
+def _name(label) -> str:
+    """A coordinate value as a table row name: strings bare, numbers as `_fmt`."""
+    return label.item() if isinstance(label.item(), str) else _fmt(label)
+
+
+def _cell(values) -> str:
+    values = np.atleast_1d(np.asarray(values, dtype=float))
+    if np.isnan(values).all():
+        return "-"
+    if values.size == 1:
+        return f"{values[0]:.4g}"
+    return f"{np.nanmean(values):.2f} ± {np.nanstd(values):.2f}"
+
+
+def _aligned(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[j])) for r in [header, *rows]) for j in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+                     for r in [header, *rows])
+
+
+# ---------------------------------------------------------------------------- ls
+
+
+def store_rows(store, where: Sequence[str] = ()) -> list[dict]:
+    """One row per run of a store (`<store>/<kind>_<hash>/seed_<s>/config.json`), read from
+    config.json, DONE and checkpoint names alone (no torch): kind, model, dataset, seed,
+    alpha, steps done/total, status, path. `where`: "key=value" filters on config keys."""
+    from runs.store import Run
+    store = Path(store)
+    if not store.is_dir():
+        raise UserError(f"no store at {store} (a folder of <kind>_<hash>/seed_<s>/ runs)")
+    runs = [Run(p.parent) for p in sorted(store.glob("*/seed_*/config.json"))]
+    records = [(run, run.config()) for run in runs]
+    valid = {"kind", "seed", "status"} | {k for _, saved in records
+                                          for k in saved.get("config") or {}}
+    filters = [_where(item, valid) for item in where]
+    rows = []
+    for run, saved in records:
+        row = _store_row(run, saved, store)
+        if all(_matches({**(saved.get("config") or {}), **row}, k, v) for k, v in filters):
+            rows.append(row)
+    return rows
+
+
+def _store_row(run, saved: dict, store: Path) -> dict:
+    config = saved.get("config") or {}
+    total = config.get("num_steps", 0)
+    latest = run.latest_step()
+    done = total if run.done and total else latest
+    status = "done" if run.done else "running" if _locked(run.path) else "stopped"
+    return {"kind": saved.get("kind", ""), "model": config.get("model", ""),
+            "dataset": config.get("dataset", ""), "seed": saved.get("seed", ""),
+            "alpha": f"{config['alpha']:g}" if saved.get("kind") == "distill"
+            and "alpha" in config else "",
+            "steps": f"{done if done is not None else 0}/{total or '?'}", "status": status,
+            "path": str(run.path.relative_to(store))}
+
+
+def _locked(run_path: Path) -> bool:
+    """Whether a process holds a write lock on the run (training: `<run>.lock`; a run's
+    own result files: `<run>/*.lock`). Peeks with a shared, non-blocking flock."""
+    for lock in [run_path.with_name(run_path.name + ".lock"), *run_path.glob("*.lock")]:
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    return False
+
+
+def _where(item: str, valid: set) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--where {item!r}: expected KEY=VALUE, e.g. --where model=vgg11")
+    if key not in valid:
+        raise unknown("--where key", key, valid)
+    return key, value
+
+
+def _matches(values: dict, key: str, wanted: str) -> bool:
+    value = values.get(key)
+    if isinstance(value, bool):
+        return str(value).lower() == wanted.lower()
+    try:
+        return float(value) == float(wanted)  # alpha=1 matches 1.0
+    except (TypeError, ValueError):
+        return str(value) == wanted
+
+
+def ls_text(rows: list[dict]) -> str:
+    if not rows:
+        return "no runs"
+    header = ["kind", "model", "dataset", "seed", "alpha", "steps", "status", "path"]
+    return _aligned(header, [[str(row[k]) for k in header] for row in rows])
+
+
 def _parser() -> argparse.ArgumentParser:
+    from runs.config import HelpFormatter  # no torch: the results reader stays torch-free
     parser = argparse.ArgumentParser(
         prog="python -m runs.results",
         description="Inspect and merge HDF5 result files (schema results/1).",
         epilog="examples:\n  python -m runs.results show out/interp.h5\n"
+               "  python -m runs.results show results/probe.h5 --values\n"
+               "  python -m runs.results ls store --where model=vgg11 --where alpha=1\n"
                "  python -m runs.results merge out/interp.h5 out/interp.shard*of4.h5",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{show,merge}")
+        formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{show,merge,ls}")
     show = sub.add_parser("show", help="print a result file's attributes, coords, metrics "
                           "and how many cells are done")
     show.add_argument("file", help="a result .h5 file")
+    show.add_argument("--values", action="store_true", help="print the values too: a table "
+                      "over the point axis of a 1-D scan (every metric and split; mean ± std "
+                      "over seeds: the probe table), min and max with their coordinates for "
+                      "a 2-D grid")
+    ls = sub.add_parser("ls", help="list the runs of a store: kind, model, dataset, seed, "
+                        "alpha, steps done/total, status, path",
+                        description="One row per run of STORE, read from config.json, DONE "
+                                    "and checkpoint names (status: done, running (a process "
+                                    "holds the run's lock) or stopped).")
+    ls.add_argument("store", help="a store folder (of <kind>_<hash>/seed_<s>/ runs)")
+    ls.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                    help="keep runs whose config KEY equals VALUE (also kind, seed, status); "
+                         "repeatable, e.g. --where model=vgg11 --where alpha=1")
     merge = sub.add_parser(
         "merge", help="join the shard files of one scan into one result file",
         description="Join shard files (written with --shard i/n) into OUT: the union of their "
@@ -928,7 +1134,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "show":
-        print(describe(open_result(args.file)))
+        data = open_result(args.file)
+        print(describe(data))
+        if args.values:
+            print(f"values:\n{values_text(data)}")
+    elif args.command == "ls":
+        print(ls_text(store_rows(args.store, args.where)))
     else:
         merged = merge_results(args.out, args.shards, overwrite=args.overwrite)
         print(f"merged {len(args.shards)} files into {args.out}: "

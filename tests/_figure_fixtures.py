@@ -69,13 +69,16 @@ def path_1d(path) -> Path:
                        ("supervised", "norm"), "line", {"A": [0.0], "B": [1.0]})
 
 
-def border(path, children: int = 3) -> Path:
-    """Random init and a distillation trajectory, laid out and summarised by
-    landscape.border (`layout`, `start_values`)."""
+def border(path, children: int = 3, steps=(0, 196, 392), done: int = None,
+           runs=(STUDENT,)) -> Path:
+    """Random init and a distillation trajectory (`steps`; one step: random vs student, the
+    lmc figure's), laid out and summarised by landscape.border (`layout`, `start_values`);
+    `done`: fill only that many start points (a scan still running); several `runs`: each
+    run's students at `steps` (random vs students of several seeds)."""
     from landscape.border import BorderConfig, Start, layout, start_values
     from runs.engines.train import TrainConfig
-    starts = [Start("random"), *[Start(f"{STUDENT}@{s}:encoder", init=f"{STUDENT}@{s}:encoder",
-                                       alpha=1.0) for s in (0, 196, 392)]]
+    starts = [Start("random"), *[Start(f"{run}@{s}:encoder", init=f"{run}@{s}:encoder",
+                                       alpha=1.0) for run in runs for s in steps]]
     alphas = np.linspace(0, 1, 5)
     coords, metrics = layout(starts, children, alphas)
     num_pairs = len(list(combinations(range(children), 2)))
@@ -85,7 +88,7 @@ def border(path, children: int = 3) -> Path:
     attrs = {"bn_mode": "recalibrate", "children": {s.label: [] for s in starts}}
     with create_result(path, "border", coords, metrics, ("start",), config, [], "cpu",
                        attrs) as result:
-        for (index,) in result.missing():
+        for (index,) in result.missing()[:done]:
             height = 0.3 / (1 + index)  # later starts: lower barriers
             bump = height * np.sin(np.pi * alphas)[None, :, None]  # (1, alpha, 1)
             error = 0.1 + bump + 0.03 * RNG.random((num_pairs, len(alphas), 2))
@@ -97,7 +100,8 @@ def border(path, children: int = 3) -> Path:
 
 
 def imp(path, rewind: str = "init@1ep", reference: str = "", levels: int = 4,
-        seeds=(0, 1, 2), baselines=("random", "reinit"), instability: bool = True) -> Path:
+        seeds=(0, 1, 2), baselines=("random", "reinit"), instability: bool = True,
+        train: dict = None) -> Path:
     """An IMP sweep: tickets.imp's metrics and coords, accuracies falling with sparsity."""
     from tickets.imp import POINT_DIMS, ImpConfig, result_metrics
     cfg = ImpConfig(rewind=rewind, levels=levels, baselines=tuple(baselines),
@@ -106,7 +110,8 @@ def imp(path, rewind: str = "init@1ep", reference: str = "", levels: int = 4,
     coords = {"branch": branches, "level": np.arange(levels + 1), "seed": np.asarray(seeds)}
     if instability:
         coords["split"] = ["train", "test"]
-    config = {"imp": dataclasses.asdict(cfg), "train": {"model": "convnet", "dataset": "toy"},
+    config = {"imp": dataclasses.asdict(cfg),
+              "train": {"model": "convnet", "dataset": "toy", **(train or {})},
               "reference": reference, "rewind_step": 0 if reference else 17,
               "prunable_weights": 1000}
     metrics = result_metrics(SimpleNamespace(imp=cfg))
@@ -183,6 +188,7 @@ def all_results(folder) -> dict:
     folder = Path(folder)
     return {"plane": plane(folder / "plane.h5"), "path": path_1d(folder / "path.h5"),
             "border": border(folder / "border.h5"),
+            "lmc": border(folder / "lmc_random_vs_student.h5", steps=(392,)),
             "imp_init": imp(folder / "imp_init.h5"),
             "imp_student": imp(folder / "imp_student.h5", rewind=f"{STUDENT}@last:encoder",
                                reference=f"{STUDENT}@last:encoder", baselines=("reinit",),

@@ -114,7 +114,8 @@ def test_evaluate_model_equals_the_cli_file(tmp_path, capsys):
                        "--device", "cpu", "--out", str(out)]) == 0
     train = load_dataset("digits", split="train", subset=20)
     test = load_dataset("digits", split="test")
-    ds = probes.evaluate_model({ckpt: model, "pixels": "pixels"}, train, test,
+    # The CLI names the file's row by its stem ("m"), never its path: the same label here.
+    ds = probes.evaluate_model({"m": model, "pixels": "pixels"}, train, test,
                                probes=("knn", "linear", "linear-lbfgs"), ks=(5, 20),
                                seeds=(0, 1), device="cpu")
     with xr.open_dataset(out, engine="h5netcdf") as cli:
@@ -127,7 +128,7 @@ def test_evaluate_model_equals_the_cli_file(tmp_path, capsys):
     assert ds.attrs["analysis"] == "probe" and "checkpoints" in ds.attrs
     # Provenance by content: the module's state, not a file.
     record = json.loads(ds.attrs["inputs"])
-    assert record == [{"ref": ckpt, "path": "", "sha256": module_sha256(model), "step": None}]
+    assert record == [{"ref": "m", "path": "", "sha256": module_sha256(model), "step": None}]
     assert ds["accuracy"].sel(checkpoint="pixels", probe="knn@20", features="raw").min() > 0.85
 
 

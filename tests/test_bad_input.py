@@ -212,9 +212,9 @@ ROWS = {
     "train --rewind NaN weight": (TRAIN, ["--rewind", "{nan}"], "{nan} holds NaN or Inf"),
     "border start NaN weight": (BORDER[:1] + ("{nan}",) + BORDER[2:], [],
                                 "{nan} holds NaN or Inf"),
-    "probe NaN weight": (PROBE, ["{nan}"], "features of {nan} (raw) contain NaN or Inf"),
+    "probe NaN weight": (PROBE, ["{nan}"], "{nan}: features of nan (raw) contain NaN or Inf"),
     "probe features overflow to Inf": (PROBE, ["{huge}"],
-                                       "features of {huge} (raw) contain NaN or Inf"),
+                                       "{huge}: features of huge (raw) contain NaN or Inf"),
     # result files: not results, other analyses, other schema versions, broken
     "results show on a non-result HDF5": (("runs.results", "show", "{plain}"), [],
                                           "{plain} has schema None"),

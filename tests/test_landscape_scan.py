@@ -320,7 +320,9 @@ def test_alpha_sweep_distils_each_alpha_and_reuses_the_template(runs, tmp_path):
     data = open_result(out, "border")
     assert data.metrics["start_alpha"].tolist() == [0.5, 1.0] and data.done.all()
     # alpha=1 is the template's own config: the existing run is the start, not a new one.
-    assert str(data.coords["start"][1]).startswith(runs["student"])
+    assert data.attrs["inputs"][1]["path"].startswith(runs["student"])
+    # Start points are named by readable labels, not paths (the paths are in `inputs`).
+    assert list(data.coords["start"]) == ["student α=0.5 s0 ep1", "student α=1 s0 ep1"]
     assert len(list(store.glob("distill_*/seed_*"))) == 2
 
 

@@ -49,7 +49,9 @@ def test_every_stage_and_figure(demo):
     results = {p.stem for p in (root / "out" / "results").glob("*.h5")}
     assert results == {"probe_digits", "path", "plane", "lmc", "imp"}
     figures = {p.stem for p in (root / "out" / "figures").glob("*.png")}
-    for name in FIGURES:  # every figure the toolkit has
+    # every figure the toolkit has; `border` draws scans only (this preset's one border
+    # result, random vs student, is the `lmc` figure's)
+    for name in set(FIGURES) - {"border"}:
         assert any(f == name or f.startswith(f"{name}_") for f in figures), (name, figures)
 
 

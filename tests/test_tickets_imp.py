@@ -303,6 +303,9 @@ def test_parse_rewind():
     assert parse_rewind("init@40", 17) == ("", 40)
     assert parse_rewind("store/distill_x/seed_0@last:encoder", 17) == \
         ("store/distill_x/seed_0@last:encoder", 0)
+    # a label names a row; the dense run (and its hash) is the same without it
+    assert parse_rewind("student:=store/distill_x/seed_0@last:encoder", 17) == \
+        ("store/distill_x/seed_0@last:encoder", 0)
 
 
 def test_mask_folder_hash_ignores_levels_and_baselines(sweep):

@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,16 +39,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from runs.checkpoint import read_checkpoint
-from runs.config import add_config_args, arg, config_from_args, non_default, parse_steps
+from runs.config import (
+    HelpFormatter,
+    add_config_args,
+    arg,
+    config_from_args,
+    non_default,
+    parse_steps,
+)
 from runs.device import resolve_device, use_bf16
 from runs.engines import engine
 from runs.engines.train import TrainConfig, load_data, train
 from runs.errors import UserError, cli, unknown
 from runs.launch import add_launcher_args, launch, launching
 from runs.models import create_model
+from runs.progress import Progress
 from runs.registry import Registry
 from runs.store import Run, atomic_write_text, run_path
 from tickets.mask import SCOPES, dense_mask, num_kept, prunable_names, read_mask, save_mask
@@ -310,10 +318,12 @@ def run_sweep(sweep: Sweep, result, seeds: list[int], shard=None) -> None:
     for s, seed in enumerate(seeds):
         cells = [c for c in todo if c[2] == s]
         levels = sorted({c[1] for c in cells})
-        for level in tqdm(levels, desc=f"imp seed {seed}", unit="level", disable=None):
-            for b, _, _ in [c for c in cells if c[1] == level]:
-                result.write((b, level, s),
-                             **cell_values(sweep, seed, plan.branches[b], level))
+        with Progress(len(levels), f"imp seed {seed}", "level") as bar:
+            for level in levels:
+                for b, _, _ in [c for c in cells if c[1] == level]:
+                    values = cell_values(sweep, seed, plan.branches[b], level)
+                    result.write((b, level, s), **values)
+                bar.update(1, True, test_acc=values.get("test_accuracy"))
 
 
 # ---------------------------------------------------------------------------- results
@@ -395,8 +405,11 @@ def fill_result(sweep: Sweep, seeds: list[int], path=None, overwrite=False, shar
 
 
 def parse_rewind(text: str, steps_per_epoch: int) -> tuple[str, int]:
-    """(reference, K): "init@2ep" -> ("", 2 * steps_per_epoch); "RUN@last:encoder" -> (it, 0)."""
-    text = text.strip()
+    """(reference, K): "init@2ep" -> ("", 2 * steps_per_epoch); "RUN@last:encoder" -> (it, 0).
+
+    A LABEL:= prefix is dropped: a label names a row, it never changes which runs train."""
+    from runs.refs import split_label
+    text = split_label(text.strip())[1]
     if text == "init" or text.startswith("init@"):
         step = text.partition("@")[2] or "0"
         return "", parse_steps(step, steps_per_epoch, flag="--rewind init@K")
@@ -460,20 +473,21 @@ def write_identity(plan: Plan) -> None:
 
 # ---------------------------------------------------------------------------- CLI
 
-EPILOG = """examples:
+EPILOG = r"""examples:
   # rewinding a random init to epoch 2, with both baselines, 3 seeds
-  python -m tickets.imp --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \\
+  python -m tickets.imp --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \
       --val-size 5000 --levels 24 --rewind init@2ep --baselines random reinit --seeds 0 1 2
   # rewinding to a distilled student (its encoder under a fresh fc) at K = 0
-  python -m tickets.imp --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \\
+  python -m tickets.imp --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \
       --val-size 5000 --levels 24 --rewind store/distill_ab12cd34/seed_0@last:encoder
   # four rewind points sharing one dense run per seed: give all of them to --save-at
-  python -m tickets.imp ... --rewind init@1ep --save-at 1ep 2ep 5ep"""
+  python -m tickets.imp --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \
+      --val-size 5000 --levels 24 --rewind init@1ep --save-at 1ep 2ep 5ep"""
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tickets.imp", description=__doc__,
-                                epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter)
+                                epilog=EPILOG, formatter_class=HelpFormatter)
     engine.add_runtime_args(p)
     p.add_argument("--steps", default="160ep",
                    help="training length of every level: iterations or epochs (e.g. 160ep)")
@@ -547,7 +561,8 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
 @cli
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    print(f"tickets.imp {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+    print(f"tickets.imp {shlex.join(sys.argv[1:] if argv is None else argv)}",
+          file=sys.stderr)
     if launching(args):
         return launch(main, argv, args, args.out)
     from runs.results import open_result, parse_shard

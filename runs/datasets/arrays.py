@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runs.datasets.base import DatasetInfo, dataset, pixel_stats, to_image_data
+from runs.datasets.base import ROOT, DatasetInfo, dataset, pixel_stats, to_image_data
 from runs.errors import UserError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -53,8 +53,8 @@ def _open_npz(root: Path | None) -> dict[str, np.ndarray]:
     """The four arrays of the file; one-line errors for a missing, corrupt or incomplete file."""
     if root is None or not root.is_file():
         where = "no root given" if root is None else f"no file at {root}"
-        raise UserError(f"npz: {where} (pass root=<path of a .npz holding "
-                        f"{', '.join(NPZ_KEYS)}>)")
+        raise UserError(f"npz: {where}; pass {ROOT} <path of a .npz holding "
+                        f"{', '.join(NPZ_KEYS)}>")
     try:
         with np.load(root, allow_pickle=False) as archive:
             missing = [key for key in NPZ_KEYS if key not in archive.files]

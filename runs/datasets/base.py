@@ -95,12 +95,19 @@ def pixel_stats(x: torch.Tensor | np.ndarray):
     return tuple(mean), tuple(std)
 
 
+# A loader cannot know whether a command line or Python called it: its messages name both
+# ways of giving the folder (the flag is --data-root on every command, --probe-root for
+# runs.distill's probe data).
+ROOT = "--data-root (root= in Python)"
+
+
 def no_data(name: str, path: Path, download_supported: bool = True) -> UserError:
     """The one-line error for a missing file or folder, with how to get it."""
     if download_supported:
-        hint = "pass download=True, or download it and point root at the folder holding it"
+        hint = (f"download it (in Python: download=True) and point {ROOT} at the folder "
+                f"holding it")
     else:
-        hint = "download it by hand and point root at the folder holding it"
+        hint = f"download it by hand and point {ROOT} at the folder holding it"
     return UserError(f"{name}: no data at {path} ({hint})")
 
 
@@ -111,7 +118,8 @@ def download_failed(name: str, root: Path, err: Exception) -> UserError:
 
 def need_root(name: str, holds: str) -> UserError:
     """The error for a loader called without the `root` it needs."""
-    return UserError(f"{name}: no root given; pass root=<the folder holding {holds}>")
+    return UserError(f"{name}: no root given; pass --data-root <the folder holding {holds}> "
+                     f"(root= in Python)")
 
 
 def _fingerprint(sources: list[Path]) -> str:

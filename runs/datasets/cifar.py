@@ -65,7 +65,7 @@ def _check_files(name: str, cls, root: Path) -> None:
     for file_name, md5 in _file_names(cls):
         if not check_integrity(str(folder / file_name), md5):
             raise UserError(f"{name}: corrupt file {folder / file_name} (md5 mismatch; delete it "
-                            "and pass download=True, or download it again)")
+                            "and download it again; in Python: download=True)")
 
 
 def _unreadable_file(cls, folder: Path, label_key: str) -> Path:

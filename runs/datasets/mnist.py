@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import torchvision
 
-from runs.datasets.base import DatasetInfo, dataset, download_failed, no_data, to_image_data
+from runs.datasets.base import (
+    DatasetInfo,
+    dataset,
+    download_failed,
+    need_root,
+    no_data,
+    to_image_data,
+)
 from runs.errors import UserError
 
 # IDX type codes -> big-endian numpy dtypes (the format's spec; MNIST itself is all 0x08).
@@ -100,8 +107,7 @@ def _download(name: str, cls, root: Path, split: str) -> None:
 def mnist(root, split, download, seed):
     """MNIST: 60000 train / 10000 test grey 28x28 digits."""
     if root is None:
-        raise UserError("mnist: no root given; pass root=<the folder holding MNIST/raw/ "
-                        "or the IDX files>")
+        raise need_root("mnist", "MNIST/raw/ or the IDX files")
     if download:
         _download("mnist", torchvision.datasets.MNIST, root, split)
     return _read("mnist", MNIST_INFO, [root / "MNIST" / "raw", root], split)
@@ -114,8 +120,9 @@ def fashionmnist(root, split, download, seed):
         debian = debian_fashion_mnist()
         if debian is None:
             raise UserError("fashionmnist: no root given and Debian's dataset-fashion-mnist is "
-                            "not installed; pass root=<the folder holding FashionMNIST/raw/> "
-                            "or run apt-get install dataset-fashion-mnist")
+                            "not installed; pass --data-root <the folder holding "
+                            "FashionMNIST/raw/> (root= in Python) or run apt-get install "
+                            "dataset-fashion-mnist")
         return _read("fashionmnist", FASHION_INFO, [debian], split)
     if download:
         _download("fashionmnist", torchvision.datasets.FashionMNIST, root, split)

@@ -10,6 +10,7 @@ its own softmax outputs. No labels, no augmentation, no EMA, no centering by def
 
 import dataclasses
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from runs.gpu_loader import Augment
 from runs.models import MODELS, create_model
 from runs.models.base import check_input_size
 from runs.models.head import RECIPE_ALPHA, DinoNet, create_head
+from runs.progress import open_logger, run_label
 from runs.store import Run, open_run, run_path
 
 STUDENT_SEED_OFFSET = 1_000_003  # fresh student weights: seed + offset, never the teacher's
@@ -139,6 +141,7 @@ class Session:
     sums: dict = field(default_factory=dict)
     count: int = 0
     world: distributed.World = distributed.SINGLE  # torchrun ranks; rank 0 writes files
+    logger: object = None  # rank 0's runs.progress.Logger of --log tensorboard|wandb, or None
 
 
 def load_data(cfg: DistillConfig):
@@ -293,8 +296,11 @@ def close_epoch(s: Session, epoch: int, sums: dict, count: int, knn: dict) -> No
     if not s.world.main:
         return
     s.result.write({"epoch": epoch}, knn_accuracy=[knn["teacher"], knn["student"]], **means)
-    s.run.log({"step": s.step, "epoch": epoch, **means,
-               **{f"knn_{k}": (None if math.isnan(v) else v) for k, v in knn.items()}})
+    record = {"step": s.step, "epoch": epoch, **means,
+              **{f"knn_{k}": (None if math.isnan(v) else v) for k, v in knn.items()}}
+    s.run.log(record)
+    if s.logger is not None:
+        s.logger.log({**record, "lr": s.optimizer.param_groups[0]["lr"]})
 
 
 def fit(s: Session, stop_at: int = None) -> None:
@@ -302,26 +308,29 @@ def fit(s: Session, stop_at: int = None) -> None:
     keep = set(s.cfg.save_at) | {s.cfg.num_steps}
     init_knn = probe_now(s, 0, last_epoch) if s.step == 0 else None
     window = []
-    desc = f"distill {s.run.path.parent.name}"
-    with engine.progress(s.cfg.num_steps, s.step, desc, s.world.main) as bar:
+    label = run_label("distill", s.cfg)
+    with engine.progress(s.cfg.num_steps, s.step, label, s.world.main, per_epoch,
+                         s.cfg.batch_size) as bar:
         for step, x, _ in engine.batches(s.loader, s.step, s.cfg.num_steps):
             out = distill_step(s, x)
             s.step = step
-            bar.update(1)
             window.append(out["loss"])
             s.sums = {k: s.sums.get(k, 0) + v for k, v in out.items()}
             s.count += 1
+            knn = {}  # this step's probe accuracies, shown by the progress line
             if init_knn is not None:  # epoch 0: the first batch's losses at init
                 close_epoch(s, 0, out, 1, init_knn)
-                init_knn = None
+                knn, init_knn = init_knn, None
             epoch_end = step % per_epoch == 0 or step == s.cfg.num_steps
             if epoch_end or step in keep or step == stop_at:
                 engine.check_window(window, step, s.run, s.world)
                 window = []
             if epoch_end:
                 epoch = -(-step // per_epoch)
-                close_epoch(s, epoch, s.sums, s.count, probe_now(s, epoch, last_epoch))
+                knn = probe_now(s, epoch, last_epoch)
+                close_epoch(s, epoch, s.sums, s.count, knn)
                 s.sums, s.count = {}, 0
+            bar.update(1, epoch_end, loss=out["loss"], kl=out["kl"], knn=knn.get("student"))
             if step in keep:
                 save(s, step, s.run.ckpt_path(step))
             elif epoch_end or step == stop_at:
@@ -331,15 +340,21 @@ def fit(s: Session, stop_at: int = None) -> None:
 
 
 def distill(cfg: DistillConfig, store: str = "store", data=None, device="auto",
-            precision="auto", compile_model=False, stop_at: int = None) -> Run:
-    """Distil (or resume, or skip if done) the run `cfg` names in `store`."""
+            precision="auto", compile_model=False, stop_at: int = None,
+            log: str = None) -> Run:
+    """Distil (or resume, or skip if done) the run `cfg` names in `store`; `log`:
+    "tensorboard" or "wandb" mirrors metrics.jsonl there too (runs.progress)."""
     done = Run(run_path(store, "distill", cfg, cfg.seed))
     if done.done:
         return done
     s = setup(cfg, store, data, device, precision, compile_model)
     try:
+        if log and s.world.main:
+            s.logger = open_logger(log, s.run.path, dataclasses.asdict(cfg), s.step)
         fit(s, stop_at)
     finally:
+        if s.logger is not None:
+            s.logger.close()
         if s.result is not None:
             s.result.close()
     if s.step < cfg.num_steps:
@@ -375,14 +390,25 @@ metrics.jsonl and distill.h5 (k-NN accuracy of teacher and student per probed ep
 KL, teacher entropy). Re-running the same command resumes or skips finished work."""
 
 
+EXAMPLES = r"""examples:
+  python -m runs.distill --model vgg11 --dataset cifar10 --data-root ~/data --steps 100ep \
+      --save-at 1ep 10ep 50ep --probe-every 5
+  python -m runs.distill --model vgg11 --dataset noise --data-options shape=3,32,32 \
+      --probe-dataset cifar10 --probe-root ~/data       # the random-input control
+  python -m runs.distill --model convnet --width 0.25 --dataset digits --steps 2ep \
+      --out-dim 256 --device cpu"""
+
+
 def parser():
-    return engine.training_parser("python -m runs.distill", HELP, DistillConfig, "100ep", "19500")
+    return engine.training_parser("python -m runs.distill", HELP, DistillConfig, "100ep", "19500",
+                                   EXAMPLES)
 
 
 @cli
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    print(f"runs.distill {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+    print(f"runs.distill {shlex.join(sys.argv[1:] if argv is None else argv)}",
+          file=sys.stderr)
     run = engine.run_from_args(DistillConfig, args, load_data, distill)
     if run is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0

@@ -7,20 +7,21 @@ The loop itself stays in each engine, flat, reading top to bottom (train.py, dis
 
 import argparse
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from runs.checkpoint import read_checkpoint, set_rng_state
-from runs.config import add_config_args, from_dict, parse_steps
+from runs.config import HelpFormatter, add_config_args, from_dict, parse_steps
 from runs.data import ImageData
 from runs.device import PRECISIONS
 from runs.engines import distributed
 from runs.errors import UserError
 from runs.gpu_loader import Augment, GPULoader
+from runs.progress import LOGGERS, Progress, check_logger
 
 # torch.compile modes; reduce-overhead also captures CUDA graphs (cudagraph trees) on CUDA.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -99,11 +100,12 @@ def check_finite(loss: torch.Tensor, step: int, run) -> None:
     raise UserError(f"loss is {loss.item()} at step {step}{kept} (lower the learning rate?)")
 
 
-def progress(total: int, initial: int, desc: str, show: bool = True):
-    """A tqdm bar that is quiet when stderr is not a TTY (CI, logs) or `show` is False
-    (ranks other than 0)."""
-    return tqdm(total=total, initial=initial, desc=desc, disable=None if show else True,
-                dynamic_ncols=True, unit="step")
+def progress(total: int, initial: int, desc: str, show: bool = True,
+             steps_per_epoch: int = None, batch_size: int = 1) -> Progress:
+    """A training loop's runs.progress.Progress: a bar in a terminal, lines with epoch,
+    loss, img/s and ETA in a log; silent where `show` is False (ranks other than 0)."""
+    return Progress(total, desc, "step", initial, per_unit=batch_size, rate_unit="img",
+                    steps_per_epoch=steps_per_epoch, show=show)
 
 
 def restore(path, model: nn.Module, optimizer=None, scheduler=None,
@@ -146,11 +148,19 @@ itself."""
 
 
 def training_parser(prog: str, description: str, config_cls, default_steps: str,
-                    steps_example: str) -> argparse.ArgumentParser:
-    """The CLI of a training engine: runtime flags, --steps/--save-at, one flag per field."""
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=USER_MODELS,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    steps_example: str, examples: str = "") -> argparse.ArgumentParser:
+    """The CLI of a training engine: runtime flags, --steps/--save-at, one flag per field.
+
+    examples: the `examples:` block that opens the epilog (before the user-model note)."""
+    epilog = f"{examples.rstrip()}\n\n{USER_MODELS}" if examples else USER_MODELS
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                formatter_class=HelpFormatter)
     add_runtime_args(p)
+    p.add_argument("--log", default=None, choices=LOGGERS,
+                   help="also write the logged metrics (loss, kl, accuracies, lr) to "
+                        "tensorboard (RUN/tb/) or an offline wandb run (RUN/wandb/); "
+                        "metrics.jsonl is always written (needs pip install tensorboard "
+                        "or wandb; not part of the run's identity)")
     p.add_argument("--steps", default=default_steps, help=f"training length: iterations "
                    f"(e.g. {steps_example}) or epochs (e.g. {default_steps})")
     p.add_argument("--save-at", nargs="*", default=[],
@@ -174,6 +184,9 @@ def run_from_args(config_cls, args, load_data, run_fn):
     """
     names = {f.name for f in dataclasses.fields(config_cls)} - {"num_steps", "save_at"}
     fields = {k: v for k, v in vars(args).items() if k in names}  # --save-at: steps, below
+    if getattr(args, "log", None):  # a runtime flag: passed to the run, not in its config
+        check_logger(args.log)
+        run_fn = functools.partial(run_fn, log=args.log)
     return run_config(config_cls, fields, args.steps, args.save_at, load_data, run_fn,
                       args.store, args.device, args.precision, args.compile)
 

@@ -8,6 +8,7 @@ last checkpoint and ends with the same weights (bitwise on CPU).
 
 import dataclasses
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from runs.errors import UserError, cli
 from runs.gpu_loader import Augment, eval_loader
 from runs.models import MODELS, create_model
 from runs.models.base import check_input_size
+from runs.progress import open_logger, run_label
 from runs.store import Run, open_run, run_path
 
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -149,6 +151,7 @@ class Session:
     # resumed mid-way logs the mean over all its steps, not only the resumed ones.
     losses: list = field(default_factory=list)
     lock: object = None  # rank 0's runs.results.WriteLock on the run: one writer at a time
+    logger: object = None  # rank 0's runs.progress.Logger of --log tensorboard|wandb, or None
 
 
 def load_data(cfg: TrainConfig) -> tuple:
@@ -272,11 +275,12 @@ def train_step(s: Session, x, y) -> torch.Tensor:
 
 
 
-def log_eval(s: Session, step: int, losses: list) -> None:
-    """Rank 0 evaluates and logs; the training loss is averaged over ranks first."""
+def log_eval(s: Session, step: int, losses: list) -> dict | None:
+    """Rank 0 evaluates, logs and returns the record; the training loss is averaged over
+    ranks first."""
     train_loss = distributed.mean(torch.stack(losses).mean(), s.world).item() if losses else None
     if not s.world.main:
-        return
+        return None
     record = {"step": step, "epoch": step / len(s.loader), "lr": s.scheduler.get_last_lr()[0],
               "train_loss": train_loss}
     # Under DDP the plain module evaluates: DDP's forward would wait for the other ranks.
@@ -285,6 +289,9 @@ def log_eval(s: Session, step: int, losses: list) -> None:
         for key, value in evaluate(model, loader, s.bf16).items():
             record[f"{name}_{key}"] = value
     s.run.log(record)
+    if s.logger is not None:
+        s.logger.log(record)
+    return record
 
 
 def is_eval_step(s: Session, step: int) -> bool:
@@ -298,19 +305,24 @@ def fit(s: Session, stop_at: int = None) -> None:
     keep = set(cfg.save_at) | {cfg.num_steps}
     timer = engine.Timer()
     s.images_per_second = 0.0
-    desc = f"train {s.run.path.parent.name}"
-    with engine.progress(cfg.num_steps, s.step, desc, s.world.main) as bar:
+    label = run_label("train", cfg)
+    with engine.progress(cfg.num_steps, s.step, label, s.world.main, len(s.loader),
+                         cfg.batch_size) as bar:
         for step, x, y in engine.batches(s.loader, s.step, cfg.num_steps):
-            s.losses.append(train_step(s, x, y))
+            loss = train_step(s, x, y)
+            s.losses.append(loss)
             s.step = step
             timer.add(len(y))
-            bar.update(1)
             epoch_end = step % len(s.loader) == 0
             if step in keep or epoch_end or step == stop_at:
                 engine.check_window(s.losses, step, s.run, s.world)
+            record = None
             if is_eval_step(s, step):
-                log_eval(s, step, s.losses)
+                record = log_eval(s, step, s.losses)
                 s.losses = []
+            split = "val" if "val" in s.evals else "test"  # the accuracy shown
+            bar.update(1, epoch_end or record is not None, loss=loss,
+                       **{f"{split}_acc": (record or {}).get(f"{split}_accuracy")})
             if step in keep:
                 save(s, step, s.run.ckpt_path(step))
             elif epoch_end or step == stop_at:
@@ -334,8 +346,9 @@ def summarize(s: Session) -> dict:
 
 
 def train(cfg: TrainConfig, store: str = "store", data: tuple = None, device="auto",
-          precision="auto", compile_model=False, stop_at: int = None) -> Run:
-    """Train (or resume, or skip if done) the run `cfg` names in `store`."""
+          precision="auto", compile_model=False, stop_at: int = None, log: str = None) -> Run:
+    """Train (or resume, or skip if done) the run `cfg` names in `store`; `log`:
+    "tensorboard" or "wandb" mirrors metrics.jsonl there too (runs.progress)."""
     done = Run(run_path(store, "train", cfg, cfg.seed))
     if done.done:
         return done
@@ -343,6 +356,8 @@ def train(cfg: TrainConfig, store: str = "store", data: tuple = None, device="au
     try:
         if s.run.done:  # finished by another process while this one waited for the lock
             return s.run
+        if log and s.world.main:
+            s.logger = open_logger(log, s.run.path, dataclasses.asdict(cfg), s.step)
         fit(s, stop_at)
         if stop_at is not None and s.step < cfg.num_steps:
             return s.run
@@ -351,6 +366,8 @@ def train(cfg: TrainConfig, store: str = "store", data: tuple = None, device="au
             s.run.mark_done(summarize(s))
         distributed.barrier(s.world)  # no rank returns before DONE exists
     finally:
+        if s.logger is not None:
+            s.logger.close()
         release(s)
     return s.run
 
@@ -360,14 +377,24 @@ on a registered dataset. Runs live in STORE/train_<hash>/seed_<seed>/; re-runnin
 command skips a finished run and resumes an unfinished one from its latest checkpoint."""
 
 
+EXAMPLES = r"""examples:
+  python -m runs.train --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \
+      --save-at 1ep 2ep 5ep --val-size 5000
+  python -m runs.train --model convnet --width 0.25 --dataset digits --steps 2ep --device cpu
+  python -m runs.train --init STORE/distill_<hash>/seed_0@last:encoder --dataset cifar10 \
+      --data-root ~/data --steps 30ep          # fine-tune a student's encoder, fresh fc"""
+
+
 def parser():
-    return engine.training_parser("python -m runs.train", HELP, TrainConfig, "160ep", "31200")
+    return engine.training_parser("python -m runs.train", HELP, TrainConfig, "160ep", "31200",
+                                   EXAMPLES)
 
 
 @cli
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    print(f"runs.train {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+    print(f"runs.train {shlex.join(sys.argv[1:] if argv is None else argv)}",
+          file=sys.stderr)
     run = engine.run_from_args(TrainConfig, args, load_data, train)
     if run is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0

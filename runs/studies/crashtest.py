@@ -732,13 +732,19 @@ def finished(reference: Path, folder: Path) -> bool:
 
 # ---------------------------------------------------------------------------- CLI
 
+CRASHTEST_EXAMPLES = r"""examples:
+  python -m runs.crashtest                     # SIGKILL each long command 20 times, compare
+  python -m runs.crashtest train --kills 50 --signals --fresh --keep /tmp/crash
+  python -m runs.crashtest interpolate imp --kills 5 --seed 1"""
+
 
 def main(argv=None) -> int:
     if argv is None and sys.argv[1:] == ["--serve"]:
         serve()
         return 0
+    from runs.config import HelpFormatter
     p = argparse.ArgumentParser(prog="python -m runs.crashtest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=CRASHTEST_EXAMPLES, formatter_class=HelpFormatter)
     names = list(commands(Path("inputs")))
     p.add_argument("commands", nargs="*", default=names, metavar="COMMAND",
                    help=f"commands to test (default: all): {', '.join(names)}")

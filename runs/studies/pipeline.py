@@ -15,12 +15,15 @@ import dataclasses
 import importlib
 import json
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runs.config import HelpFormatter
 from runs.errors import UserError, cli
+from runs.progress import format_duration
 
 PRESETS = Path(__file__).with_name("presets")
 STAGES = ("distill", "probe", "interpolate", "border", "imp", "figures")
@@ -90,10 +93,15 @@ def override(preset: dict, assignments: list[str]) -> dict:
 
 
 def flags(options: dict) -> list[str]:
-    """{"batch_size": 64, "save_at": ["1ep", "2ep"], "flip": false} -> CLI argv."""
+    """{"batch_size": 64, "save_at": ["1ep", "2ep"], "flip": false} -> CLI argv.
+
+    An empty value ("" or null, e.g. an unset data_root) means "unset": its flag is left out
+    and the command uses its own default, so the echoed command pastes back as it ran."""
     argv = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
+        if value is None or value == "":
+            continue
         if isinstance(value, bool):
             argv.append(flag if value else f"--no-{key.replace('_', '-')}")
         elif isinstance(value, list):
@@ -177,7 +185,8 @@ def probe_stage(preset: dict, layout: Layout, students: dict, device: str) -> Pa
     options = dict(preset.get("probe", {}))
     base = preset["distill"]
     options.setdefault("dataset", base.get("dataset"))
-    options.setdefault("data_root", base.get("data_root", ""))
+    if base.get("data_root"):
+        options.setdefault("data_root", base["data_root"])
     out = layout.results / f"probe_{options['dataset']}.h5"
     call(probe_main, [*probe_refs(students), *flags(options), "--out", str(out),
                       "--device", device], "probe")
@@ -246,7 +255,7 @@ def timed(stage: str):
     start = time.perf_counter()
     yield
     seconds = time.perf_counter() - start
-    print(f"stage {stage}: {int(seconds // 60)} min {seconds % 60:.0f} s", file=sys.stderr)
+    print(f"stage {stage}: {format_duration(seconds)}", file=sys.stderr)  # never "60 s"
 
 
 def run_pipeline(preset: dict, layout: Layout, device: str, stages=STAGES) -> None:
@@ -269,10 +278,17 @@ def run_pipeline(preset: dict, layout: Layout, device: str, stages=STAGES) -> No
             figures_stage(layout)
 
 
+EPILOG = r"""examples:
+  python -m runs.pipeline --preset demo            # digits, CPU, every stage and figure
+  python -m runs.pipeline --preset cifar10-subset --set distill.data_root=~/data
+  python -m runs.pipeline --preset paper-cifar10 --device cuda --out out/paper
+  python -m runs.pipeline --preset demo --stages distill probe figures"""
+
+
 @cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runs.pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="demo", help=f"one of {', '.join(preset_names())}, "
                    f"or a path to a preset .json")
     p.add_argument("--out", default=None, help="output folder (default: out/<preset>)")
@@ -283,7 +299,8 @@ def main(argv=None) -> int:
                    help="override a preset value, e.g. distill.data_root=~/data or "
                         "seeds=[0] (VALUE is JSON, or a plain string)")
     args = p.parse_args(argv)
-    print(f"runs.pipeline {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+    print(f"runs.pipeline {shlex.join(sys.argv[1:] if argv is None else argv)}",
+          file=sys.stderr)
     preset = override(load_preset(args.preset), args.set)
     layout = Layout(Path(args.out or Path("out") / Path(args.preset).stem))
     run_pipeline(preset, layout, args.device, args.stages)

@@ -9,9 +9,11 @@ skips what is finished.
 
 import argparse
 import dataclasses
+import shlex
 import statistics
 import sys
 
+from runs.config import HelpFormatter
 from runs.data import cifar10_subset_path, load_dataset
 from runs.engines.distill import DistillConfig, distill_with_steps, load_data
 from runs.errors import UserError, cli
@@ -89,16 +91,22 @@ def table(rows: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+EPILOG = r"""examples:
+  python -m runs.reproduce --preset cifar10-subset --seeds 0 1 2
+  python -m runs.reproduce --preset digits --seeds 0 --device cpu --store /tmp/store"""
+
+
 @cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runs.reproduce", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="cifar10-subset", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="run seeds")
     p.add_argument("--store", default="store", help="root folder of the run store")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = p.parse_args(argv)
-    print(f"runs.reproduce {' '.join(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+    print(f"runs.reproduce {shlex.join(sys.argv[1:] if argv is None else argv)}",
+          file=sys.stderr)
     rows = collect(args.preset, args.seeds, args.store, args.device)
     print(f"\nk-NN (k=20, squared L2, majority vote) on the test split, preset {args.preset}:")
     print(table(rows))

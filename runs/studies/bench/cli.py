@@ -3,11 +3,13 @@
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
+from runs.config import HelpFormatter
 from runs.device import resolve_device
 from runs.engines import engine
 from runs.errors import UserError, cli, unknown
@@ -40,8 +42,16 @@ DINO head 65536, 50k x 512 features): meant for a GPU. Writes OUT/<device>[-quic
 keeping the sections of earlier runs that this run did not measure."""
 
 
+EPILOG = r"""examples:
+  python -m runs.bench --device cuda                 # full sizes (ResNet18, 50k x 512 probes)
+  python -m runs.bench --device cpu --quick          # a smoke run on a laptop
+  python -m runs.bench --device cuda --sections train distill --compile max-autotune
+  python -m runs.bench --device cpu --quick --sections landscape --threads 1"""
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m runs.bench", description=HELP)
+    p = argparse.ArgumentParser(prog="python -m runs.bench", description=HELP, epilog=EPILOG,
+                                formatter_class=HelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized smoke run (width 0.25, batch 64, a few steps, 5k x 128 "
@@ -102,7 +112,7 @@ def main(argv=None) -> int:
     bench = Bench(cfg, device, peak_tflops(device, args.peak_tflops),
                   use_compile(cfg.compile, device))
     doc = provenance(bench, args.quick, argv)
-    print(f"runs.bench {' '.join(argv)}: {doc['device_name']} ({device}), torch "
+    print(f"runs.bench {shlex.join(argv)}: {doc['device_name']} ({device}), torch "
           f"{doc['torch_version']}, git {doc['git_sha'][:10]}, peak bf16 "
           f"{fmt(bench.peak_tflops, '.1f')} TFLOP/s", file=sys.stderr)
     sections = {name: run_section(name, bench) for name in names}
