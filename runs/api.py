@@ -77,7 +77,7 @@ class RunResult:
 
 def run_train(model: str = "convnet", data="digits", store="store", steps="10ep",
               seed: int = 0, device: str = "auto", save_at=(), precision: str = "auto",
-              compile_model=None, test=None, **fields) -> RunResult:
+              compile_model=None, test=None, log: str = None, **fields) -> RunResult:
     """Supervised training into `store`, as `python -m runs.train` does.
 
     model: a registry name or "pkg.mod:factory" (imported: you named it). data: a dataset
@@ -85,18 +85,19 @@ def run_train(model: str = "convnet", data="digits", store="store", steps="10ep"
     torch Dataset or ImageData, with `test` the test split (default: the same images):
     these are stored once in STORE/data/ as an .npz named by its content's sha256, which
     the run's config names, so a run can always be rebuilt and two different data sets
-    never share a run. steps, save_at: iterations or epochs ("10ep"). fields: any
+    never share a run. steps, save_at: iterations or epochs ("10ep"). log: "tensorboard" or
+    "wandb" mirrors the metrics there (as --log; not part of the run). fields: any
     other TrainConfig field (width=0.25, batch_size=64, lr=0.05, ...); unknown ones are a
     UserError listing the valid ones. Returns None on torchrun ranks other than 0.
     """
     from runs.engines.train import TrainConfig, load_data, train
-    return _run(TrainConfig, load_data, train, model, data, test, store, steps, seed, device,
-                save_at, precision, compile_model, fields)
+    return _run(TrainConfig, load_data, _logged(train, log), model, data, test, store, steps,
+                seed, device, save_at, precision, compile_model, fields)
 
 
 def run_distill(model: str = "convnet", data="digits", store="store", steps="10ep",
                 seed: int = 0, device: str = "auto", save_at=(), precision: str = "auto",
-                compile_model=None, test=None, **fields) -> RunResult:
+                compile_model=None, test=None, log: str = None, **fields) -> RunResult:
     """Random-teacher distillation into `store`, as `python -m runs.distill` does.
 
     Arguments as `run_train`; fields are DistillConfig fields (alpha=0.5, out_dim=256,
@@ -104,8 +105,14 @@ def run_distill(model: str = "convnet", data="digits", store="store", steps="10e
     student with its DINO head, `result.load(part="teacher")` the random teacher.
     """
     from runs.engines.distill import DistillConfig, distill, load_data
-    return _run(DistillConfig, load_data, distill, model, data, test, store, steps, seed,
-                device, save_at, precision, compile_model, fields)
+    return _run(DistillConfig, load_data, _logged(distill, log), model, data, test, store,
+                steps, seed, device, save_at, precision, compile_model, fields)
+
+
+def _logged(run_fn, log: str = None):
+    """The engine with its metrics mirrored to `log`, as the CLIs' --log does."""
+    import functools
+    return functools.partial(run_fn, log=log) if log else run_fn
 
 
 def _data(data, test, store) -> dict:

@@ -189,6 +189,17 @@ def test_run_train_on_tensors_stores_them_by_content_and_trains_as_on_the_name(t
         runs.run_train(store=tmp_path, **{**kw, "data": (train.x.float(), train.y)})
 
 
+def test_run_train_log_is_the_cli_flag(tmp_path):
+    """log= reaches the engine as --log does: without tensorboard, one line before training."""
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed: the missing-package error cannot show")
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        runs.run_train(store=tmp_path, log="tensorboard", **TRAIN_KW)
+    saved = {p.name for p in tmp_path.glob("train_*/seed_0/ckpt/*.pt")}
+    assert saved <= {"step_0000000.pt"}  # no step was trained
+
+
 def test_run_train_refuses_unknown_and_reserved_fields(tmp_path):
     with pytest.raises(UserError, match=r"unknown field\(s\) colour; valid: .*batch_size"):
         runs.run_train(store=tmp_path, colour="red", **TRAIN_KW)
