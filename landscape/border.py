@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import math
-import shlex
 import sys
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -48,7 +47,7 @@ from runs.config import (
 from runs.device import resolve_device, use_bf16
 from runs.engines import engine
 from runs.engines.train import TrainConfig, load_data, train
-from runs.errors import UserError, cli
+from runs.errors import UserError, cli, echo_command
 from runs.launch import add_launcher_args, launch, launching
 from runs.progress import Progress
 from runs.store import Run, find_run, run_path
@@ -411,7 +410,7 @@ def collect_starts(args) -> list[Start]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(G.join_negative(argv))
-    print(f"landscape.border {shlex.join(argv)}", file=sys.stderr)
+    echo_command("landscape.border", argv)
     if launching(args):
         return launch(main, argv, args, args.out)
     cfg = config_from_args(BorderConfig, args)

@@ -17,7 +17,6 @@ by `--bn-mode` keep | interpolate | recalibrate (default). Writes one HDF5 resul
 
 import argparse
 import dataclasses
-import shlex
 import sys
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from landscape.points import METRICS, SPLITS, EvalData, Measures, PointEvaluator
 from runs.config import HelpFormatter, add_config_args, arg, config_from_args
 from runs.data import holdout, load_splits, parse_data_options
 from runs.device import PRECISIONS, resolve_device, use_bf16
-from runs.errors import UserError, cli
+from runs.errors import UserError, cli, echo_command
 from runs.launch import add_launcher_args, launch, launching
 from runs.progress import Progress
 
@@ -372,7 +371,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(G.join_negative(argv))
-    print(f"landscape.interpolate {shlex.join(argv)}", file=sys.stderr)
+    echo_command("landscape.interpolate", argv)
     if launching(args):
         return launch(main, argv, args, args.out)
     cfg = config_from_args(InterpolateConfig, args, refs=tuple(args.refs), precision="")

@@ -11,8 +11,6 @@ the code path of `probes.evaluate_model` (the same numbers from a notebook).
 """
 
 import argparse
-import shlex
-import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -21,7 +19,7 @@ from probes.api import FEATURES, PIXELS, PROBES, fill_probes, probe_all, probe_l
 from runs.config import HelpFormatter
 from runs.data import load_dataset
 from runs.device import resolve_device
-from runs.errors import UserError, cli
+from runs.errors import UserError, cli, echo_command
 from runs.launch import LAUNCH_FIELDS, add_launcher_args, launch, launching
 from runs.models.head import RECIPE_ALPHA
 
@@ -161,8 +159,7 @@ def table(accs: np.ndarray, refs, labels, features=FEATURES) -> str:
 @cli
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    print(f"probes.evaluate {shlex.join(sys.argv[1:] if argv is None else argv)}",
-          file=sys.stderr)
+    echo_command("probes.evaluate", argv)
     if launching(args):
         return launch(main, argv, args, args.out)
     from runs.results import parse_shard

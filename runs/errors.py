@@ -9,6 +9,7 @@ re-run the same command) and a full disk into one line naming the file it could 
 import errno
 import functools
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -82,6 +83,15 @@ def _handle_signals() -> dict:
 def _stopped_message(sig) -> tuple[str, int]:
     name = "terminated (SIGTERM)" if sig == signal.SIGTERM else "interrupted"
     return f"{name}: {RESUME}", EXIT_SIGTERM if sig == signal.SIGTERM else EXIT_SIGINT
+
+
+def echo_command(module: str, argv=None) -> str:
+    """Print `python -m MODULE ARGS`, shell-quoted, to stderr: the first line of a command's
+    log, which pastes back into a shell. argv None: this process's arguments."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    line = shlex.join(["python", "-m", module, *args])
+    print(line, file=sys.stderr)
+    return line
 
 
 def cli(main):

@@ -128,9 +128,9 @@ def test_pipeline_echo_pastes_back(tmp_path, capsys, monkeypatch):
             "distill.data_root=/data/with space", "seeds=[0]"]
     assert pipeline.main(argv) == 0
     echo = [line for line in capsys.readouterr().err.splitlines()
-            if line.startswith("runs.pipeline ")]
+            if line.startswith("python -m runs.pipeline ")]
     assert len(echo) == 1
-    assert shlex.split(echo[0])[1:] == argv
+    assert shlex.split(echo[0]) == ["python", "-m", "runs.pipeline", *argv]
 
 
 def test_pipeline_leaves_unset_values_out(tmp_path, monkeypatch):

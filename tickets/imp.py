@@ -31,8 +31,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import shlex
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +50,7 @@ from runs.config import (
 from runs.device import resolve_device, use_bf16
 from runs.engines import engine
 from runs.engines.train import TrainConfig, load_data, train
-from runs.errors import UserError, cli, unknown
+from runs.errors import UserError, cli, echo_command, unknown
 from runs.launch import add_launcher_args, launch, launching
 from runs.models import create_model
 from runs.progress import Progress
@@ -561,8 +559,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
 @cli
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    print(f"tickets.imp {shlex.join(sys.argv[1:] if argv is None else argv)}",
-          file=sys.stderr)
+    echo_command("tickets.imp", argv)
     if launching(args):
         return launch(main, argv, args, args.out)
     from runs.results import open_result, parse_shard

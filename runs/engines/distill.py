@@ -10,8 +10,6 @@ its own softmax outputs. No labels, no augmentation, no EMA, no centering by def
 
 import dataclasses
 import math
-import shlex
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +21,7 @@ from runs.config import arg, check_fields
 from runs.data import load_dataset, parse_data_options
 from runs.device import autocast, resolve_device, use_bf16
 from runs.engines import distributed, engine
-from runs.errors import UserError, cli
+from runs.errors import UserError, cli, echo_command
 from runs.gpu_loader import Augment
 from runs.models import MODELS, create_model
 from runs.models.base import check_input_size
@@ -407,8 +405,7 @@ def parser():
 @cli
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    print(f"runs.distill {shlex.join(sys.argv[1:] if argv is None else argv)}",
-          file=sys.stderr)
+    echo_command("runs.distill", argv)
     run = engine.run_from_args(DistillConfig, args, load_data, distill)
     if run is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0

@@ -8,8 +8,6 @@ last checkpoint and ends with the same weights (bitwise on CPU).
 
 import dataclasses
 import math
-import shlex
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +19,7 @@ from runs.data import holdout, load_splits
 from runs.device import autocast, resolve_device, use_bf16
 from runs.engines import distributed, engine
 from runs.engines.masking import Mask, load_mask
-from runs.errors import UserError, cli
+from runs.errors import UserError, cli, echo_command
 from runs.gpu_loader import Augment, eval_loader
 from runs.models import MODELS, create_model
 from runs.models.base import check_input_size
@@ -393,8 +391,7 @@ def parser():
 @cli
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    print(f"runs.train {shlex.join(sys.argv[1:] if argv is None else argv)}",
-          file=sys.stderr)
+    echo_command("runs.train", argv)
     run = engine.run_from_args(TrainConfig, args, load_data, train)
     if run is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0

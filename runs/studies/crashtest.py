@@ -183,7 +183,7 @@ class Runner:
 
     def wait_banner(self, proc, err_path: Path, timeout: float = 120.0) -> float:
         """Poll stderr until the command's banner line (its main has started); the time."""
-        banner = f"{self.command.module} ".encode()
+        banner = f"python -m {self.command.module} ".encode()  # errors.echo_command
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if any(line.startswith(banner) for line in err_path.read_bytes().splitlines()):

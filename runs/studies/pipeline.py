@@ -15,14 +15,13 @@ import dataclasses
 import importlib
 import json
 import re
-import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from runs.config import HelpFormatter
-from runs.errors import UserError, cli
+from runs.errors import UserError, cli, echo_command
 from runs.progress import format_duration
 
 PRESETS = Path(__file__).with_name("presets")
@@ -299,8 +298,7 @@ def main(argv=None) -> int:
                    help="override a preset value, e.g. distill.data_root=~/data or "
                         "seeds=[0] (VALUE is JSON, or a plain string)")
     args = p.parse_args(argv)
-    print(f"runs.pipeline {shlex.join(sys.argv[1:] if argv is None else argv)}",
-          file=sys.stderr)
+    echo_command("runs.pipeline", argv)
     preset = override(load_preset(args.preset), args.set)
     layout = Layout(Path(args.out or Path("out") / Path(args.preset).stem))
     run_pipeline(preset, layout, args.device, args.stages)

@@ -9,14 +9,12 @@ skips what is finished.
 
 import argparse
 import dataclasses
-import shlex
 import statistics
-import sys
 
 from runs.config import HelpFormatter
 from runs.data import cifar10_subset_path, load_dataset
 from runs.engines.distill import DistillConfig, distill_with_steps, load_data
-from runs.errors import UserError, cli
+from runs.errors import UserError, cli, echo_command
 
 HEAD = dict(out_dim=4096, hidden_dim=512, bottleneck_dim=64)  # the small head of the README
 PRESETS = {
@@ -105,8 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--store", default="store", help="root folder of the run store")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = p.parse_args(argv)
-    print(f"runs.reproduce {shlex.join(sys.argv[1:] if argv is None else argv)}",
-          file=sys.stderr)
+    echo_command("runs.reproduce", argv)
     rows = collect(args.preset, args.seeds, args.store, args.device)
     print(f"\nk-NN (k=20, squared L2, majority vote) on the test split, preset {args.preset}:")
     print(table(rows))
