@@ -526,3 +526,27 @@ def test_every_registered_dataset_loads_consistently(name, tmp_path, monkeypatch
     meta = dataset_info(name, root=root, **options)
     assert (meta.num_classes, meta.image_size, meta.channels) == (
         info.num_classes, info.image_size, info.channels)
+
+
+def test_cifar_batch_reader_loads_arrays_and_runs_no_code(tmp_path, monkeypatch):
+    """The CIFAR diagnostic reader takes real batches and refuses a pickle that calls code."""
+    import pickle
+
+    from runs.datasets.cifar import _ArraysOnly
+    from tests.helpers import write_cifar10
+    folder, images, labels = write_cifar10(tmp_path, monkeypatch)
+    with open(folder / "data_batch_1", "rb") as handle:
+        entry = _ArraysOnly(handle, encoding="latin1").load()
+    assert entry["labels"] == labels["data_batch_1"]
+    assert np.array_equal(entry["data"], images["data_batch_1"].reshape(-1, 3072))
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w')",))
+
+    crafted = tmp_path / "crafted"
+    crafted.write_bytes(pickle.dumps({"data": Evil()}, protocol=2))
+    with open(crafted, "rb") as handle, pytest.raises(pickle.UnpicklingError, match="not data"):
+        _ArraysOnly(handle, encoding="latin1").load()
+    assert not marker.exists()

@@ -68,12 +68,27 @@ def _check_files(name: str, cls, root: Path) -> None:
                             "and download it again; in Python: download=True)")
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles CIFAR's batches (dicts, lists, bytes, numpy arrays) and nothing that could
+    run code: any other global is an UnpicklingError, reported as an unreadable file."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray",
+                                                         "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # protocol-2 bytes: encode(str, "latin1"), no side effect
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not data")
+        return super().find_class(module, name)
+
+
 def _unreadable_file(cls, folder: Path, label_key: str) -> Path:
     """The first pickle in `folder` that does not hold the expected keys (for the error)."""
     for file_name, _ in cls.train_list + cls.test_list:
         try:
             with open(folder / file_name, "rb") as handle:
-                entry = pickle.load(handle, encoding="latin1")
+                entry = _ArraysOnly(handle, encoding="latin1").load()
             if len(entry[label_key]) * 3072 != np.asarray(entry["data"]).size:
                 raise ValueError("labels and images differ in number")
         except _UNREADABLE:

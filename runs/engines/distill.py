@@ -410,13 +410,10 @@ def main(argv=None) -> int:
     if run is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     summary = run.summary()
-    print(f"distill {run.path}: k-NN teacher {pct(summary.get('knn_teacher'))}, student "
-          f"{pct(summary.get('knn_student_init'))} at init -> {pct(summary.get('knn_student'))}")
+    teacher, init, last = (engine.fmt_pct(summary.get(key)) for key in
+                           ("knn_teacher", "knn_student_init", "knn_student"))
+    print(f"distill {run.path}: k-NN teacher {teacher}, student {init} at init -> {last}")
     return 0
-
-
-def pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f} %"
 
 
 if __name__ == "__main__":

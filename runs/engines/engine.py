@@ -259,3 +259,7 @@ def latest_state(run) -> tuple[int, object] | None:
 def resume_path(run):
     return run.ckpt_dir / "resume.pt"
 
+
+def fmt_pct(value) -> str:
+    """A fraction as '93.57 %', 'n/a' when absent: the engines' summary lines."""
+    return "n/a" if value is None else f"{100 * value:.2f} %"

@@ -397,19 +397,15 @@ def main(argv=None) -> int:
         return 0
     summary = run.summary()
     print(f"train {run.path}: {summary.get('step')} steps, test accuracy "
-          f"{fmt_pct(summary.get('test_accuracy'))}" + best_text(summary))
+          f"{engine.fmt_pct(summary.get('test_accuracy'))}" + best_text(summary))
     return 0
-
-
-def fmt_pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f} %"
 
 
 def best_text(summary: dict) -> str:
     if "best_val_accuracy" not in summary:
         return ""
-    at_best = fmt_pct(summary["test_accuracy_at_best_val"])
-    return (f", best validation {fmt_pct(summary['best_val_accuracy'])} at step "
+    at_best = engine.fmt_pct(summary["test_accuracy_at_best_val"])
+    return (f", best validation {engine.fmt_pct(summary['best_val_accuracy'])} at step "
             f"{summary['best_val_step']} (test there {at_best})")
 
 
