@@ -2,7 +2,8 @@
 
 The test error barrier between SGD children of each start point, in the order the scan
 recorded them (a distillation trajectory, students at several alphas, or supervised rewind
-steps): every pair of children as a dot, their mean with its 95 % t-interval as error bars.
+steps): every pair of children as a dot, their mean with a 95 % t-interval (min-max where
+2 pairs) clipped at 0 as error bars.
 This figure owns the scans (two or more start points of one kind: `--from-distill`,
 `--alpha-runs`, `--rewind-steps`, with or without `random` beside them); explicit start
 lists (e.g. `random` against one student) are the `lmc` figure's.
@@ -10,16 +11,18 @@ lists (e.g. `random` against one student) are the `lmc` figure's.
 
 import numpy as np
 
-from figures import style
+from figures import honest, style
 from figures.labels import parse, start_names, start_refs
 from figures.sources import load, pick, save_each
 
 NAME = "border"
 ANALYSIS = "border"
 NEED = "scan (start points along a distillation run, alphas or rewind steps)"
-BARRIERS = {"error_barrier": ("error barrier", "%", 100),
-            "loss_barrier_mean": ("loss barrier", "nats", 1),
-            "loss_barrier_linear": ("loss barrier over the chord", "nats", 1)}
+# barrier: (what, unit, factor to the unit, upper bound in that unit); every barrier is a
+# maximum over a path that holds its endpoints, so none is below 0
+BARRIERS = {"error_barrier": ("error barrier", "%", 100, 100),
+            "loss_barrier_mean": ("loss barrier", "nats", 1, None),
+            "loss_barrier_linear": ("loss barrier over the chord", "nats", 1, None)}
 
 
 def is_scan(result) -> bool:
@@ -37,19 +40,18 @@ def is_scan(result) -> bool:
     return one_run or len(alphas) > 1
 
 
-def summary(result, barrier: str, split: str) -> tuple[np.ndarray, ...]:
-    """(mean, ci_low, ci_high) per start point, as the scan stored them."""
-    stats = pick(result, "barrier_summary", ("start", "stat"), barrier=barrier, split=split)
-    order = [str(s) for s in result.coords["stat"]]
-    return tuple(stats[:, order.index(name)] for name in ("mean", "ci_low", "ci_high"))
+def summary(pairs: np.ndarray, high: float = None) -> tuple[np.ndarray, ...]:
+    """(mean, low, high) per start point over its pairs of children (start, pair): the
+    95 % t-interval from 3 pairs on, min-max with 2, clipped to [0, high]."""
+    return honest.spread(pairs, 0.0, high)
 
 
 def build(result, barrier: str = "error_barrier", split: str = "test"):
     """The figure of one border result (returned unsaved)."""
-    what, unit, factor = BARRIERS[barrier]
+    what, unit, factor, bound = BARRIERS[barrier]
     names, xlabel = start_names(result)
-    mean, low, high = (v * factor for v in summary(result, barrier, split))
     pairs = pick(result, barrier, ("start", "pair"), split=split) * factor
+    mean, low, high = summary(pairs, bound)
     fig, ax = style.figure(width=max(style.COLUMN, 0.45 * len(names) + 1.2), height=2.4,
                            layout="constrained")
     x = np.arange(len(names))
@@ -60,7 +62,7 @@ def build(result, barrier: str = "error_barrier", split: str = "test"):
     has_ci = np.isfinite(low) & np.isfinite(high)
     err = np.where(has_ci, [mean - low, high - mean], 0.0)
     ax.errorbar(x, mean, yerr=err, fmt="o", ms=4, capsize=3, color=style.PALETTE[0],
-                label="mean, 95 % CI over pairs", zorder=3)
+                label="mean, 95 % t-interval over pairs (min-max where 2)", zorder=3)
     ax.axhline(0, color="black", lw=0.5, zorder=1)
     ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0,
                   ha="right" if len(names) > 4 else "center", fontsize="x-small")

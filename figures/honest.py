@@ -56,10 +56,16 @@ def flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def ignored(key: str, ignore) -> bool:
+    """`key` is in `ignore` or under one of its entries ('train' covers 'train.sha256')."""
+    return any(key == name or key.startswith(f"{name}.") for name in ignore)
+
+
 def differing(results, ignore=()) -> list[str]:
-    """Config keys (dotted) whose values differ between results, less `ignore`."""
+    """Config keys (dotted) whose values differ between results, less `ignore` (an entry
+    also covers the keys nested under it)."""
     configs = [flat(r.config) for r in results]
-    keys = sorted({k for c in configs for k in c} - set(ignore))
+    keys = sorted(k for k in {k for c in configs for k in c} if not ignored(k, ignore))
     return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
 
 

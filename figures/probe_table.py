@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from figures import style
+from figures import honest, style
 from figures.labels import config_dataset
 from figures.paper_values import reference
 from figures.sources import load
@@ -19,6 +19,10 @@ from runs.errors import UserError
 NAME = "probe-table"
 ANALYSIS = "probe"
 OPTIONS = ("probes", "paper")  # the command-line options this figure takes
+# config keys that may differ between the probe results pooled into one table: which
+# checkpoints, seeds and probes ran, and the dataset (a row of its own) with its inputs
+VARYING_OK = ("refs", "checkpoints", "seeds", "probes", "ks", "batch_size", "dataset",
+              "data_root", "size", "channels", "train", "test")
 ROLES = ("pixels", "teacher", "student", "noise-student", "supervised", "checkpoint")
 
 
@@ -122,6 +126,7 @@ def probes_in(results) -> list[str]:
 def draw(results_dir, out_dir, probes=(), paper: bool = False) -> list:
     """One bar figure and Markdown/LaTeX table per probe (`probes`: all in the results)."""
     results = load(results_dir, ANALYSIS, NAME)
+    honest.refuse_mixed(results, VARYING_OK, NAME)
     known = probes_in(results)
     for probe in probes:
         if probe not in known:

@@ -160,8 +160,9 @@ def distill(folder) -> Path:
     return paths[0]
 
 
-def probe(path) -> Path:
-    """probes.evaluate's layout: checkpoint x probe x features x seed, rows in attrs."""
+def probe(path, **config) -> Path:
+    """probes.evaluate's layout: checkpoint x probe x features x seed, rows in attrs;
+    `config`: settings added to (or replacing) the recorded config."""
     from probes.evaluate import FEATURES, probe_labels
     refs = ["pixels", f"{STUDENT}@last:teacher", f"{STUDENT}@last"]
     rows = [{"ref": refs[0], "role": "pixels", "model": "", "trained_on": ""},
@@ -172,7 +173,7 @@ def probe(path) -> Path:
     metric = MetricSpec(("checkpoint", "probe", "features", "seed"), "fraction",
                         "probe accuracy on the test split")
     config = {"refs": refs, "dataset": "cifar10", "probes": ["knn", "linear"], "ks": [20],
-              "seeds": seeds}
+              "seeds": seeds, **config}
     with create_result(path, "probe", coords, {"accuracy": metric}, ("checkpoint",), config,
                        [], "cpu", attrs={"checkpoints": rows}) as result:
         for (index,) in result.missing():

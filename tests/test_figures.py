@@ -75,12 +75,17 @@ def test_every_figure_renders_labelled(name, results, built, tmp_path):
 def test_figures_read_units_from_the_layouts(results):
     """A few numbers that must land where the writers put them."""
     from figures import border_barriers, imp_curves, plane
+    from figures.sources import pick
     from runs.results import open_result
     data = open_result(results["plane"])
     labels = [a[0] for a in plane.anchors(data)]
     assert labels == ["A: teacher", "B: student init", "C: student"]
     border = open_result(results["border"])
-    mean, low, high = border_barriers.summary(border, "error_barrier", "test")
+    pairs = pick(border, "error_barrier", ("start", "pair"), split="test")
+    mean, low, high = border_barriers.summary(pairs, 1)
+    stored = pick(border, "barrier_summary", ("start", "stat"), barrier="error_barrier",
+                  split="test")[:, [str(s) for s in border.coords["stat"]].index("mean")]
+    np.testing.assert_allclose(mean, stored)  # the scan's mean over pairs, recomputed
     assert np.all(low <= mean) and np.all(mean <= high) and mean[0] > mean[-1]
     imp = [open_result(results["imp_init"]), open_result(results["imp_student"])]
     assert [imp_curves.rewind_label(r) for r in imp] == ["init@1ep", "student"]
@@ -334,3 +339,44 @@ def test_start_points_beside_the_random_init_say_they_are_students(results):
                                                                "start_epoch")
                            if k in result.metrics})
     assert labels.start_names(result)[0] == ["step 0", "step 196", "step 392"]
+
+
+def test_probe_tables_never_pool_two_probe_settings(tmp_path, capsys):
+    """Two probe results of one dataset that differ in a setting (the train subset) are
+    refused, naming the setting and both values; other seeds and checkpoints pool."""
+    from _figure_fixtures import probe as make_probe
+    make_probe(tmp_path / "mixed" / "probe_a.h5", subset=0)
+    make_probe(tmp_path / "mixed" / "probe_b.h5", subset=100)
+    code = main(["probe-table", "--results", str(tmp_path / "mixed"), "--out",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "subset: 0, 100" in err and "\n" not in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    make_probe(tmp_path / "pooled" / "probe_a.h5", seeds=[0, 1, 2])
+    make_probe(tmp_path / "pooled" / "probe_b.h5", seeds=[3, 4, 5])
+    assert main(["probe-table", "--results", str(tmp_path / "pooled"), "--out",
+                 str(tmp_path / "out")]) == 0
+
+
+def test_border_bars_are_the_clipped_spread_over_pairs(tmp_path):
+    """The border figure's error bars: min-max over 2 pairs, the t-interval from 3 on, never
+    below 0 (a barrier is a maximum over a path holding its endpoints) nor above 100 %."""
+    from _figure_fixtures import border as make_border
+    from matplotlib.container import ErrorbarContainer
+
+    from figures import border_barriers, honest
+    from figures.sources import pick
+    from runs.results import open_result
+    pairs = np.array([[0.0, 0.002, 0.4], [0.1, 0.2, 0.3], [0.99, 1.0, 1.0]]) * 100
+    mean, low, high = border_barriers.summary(pairs, 100)
+    assert low[0] == 0 and high[2] == 100 and low[1] < 10 < 30 < high[1]
+    _, low2, high2 = border_barriers.summary(pairs[:, :2], 100)
+    assert np.allclose(low2, pairs[:, 0]) and np.allclose(high2, pairs[:, 1])
+    result = open_result(make_border(tmp_path / "border.h5", children=3))
+    fig = border_barriers.build(result)
+    (bars,) = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    segments = bars.lines[2][0].get_segments()
+    drawn = pick(result, "error_barrier", ("start", "pair"), split="test") * 100
+    _, want_low, want_high = honest.spread(drawn, 0, 100)
+    for segment, lo, hi in zip(segments, want_low, want_high):
+        assert np.allclose(sorted(segment[:, 1]), [lo, hi])

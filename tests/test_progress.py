@@ -3,6 +3,7 @@ step x/y, epoch, loss, rate and ETA; tqdm bars in a terminal, inner ones cleared
 that never read `60 s`; --log tensorboard kept out of the run's identity (tiny CPU runs)."""
 
 import io
+import json
 import re
 
 import pytest
@@ -219,3 +220,50 @@ def test_tensorboard_writes_event_files(tmp_path, capsys):
     pytest.importorskip("tensorboard")
     assert train_module.main(["--store", str(tmp_path), *TINY, "--log", "tensorboard"]) == 0
     assert list(tmp_path.glob("train_*/seed_0/tb/events.out.tfevents.*"))
+
+
+class FakeWandb:
+    """Stands in for the wandb module: records init's arguments, logged scalars, finish."""
+    runs = []
+
+    @classmethod
+    def init(cls, **kwargs):
+        run = FakeWandbRun(kwargs)
+        cls.runs.append(run)
+        return run
+
+
+class FakeWandbRun:
+    def __init__(self, kwargs):
+        self.kwargs, self.logged, self.finished = kwargs, [], False
+
+    def log(self, scalars, step):
+        self.logged.append((step, scalars))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_runs_offline_in_the_run_folder_under_a_stable_id(tmp_path, monkeypatch,
+                                                               capsys):
+    """--log wandb: an offline run in <run>/, named and identified by the run (so a resumed
+    run appends), with the run's config, the metrics.jsonl records as scalars, finished."""
+    monkeypatch.setattr(progress, "_backend", lambda name: FakeWandb)
+    FakeWandb.runs = []
+    assert train_module.main(["--store", str(tmp_path), *TINY, "--log", "wandb"]) == 0
+    (run,) = FakeWandb.runs
+    (folder,) = tmp_path.glob("train_*/seed_0")
+    assert run.kwargs["mode"] == "offline" and run.kwargs["dir"] == str(folder)
+    assert run.kwargs["id"] == f"{folder.parent.name}-seed_0" and \
+        run.kwargs["resume"] == "allow"
+    assert run.kwargs["config"]["seed"] == 0 and run.finished
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in run.logged] == [r["step"] for r in records]
+    assert run.logged[-1][1]["test_accuracy"] == records[-1]["test_accuracy"]
+
+
+def test_wandb_writes_an_offline_run(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert train_module.main(["--store", str(tmp_path), *TINY, "--log", "wandb"]) == 0
+    assert list(tmp_path.glob("train_*/seed_0/wandb/offline-run-*/run-*.wandb"))
