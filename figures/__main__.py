@@ -69,6 +69,11 @@ def parser() -> argparse.ArgumentParser:
                         "(repeatable; default every probe in the results)")
     p.add_argument("--paper", action="store_true",
                    help="probe-table: mark the paper's values beside the reproduction")
+    p.add_argument("--protocol", default="both", choices=("last", "paper", "both"),
+                   help="probe-table: which epoch of each run: 'last' (honest; "
+                        "probe-table_<probe>.*), 'paper' (the best epoch on the test set, as "
+                        "the paper reports; probe-table_<probe>_paper.*) or 'both' (the "
+                        "paper's only where a run was probed at several epochs)")
     p.add_argument("--store", default=None,
                    help="distill-curves, alpha-locality, data-size: the store that holds the "
                         "distillation runs (STORE/distill_<hash>/seed_<s>/distill.h5) when "
@@ -80,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
 @cli
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    options = {"probes": args.probes, "paper": args.paper, "store": args.store}
+    options = {"probes": args.probes, "paper": args.paper, "store": args.store,
+               "protocol": args.protocol}
     if args.name == "all":
         paths, skipped = draw_all(args.results, args.out, **options)
         for reason in skipped:

@@ -81,7 +81,7 @@ def last_by_alpha(by_alpha: dict):
 
 
 def draw_best(ax, by_alpha: dict) -> None:
-    """Last-epoch accuracy per alpha at evenly spaced positions (alpha spans 1e-10 to 1)."""
+    """Last-epoch accuracy per alpha at evenly spaced positions (alpha spans 0 to 1)."""
     alphas, mean, std = last_by_alpha(by_alpha)
     where = np.arange(len(alphas))
     ax.plot(where, mean, color="0.7", lw=1, zorder=1)

@@ -52,7 +52,7 @@ def parse(ref: str) -> dict:
             "kind": run["kind"] if run else "", "seed": seed, "label": label}
 
 
-RECIPE_ALPHA = 1e-10  # the paper's student init (runs.models.head.RECIPE_ALPHA)
+AT_TEACHER = (0.0, 1e-10)  # the paper's student inits (its figures' alpha, its IMP runs')
 
 
 def ref_label(ref: str, record: dict = None) -> str:
@@ -81,8 +81,8 @@ def ref_label(ref: str, record: dict = None) -> str:
 def student_name(run: dict) -> str:
     if run.get("dataset") == "noise":
         return "noise student"
-    alpha = run.get("alpha", RECIPE_ALPHA)
-    return "student" if alpha == RECIPE_ALPHA else f"student α={alpha:g}"
+    alpha = run.get("alpha", 0.0)
+    return "student" if alpha in AT_TEACHER else f"student α={alpha:g}"
 
 
 def input_records(result) -> dict:

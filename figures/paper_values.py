@@ -1,6 +1,9 @@
 """Reference numbers from the paper's tables (Sarnthein et al. 2023; see shared/PAPER.md), in %.
 
 Keyed by (probe, dataset, model) -> {role: accuracy}; "pixels" has no model (key "").
+The students' numbers are each run's best epoch on the test set (the paper's protocol):
+like for like with probe-table_<probe>_paper; the pixel numbers are the k-NN / linear probe
+on the normalised pixels (the paper's "input" row), the teachers' need no selection.
 """
 
 LINEAR = {

@@ -1,8 +1,9 @@
 """Metrics along a 1-D path: one figure per 1-D `interpolate` result (a line through two
 checkpoints, or one random direction around one).
 
-One panel per metric the result holds (loss, error, distillation KL, k-NN accuracy,
-parameter norm), train and test in two colours; the anchor checkpoints are dotted lines.
+One panel per metric the result holds (loss, error, distillation KL, k-NN accuracy, the
+linear-probe accuracies, parameter norm), train and test in two colours; the anchor
+checkpoints are dotted lines.
 """
 
 import json
@@ -22,6 +23,8 @@ PANELS = (
     ("error", "classification error (%)", 100),
     ("distill_kl", "KL(teacher ‖ student) (nats)", 1),
     ("knn_accuracy", "k-NN test accuracy (%)", 100),
+    ("linear_accuracy", "linear-probe test accuracy (%)", 100),
+    ("linear_adamw_accuracy", "AdamW linear-probe test accuracy (%)", 100),
     ("param_norm", "parameter L2 norm ‖θ‖", 1),
 )
 SPLIT_COLORS = {"train": style.PALETTE[0], "test": style.PALETTE[3]}
@@ -55,7 +58,7 @@ def draw_panel(ax, result, metric: str, ylabel: str, factor: float) -> None:
                     color=SPLIT_COLORS.get(split), label=split)
     else:
         ax.plot(alpha, pick(result, metric, ("alpha",)) * factor, marker="o", ms=2,
-                color=style.PALETTE[2], label="test" if metric == "knn_accuracy" else None)
+                color=style.PALETTE[2], label="test" if metric.endswith("accuracy") else None)
     ax.set_ylabel(ylabel, fontsize="small")
     ax.set_xlabel(xlabel(result), fontsize="small")
 

@@ -2,8 +2,10 @@
 
 Panels, as far as the result holds them: the distillation KL to the teacher on the train
 split (or, for a supervised plane, the train loss) on a log colour scale, with contour lines
-and the parameter-norm contours (dashed) over it; the test error; the k-NN probe accuracy.
-The anchor checkpoints (A, B, C, or the centre of random directions) are marked and named.
+and the parameter-norm contours (dashed) over it; the test error; the k-NN and linear-probe
+accuracies (the paper's planes plot the linear probe: `--metrics linear`, or `linear-adamw`
+for the paper's AdamW probe). The anchor checkpoints (A, B, C, or the centre of random
+directions) are marked and named.
 """
 
 import json
@@ -26,6 +28,9 @@ PANELS = (
     ("loss", "train", "supervised loss", "cross-entropy, train (nats)", True, 1),
     ("error", "test", "test error", "test error (%)", False, 100),
     ("knn_accuracy", None, "k-NN probe", "k-NN test accuracy (%)", False, 100),
+    ("linear_accuracy", None, "linear probe", "linear-probe test accuracy (%)", False, 100),
+    ("linear_adamw_accuracy", None, "linear probe (AdamW)", "AdamW linear-probe test accuracy "
+     "(%)", False, 100),
 )
 NORM = ("param_norm", None, "parameter norm", "parameter L2 norm ‖θ‖", False, 1)
 

@@ -1,8 +1,14 @@
 """Probing table: pixels, teacher and student per dataset and architecture.
 
-Grouped bars with error bars (std over checkpoints and probe seeds), plus the same numbers
-as Markdown and LaTeX tables; the paper's values are marked beside the reproduction when
+Grouped bars with error bars (std over runs and probe seeds), plus the same numbers as
+Markdown and LaTeX tables; the paper's values are marked beside the reproduction when
 `--paper` is given and the dataset/architecture is one of the paper's.
+
+Two protocols (figures.protocols), chosen per run, probe and seed before pooling: the
+honest one, each run's last epoch probed (NAME_<probe>.*), and the paper's, each run's best
+epoch on the test set (NAME_<probe>_paper.*, labelled "best epoch on test, as the paper").
+Where every run was probed at one epoch the two coincide and only the honest one is
+written (unless --protocol paper asks for it).
 """
 
 import json
@@ -10,7 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from figures import honest, style
+from figures import honest, protocols, style
 from figures.labels import config_dataset
 from figures.paper_values import reference
 from figures.sources import load
@@ -18,16 +24,19 @@ from runs.errors import UserError
 
 NAME = "probe-table"
 ANALYSIS = "probe"
-OPTIONS = ("probes", "paper")  # the command-line options this figure takes
+OPTIONS = ("probes", "paper", "protocol")  # the command-line options this figure takes
 # config keys that may differ between the probe results pooled into one table: which
 # checkpoints, seeds and probes ran, and the dataset (a row of its own) with its inputs
 VARYING_OK = ("refs", "checkpoints", "seeds", "probes", "ks", "batch_size", "dataset",
               "data_root", "size", "channels", "train", "test")
 ROLES = ("pixels", "teacher", "student", "noise-student", "supervised", "checkpoint")
+SHORT = {"last": "last epoch", "paper": "best epoch on test, as the paper"}  # bar titles
 
 
-def collect(results, probe: str, features: str = "raw") -> dict:
-    """{(dataset, model): {role: [accuracy %, ...]}} pooled over checkpoints and seeds."""
+def collect(results, probe: str, features: str = "raw", protocol: str = "last") -> dict:
+    """{(dataset, model): {role: [accuracy %, ...]}}: one epoch chosen per run, probe and
+    seed by `protocol` ("last" or "paper", see figures.protocols), pooled over runs and
+    seeds."""
     table = defaultdict(lambda: defaultdict(list))
     for res in results:
         labels = [str(v) for v in res.coords["probe"]]
@@ -35,8 +44,9 @@ def collect(results, probe: str, features: str = "raw") -> dict:
             continue
         p, f = labels.index(probe), [str(v) for v in res.coords["features"]].index(features)
         rows = json.loads(res.attrs.get("checkpoints", "[]"))
-        for i, row in enumerate(rows):
-            values = res.metrics["accuracy"][i, p, f]  # (seed,)
+        picked, accuracy = protocols.select(res.metrics["accuracy"][:, p, f], rows, protocol)
+        for i, values in zip(picked, accuracy):  # values: (seed,) of one run
+            row = rows[i]
             key = (config_dataset(res.config), row["model"])
             table[key][row["role"]] += [100 * v for v in values if np.isfinite(v)]
     return _share_pixels(table)
@@ -64,9 +74,16 @@ def cell(values) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
 
 
-def markdown(table: dict, probe: str, paper: bool = False) -> str:
+def caption(probe: str, protocol: str = "last") -> str:
+    """What a table shows: the probe, the protocol and the spread."""
+    return (f"{probe} test accuracy (%), {protocols.PROTOCOLS[protocol]}; mean ± std over "
+            f"runs and probe seeds")
+
+
+def markdown(table: dict, probe: str, paper: bool = False, protocol: str = "last") -> str:
     roles = roles_of(table)
-    lines = [f"| dataset | model | {' | '.join(roles)} |", "|---" * (len(roles) + 2) + "|"]
+    lines = [caption(probe, protocol), "",
+             f"| dataset | model | {' | '.join(roles)} |", "|---" * (len(roles) + 2) + "|"]
     for (ds, model), values in sorted(table.items()):
         row = [cell(values.get(r, [])) + (_paper(probe, ds, model, r) if paper else "")
                for r in roles]
@@ -74,10 +91,10 @@ def markdown(table: dict, probe: str, paper: bool = False) -> str:
     return "\n".join(lines)
 
 
-def latex(table: dict) -> str:
+def latex(table: dict, probe: str = "", protocol: str = "last") -> str:
     roles = roles_of(table)
-    lines = [r"\begin{tabular}{ll" + "r" * len(roles) + "}", r"\toprule",
-             "dataset & model & " + " & ".join(roles) + r" \\", r"\midrule"]
+    lines = [f"% {caption(probe, protocol)}", r"\begin{tabular}{ll" + "r" * len(roles) + "}",
+             r"\toprule", "dataset & model & " + " & ".join(roles) + r" \\", r"\midrule"]
     for (ds, model), values in sorted(table.items()):
         row = [cell(values.get(r, [])).replace("±", r"$\pm$") for r in roles]
         lines.append(f"{ds} & {model} & " + " & ".join(row) + r" \\")
@@ -89,7 +106,7 @@ def _paper(probe, ds, model, role) -> str:
     return "" if ref is None else f" (paper {ref:.2f})"
 
 
-def bars(table: dict, probe: str, paper: bool):
+def bars(table: dict, probe: str, paper: bool, protocol: str = "last"):
     groups = sorted(table)
     roles = roles_of(table)
     fig, ax = style.figure(width=max(style.COLUMN, 1.1 * len(groups) + 1.2), height=2.4)
@@ -107,14 +124,15 @@ def bars(table: dict, probe: str, paper: bool):
     ax.set_xticks(np.arange(len(groups)), [f"{ds}\n{model}" for ds, model in groups])
     ax.set_xlabel("dataset and architecture")
     ax.set_ylabel(f"{probe} test accuracy (%)")
+    ax.set_title(SHORT[protocol], fontsize="small")
     ax.legend(frameon=False, fontsize="x-small", ncol=3, loc="upper center",
               bbox_to_anchor=(0.5, -0.3))  # below the axes: never over a bar
     return fig
 
 
-def build(results, probe: str = "knn@20", paper: bool = False):
+def build(results, probe: str = "knn@20", paper: bool = False, protocol: str = "last"):
     """The bar figure of the probe results (returned unsaved)."""
-    return bars(collect(results, probe), probe, paper)
+    return bars(collect(results, probe, protocol=protocol), probe, paper, protocol)
 
 
 def probes_in(results) -> list[str]:
@@ -123,10 +141,13 @@ def probes_in(results) -> list[str]:
     return sorted(labels, key=lambda label: (label != "knn@20", label))
 
 
-def draw(results_dir, out_dir, probes=(), paper: bool = False) -> list:
-    """One bar figure and Markdown/LaTeX table per probe (`probes`: all in the results)."""
+def draw(results_dir, out_dir, probes=(), paper: bool = False, protocol: str = "both") -> list:
+    """One bar figure and Markdown/LaTeX table per probe (`probes`: all in the results) and
+    protocol ("last", "paper" or "both": see figures.protocols.chosen)."""
     results = load(results_dir, ANALYSIS, NAME)
     honest.refuse_mixed(results, VARYING_OK, NAME)
+    chosen = protocols.chosen(protocol, [json.loads(r.attrs.get("checkpoints", "[]"))
+                                         for r in results])
     known = probes_in(results)
     for probe in probes:
         if probe not in known:
@@ -134,14 +155,23 @@ def draw(results_dir, out_dir, probes=(), paper: bool = False) -> list:
                             f"{results_dir}; valid choices: {', '.join(known)}")
     paths = []
     for probe in probes or known:
-        table = collect(results, probe)
-        if not table:
-            continue
-        paths += style.save(bars(table, probe, paper), out_dir, f"{NAME}_{_slug(probe)}")
-        for suffix, text in ((".md", markdown(table, probe, paper)), (".tex", latex(table))):
-            path = out_dir / f"{NAME}_{_slug(probe)}{suffix}"
-            path.write_text(text + "\n")
-            paths.append(path)
+        for protocol in chosen:
+            paths += _write(collect(results, probe, protocol=protocol), probe, paper, protocol,
+                            out_dir)
+    return paths
+
+
+def _write(table: dict, probe: str, paper: bool, protocol: str, out_dir) -> list:
+    """The bars (.pdf/.png) and tables (.md/.tex) of one probe and protocol."""
+    if not table:
+        return []
+    stem = f"{NAME}_{_slug(probe)}" + ("_paper" if protocol == "paper" else "")
+    paths = style.save(bars(table, probe, paper, protocol), out_dir, stem)
+    for suffix, text in ((".md", markdown(table, probe, paper, protocol)),
+                         (".tex", latex(table, probe, protocol))):
+        path = out_dir / f"{stem}{suffix}"
+        path.write_text(text + "\n")
+        paths.append(path)
     return paths
 
 

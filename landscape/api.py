@@ -12,9 +12,10 @@ fill its result through `interpolate.run`; `runs.save(ds, path)` writes the file
 Models: any `nn.Module`. Registry-protocol modules (`encoder`, `fc`, `embed_dim`) move
 encoder + fc, as the CLI does (with `head`, as `runs.load(ref, head=True)` gives, encoder +
 DINO head for `metrics=("distill",)`); any other classifier moves whole, and names its
-embedding with `embed=` (a layer name or a callable embed(module, images)) where `knn` is
-measured. Data: a registered dataset name, a pair (images, labels), a torch Dataset or
-ImageData; `test=` the test split (default: a name's own test split, else the same data).
+embedding with `embed=` (a layer name or a callable embed(module, images)) where `knn`,
+`linear` or `linear-adamw` is measured. Data: a registered dataset name, a pair (images,
+labels), a torch Dataset or ImageData; `test=` the test split (default: a name's own test
+split, else the same data).
 """
 
 import dataclasses
@@ -33,7 +34,8 @@ from runs.errors import UserError, unknown
 
 # Options of every scan: InterpolateConfig's fields a caller may set, and how it runs.
 SCAN_FIELDS = ("bn_samples", "bn_batch_size", "train_samples", "test_samples", "knn_k",
-               "teacher_temp", "student_temp", "data_root")
+               "teacher_temp", "student_temp", "data_root", "linear_l2", "linear_features",
+               "input_stats")
 RUNTIME = {"device": "auto", "precision": "auto", "points_per_pass": 0, "batch_size": 512}
 
 
@@ -43,11 +45,12 @@ def path(a: nn.Module, b: nn.Module, data, alphas=None, *, test=None,
     """The linear path theta(alpha) = (1 - alpha) theta_A + alpha theta_B.
 
     alphas: coordinates (default 25 from 0 to 1; any values, beyond [0, 1] too).
-    metrics: supervised (loss, error), distill (CE, KL to `teacher`), knn, norm.
+    metrics: supervised (loss, error), distill (CE, KL to `teacher`), knn, linear (L-BFGS
+    probe at one L2 strength: attrs linear_l2), linear-adamw (the paper's probe), norm.
     bn_mode: recalibrate (default), keep or interpolate. names: the two models' labels.
     options: bn_samples, bn_batch_size, train_samples, test_samples, knn_k, teacher_temp,
-    student_temp, data_root (with a dataset name), device, precision, points_per_pass,
-    batch_size, as the CLI's flags of the same names.
+    student_temp, linear_l2 ("auto" or a number), linear_features, data_root and input_stats
+    (with a dataset name), device, precision, points_per_pass, batch_size, as the CLI's flags.
     """
     grid = {"alpha": _coords(alphas, "alphas")}
     return _scan([a, b], names, grid, data, test, metrics, bn_mode, teacher, embed, options)
@@ -156,8 +159,8 @@ def _scan(models, names, grid, data, test, metrics, bn_mode, teacher, embed, opt
         raise UserError("metrics distill needs teacher= (e.g. runs.load('RUN@init:teacher', "
                         "head=True))")
     measures = I.measures_of(cfg)
-    if "knn" in measures.metrics:
-        _check_embedding(models, embed)
+    if measures.needs_embeddings:
+        _check_embedding(models, embed, measures.metrics)
     with_fc, with_head = "supervised" in measures.metrics, "distill" in measures.metrics
     anchors = [module_anchor(m, label, with_fc, with_head, embed)
                for m, label in zip(models, cfg.refs)]
@@ -171,18 +174,20 @@ def _scan(models, names, grid, data, test, metrics, bn_mode, teacher, embed, opt
     return result.dataset()
 
 
-def _check_embedding(models, embed) -> None:
+def _check_embedding(models, embed, metrics) -> None:
+    from landscape.points import EMBEDDING_METRICS
     from runs.models.adapt import has_protocol
     if embed is None and not all(has_protocol(m) for m in models):
-        raise UserError("metrics knn needs the embedding: name it with embed='<layer>' or "
-                        "embed=callable(module, images) (the models have no `encoder`)")
+        first = next(m for m in metrics if m in EMBEDDING_METRICS)
+        raise UserError(f"metrics {first} needs the embedding: name it with embed='<layer>' or "
+                        f"embed=callable(module, images) (the models have no `encoder`)")
 
 
 def _eval_data(cfg, data, test, device, batch_size, needed) -> tuple:
     """(EvalData or None, cfg naming the data: "tensors", a Dataset's class, or the name)."""
     if not needed:
         return None, cfg
-    train, test = as_splits(data, test, root=cfg.data_root or None)
+    train, test = as_splits(data, test, root=cfg.data_root or None, stats=cfg.input_stats)
     loaded = eval_data(train, test, device, batch_size, cfg.train_samples, cfg.test_samples,
                        cfg.bn_samples, cfg.bn_batch_size, cfg.seed,
                        with_bn=cfg.bn_mode == "recalibrate")

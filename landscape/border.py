@@ -417,8 +417,8 @@ def main(argv=None) -> int:
     starts = collect_starts(args)
     template = config_from_args(TrainConfig, args, num_steps=0, save_at=())
     if any(not s.rewind for s in starts):  # rewinding children keep their parent's length
-        steps_per_epoch = len(load_data(template)[0].y) // template.batch_size
-        template = engine.config_with_steps(template, args.steps, (), steps_per_epoch)
+        # '--steps 2ep' resolved exactly as runs.train resolves it (the engines' epoch length)
+        template, _ = engine.config_and_data(template, args.steps, (), load_data)
     path = border(cfg, starts, template, args.store, args.out, args.device, args.precision,
                   args.points_per_pass, args.eval_batch_size, args.shard, args.overwrite,
                   compile_model=args.compile)

@@ -9,10 +9,14 @@
 
 At every point, as `--metrics` asks: supervised loss and error on train and test,
 distillation cross-entropy and KL against `--teacher` (student landscapes move encoder +
-DINO head), k-NN accuracy of the embeddings, parameter norm. BatchNorm statistics per point
-by `--bn-mode` keep | interpolate | recalibrate (default). Writes one HDF5 result
-(analysis `interpolate`); a killed scan re-run with the same arguments resumes, and
-`--shard i/n` splits it across processes (join with `python -m runs.results merge`).
+DINO head), k-NN accuracy of the embeddings, linear-probe accuracy (a probe fitted on the
+point's train embeddings and scored on its test embeddings: `linear` = L-BFGS logistic
+regression at one L2 strength for the whole scan, chosen by 5-fold CV at the first
+checkpoint unless `--linear-l2` fixes it; `linear-adamw` = the paper's AdamW probe), and
+the parameter norm. BatchNorm statistics per point by `--bn-mode` keep | interpolate |
+recalibrate (default). Writes one HDF5 result (analysis `interpolate`; the linear probe's L2
+strength in its attrs); a killed scan re-run with the same arguments resumes, and `--shard
+i/n` splits it across processes (join with `python -m runs.results merge`).
 """
 
 import argparse
@@ -34,9 +38,17 @@ from landscape.network import (
     load_teacher,
 )
 from landscape.params import BASES
-from landscape.points import METRICS, SPLITS, EvalData, Measures, PointEvaluator, eval_data
+from landscape.points import (
+    LINEAR_FEATURES,
+    METRICS,
+    SPLITS,
+    EvalData,
+    Measures,
+    PointEvaluator,
+    eval_data,
+)
 from runs.config import HelpFormatter, add_config_args, arg, config_from_args
-from runs.data import holdout, load_splits, parse_data_options
+from runs.data import STATS, holdout, load_splits, parse_data_options
 from runs.device import PRECISIONS, resolve_device, use_bf16
 from runs.errors import UserError, cli, echo_command
 from runs.launch import add_launcher_args, launch, launching
@@ -58,7 +70,8 @@ class InterpolateConfig:
                               "orthonormal (Gram-Schmidt, unit |B - A|)", choices=BASES)
     metrics: tuple[str, ...] = arg(("supervised", "norm"), "what to measure per point: "
                                    "supervised (loss, error), distill (CE, KL to --teacher), "
-                                   "knn, norm")
+                                   "knn, linear (L-BFGS probe), linear-adamw (the paper's "
+                                   "AdamW probe), norm")
     bn_mode: str = arg("recalibrate", "BatchNorm statistics per point", choices=MODES)
     bn_samples: int = arg(2048, "fixed training images for BN recalibration (all of "
                                  "train when it has fewer); 0 = all")
@@ -67,6 +80,9 @@ class InterpolateConfig:
     dataset: str = arg("", "dataset to measure on; '' = the first checkpoint's")
     data_root: str = arg("", "folder (or .npz file) of the dataset; '' = its default")
     data_options: tuple[str, ...] = arg((), "dataset options as key=value (e.g. side=8)")
+    input_stats: str = arg("paper", "input normalisation: paper (the paper's code's mean/std) "
+                                    "or dataset (each dataset's own); with --dataset '' the "
+                                    "first checkpoint's", choices=STATS)
     subset: int = arg(0, "train images per class, seeded stratified, as the run used; 0 = all")
     val_size: int = arg(0, "train images the run held out for validation (left out here)")
     train_samples: int = arg(0, "train images measured (seeded draw); 0 = all")
@@ -77,6 +93,14 @@ class InterpolateConfig:
     fc: str = arg("", "a trained classifier whose fc is attached, unchanged, to every point "
                       "(supervised metrics of encoders without a trained fc)")
     knn_k: int = arg(20, "neighbours of the k-NN probe (squared L2, majority vote)")
+    linear_l2: str = arg("auto", "L2 strength of the `linear` probe, relative to the "
+                                 "features' centred RMS (probes.logistic's grid): 'auto' = "
+                                 "chosen once by 5-fold CV on the first checkpoint's train "
+                                 "embeddings, then fixed for every point; or a number >= 0. "
+                                 "The value used is in the result's attrs (linear_l2)")
+    linear_features: str = arg("raw", "features the linear probes see: raw or standardized "
+                                      "(z-scored with each point's train statistics)",
+                               choices=LINEAR_FEATURES)
     seed: int = arg(0, "seed of the random directions and of the image draws")
     precision: str = arg("", "fp32 or bf16 as resolved on the device (set by --precision)")
 
@@ -133,15 +157,15 @@ def resolve_data(cfg: InterpolateConfig) -> InterpolateConfig:
     if not found.get("dataset"):
         raise UserError(f"{cfg.refs[0]} records no dataset; give --dataset (e.g. --dataset "
                         f"cifar10 --data-root ~/data)")
-    fields = {k: found[k] for k in ("dataset", "data_root", "subset", "val_size")
-              if k in found}
+    fields = {k: found[k] for k in ("dataset", "data_root", "subset", "val_size",
+                                    "input_stats") if k in found}
     fields["data_options"] = tuple(found.get("data_options", ()))
     return dataclasses.replace(cfg, **fields)
 
 
 def load_data(cfg: InterpolateConfig, device, batch_size: int) -> EvalData:
     train, test = load_splits(cfg.dataset, cfg.data_root, cfg.subset, seed=0,
-                              **parse_data_options(cfg.data_options))
+                              stats=cfg.input_stats, **parse_data_options(cfg.data_options))
     train, _ = holdout(train, cfg.val_size, seed=0)
     return eval_data(train, test, device, batch_size, cfg.train_samples, cfg.test_samples,
                      cfg.bn_samples, cfg.bn_batch_size, cfg.seed,
@@ -196,10 +220,50 @@ def labelled(inputs: list[dict]) -> list[dict]:
 
 
 def measures_of(cfg: InterpolateConfig) -> Measures:
-    measures = Measures(tuple(cfg.metrics), cfg.knn_k, cfg.teacher_temp, cfg.student_temp)
+    measures = Measures(tuple(cfg.metrics), cfg.knn_k, cfg.teacher_temp, cfg.student_temp,
+                        linear_l2=fixed_linear_l2(cfg.linear_l2),
+                        linear_features=cfg.linear_features, probe_seed=cfg.seed)
     if "distill" in measures.metrics and not cfg.teacher:
         raise UserError("--metrics distill needs --teacher REF (e.g. RUN@last:teacher)")
     return measures
+
+
+def fixed_linear_l2(text: str) -> float | None:
+    """--linear-l2 as a number, or None for 'auto' (chosen at the first checkpoint)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise UserError(f"--linear-l2 {text!r}: give 'auto' (5-fold CV at the first "
+                        f"checkpoint) or a number >= 0 (e.g. 1e-3)")
+    return value
+
+
+def choose_linear_l2(plan: Plan, evaluator: PointEvaluator) -> tuple[float, dict]:
+    """(L2 strength of the `linear` probe, attrs recording it and how it was chosen).
+
+    --linear-l2 auto: probes' own selection (linear_probe_lbfgs: seeded stratified 5-fold
+    CV on train over probes.logistic.L2_GRID) on the embeddings of the first checkpoint (or
+    the centre of random directions) under the scan's BN mode, once: CV at every point would
+    cost 30 fits a point. Every point then fits one probe at that strength.
+    """
+    from probes.logistic import linear_probe_lbfgs
+    chosen = plan.measures.linear_l2
+    if chosen is not None:
+        return chosen, {"linear_l2": chosen, "linear_l2_choice": "--linear-l2"}
+    label, coords = next(iter(plan.geometry.anchor_coords.items()))
+    train_x, test_x = evaluator.features_at(coords)
+    if plan.measures.linear_features == "standardized":
+        from probes.logistic import standardize
+        train_x, test_x = standardize(train_x, test_x)
+    splits = plan.data.splits
+    fit = linear_probe_lbfgs(train_x, splits["train"].y, test_x, splits["test"].y,
+                             plan.data.num_classes, seed=plan.cfg.seed,
+                             name=f"anchor {label} (--linear-l2 auto)")
+    return fit["l2"], {"linear_l2": fit["l2"], "linear_l2_choice": f"5-fold CV at {label}"}
 
 
 def make_plan(cfg: InterpolateConfig, anchors: list[Anchor], measures: Measures,
@@ -287,6 +351,10 @@ def run(plan: Plan, path, device, bf16: bool, points_per_pass: int = 0, shard=No
     coords, metrics, point_dims, attrs = layout(plan)
     evaluator = PointEvaluator(plan.anchors[0].subject, plan.geometry, plan.cfg.bn_mode,
                                plan.data, plan.measures, plan.teacher, device, bf16)
+    if "linear" in plan.measures.metrics:
+        l2, chosen = choose_linear_l2(plan, evaluator)
+        evaluator.measures = dataclasses.replace(plan.measures, linear_l2=l2)
+        attrs.update(chosen)
     with new_result(path, ANALYSIS, coords, metrics, point_dims, plan.cfg, plan.inputs,
                     str(device), attrs, overwrite, shard) as result:
         fill(result, evaluator, plan.grids, per_pass, stop_after)
@@ -337,6 +405,8 @@ EPILOG = r"""examples:
       --grid -0.25:1.25:31 --metrics supervised norm
   python -m landscape.interpolate RUN@init:teacher RUN@init RUN@last --metrics distill knn \
       norm --teacher RUN@init:teacher --grid -0.5:1.5:21 --basis orthonormal
+  python -m landscape.interpolate RUN@init:teacher RUN@last RUN_ALPHA1@last --metrics \
+      distill linear norm --teacher RUN@init:teacher --grid -0.5:1.5:21   # the paper's Fig. 5
   python -m landscape.interpolate RUN@last --directions 2 --grid -1:1:21 --bn-mode keep
 """
 

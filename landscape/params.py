@@ -16,8 +16,9 @@ BASES = ("lstsq", "orthonormal")
 # sin of the angle at a below which c counts as on the line a-b (float32 weights carry
 # ~1e-7 relative noise, so an exactly collinear triple measures about that)
 COLLINEAR = 1e-5
-# two anchors closer than this fraction of the largest anchor norm count as one point (a
-# student at alpha 1e-10 and its teacher: ~1e-10; float32 rounding alone: ~1e-7)
+# two anchors closer than this fraction of the largest anchor norm count as one point (an
+# untrained student at alpha 0 and its teacher: exactly 0; at alpha 1e-10: ~1e-10; float32
+# rounding alone: ~1e-7; a student after one AdamW step at lr 1e-3: ~1e-3)
 TOO_CLOSE = 1e-6
 
 
@@ -139,8 +140,10 @@ def check_apart(anchors: dict, minimum: float = TOO_CLOSE) -> None:
     """Refuse anchors closer than `minimum` x the largest anchor norm (label -> params).
 
     Coordinates are in units of |B - A|: a tiny unit gives a grid of indistinguishable
-    points (a student distilled at alpha = 1e-10 starts 1e-10 away from its teacher) that
-    takes as long to evaluate as a meaningful one. Checked before any point is computed.
+    points that takes as long to evaluate as a meaningful one. The usual cause: an untrained
+    distilled student (@init) beside its teacher; at the paper's alpha = 0 the two are the
+    same network, at alpha = 1e-10 they are 1e-10 apart. Trained students (alpha 0 too) are
+    far apart and pass. Checked before any point is computed.
     """
     norms = {label: norm(params) for label, params in anchors.items()}
     largest = max(norms.values())
@@ -154,9 +157,10 @@ def check_apart(anchors: dict, minimum: float = TOO_CLOSE) -> None:
                     f"{apart:.2g} apart (|{first}| = "
                     f"{norms[first]:.4g}, below {minimum:g} of the largest norm): the "
                     f"{'plane' if len(labels) > 2 else 'path'} would be one point repeated. "
-                    f"A student distilled at the default alpha=1e-10 starts at its teacher "
-                    f"(@init is the teacher up to 1e-10): distil one with --alpha 1, or "
-                    f"compare checkpoints further apart (e.g. @init:teacher and @last)")
+                    f"An untrained distilled student IS its teacher at alpha=0 (the paper's "
+                    f"default; RUN@init equals RUN@init:teacher) and is 1e-10 from it at "
+                    f"alpha=1e-10: scan the trained student (RUN@last) instead of RUN@init, "
+                    f"or one distilled with --alpha 1")
 
 
 def project(origin: dict, directions: list[dict], theta: dict) -> list[float]:

@@ -11,7 +11,10 @@ Two paths feed one measuring loop (`measure`):
 
 Per point: loss and error (supervised), distillation cross-entropy and KL against a teacher,
 k-NN accuracy of the embeddings (train split as the bank, test as the queries; squared L2,
-majority vote, as the paper), and the parameter norm.
+majority vote, as the paper), linear-probe accuracy (a probe fitted on the point's train
+embeddings, scored on its test embeddings: `linear` = probes' L-BFGS logistic regression at
+one fixed L2 strength, `linear-adamw` = the paper's AdamW probe), and the parameter norm.
+The probes run per point after the (batched) embedding pass.
 """
 
 import contextlib
@@ -31,7 +34,9 @@ from runs.device import autocast as device_autocast
 from runs.errors import UserError, unknown
 from runs.gpu_loader import GPULoader, eval_loader
 
-METRICS = ("supervised", "distill", "knn", "norm")
+METRICS = ("supervised", "distill", "knn", "linear", "linear-adamw", "norm")
+EMBEDDING_METRICS = ("knn", "linear", "linear-adamw")  # read the embeddings of both splits
+LINEAR_FEATURES = ("raw", "standardized")
 SPLITS = ("train", "test")
 
 
@@ -41,6 +46,11 @@ class Measures:
     knn_k: int = 20  # neighbours of the k-NN probe
     teacher_temp: float = 1.0  # softmax temperatures of the distillation loss
     student_temp: float = 1.0
+    # L2 strength of the `linear` probe, relative to the features' centred RMS (as
+    # probes.logistic's grid); None until chosen (interpolate.choose_linear_l2)
+    linear_l2: float | None = None
+    linear_features: str = "raw"  # features the linear probes see: raw or standardized
+    probe_seed: int = 0  # the AdamW probe's init and data order
 
     def __post_init__(self):
         for name in self.metrics:
@@ -50,6 +60,10 @@ class Measures:
             raise UserError(f"--metrics: name at least one of {', '.join(METRICS)}")
         if self.knn_k < 1:
             raise UserError(f"--knn-k {self.knn_k}: must be at least 1 neighbour")
+        if self.linear_features not in LINEAR_FEATURES:
+            raise unknown("--linear-features", self.linear_features, LINEAR_FEATURES)
+        if self.linear_l2 is not None and not 0 <= self.linear_l2 < float("inf"):
+            raise UserError(f"--linear-l2 {self.linear_l2}: must be a number >= 0 or 'auto'")
         for flag, temp in (("--teacher-temp", self.teacher_temp),
                            ("--student-temp", self.student_temp)):
             if not 0 < temp < float("inf"):
@@ -57,7 +71,11 @@ class Measures:
 
     @property
     def needs_data(self) -> bool:
-        return bool({"supervised", "distill", "knn"} & set(self.metrics))
+        return bool({"supervised", "distill", *EMBEDDING_METRICS} & set(self.metrics))
+
+    @property
+    def needs_embeddings(self) -> bool:
+        return bool(set(EMBEDDING_METRICS) & set(self.metrics))
 
     def specs(self) -> dict:
         """name -> (non-point dims, units, long_name) of every metric a point yields."""
@@ -71,6 +89,14 @@ class Measures:
         if "knn" in self.metrics:
             specs["knn_accuracy"] = ((), "fraction",
                                      f"k-NN accuracy (k={self.knn_k}, squared L2, majority)")
+        if "linear" in self.metrics:
+            specs["linear_accuracy"] = ((), "fraction", f"linear-probe test accuracy (L-BFGS "
+                                        f"logistic regression, {self.linear_features} features, "
+                                        f"fixed L2: attrs linear_l2)")
+        if "linear-adamw" in self.metrics:
+            specs["linear_adamw_accuracy"] = ((), "fraction", f"linear-probe test accuracy (the "
+                                              f"paper's AdamW probe, 10 epochs, "
+                                              f"{self.linear_features} features)")
         if "norm" in self.metrics:
             specs["param_norm"] = ((), "", "L2 norm of the scanned parameters")
         return specs
@@ -143,6 +169,10 @@ def measure(forward, data: EvalData, measures: Measures, teacher, num_points: in
             out[name] = torch.stack([sums[s][key] / sums[s]["count"] for s in SPLITS], 1)
     if "knn" in measures.metrics:
         out["knn_accuracy"] = _knn(sums, data, measures.knn_k)
+    if "linear" in measures.metrics:
+        out["linear_accuracy"] = _linear(sums, data, measures, "lbfgs")
+    if "linear-adamw" in measures.metrics:
+        out["linear_adamw_accuracy"] = _linear(sums, data, measures, "adamw")
     return out
 
 
@@ -165,7 +195,7 @@ def _split_sums(forward, loader, measures, teacher, num_points, autocast) -> dic
             ce, kl = _distill(out["head"], target, measures)
             _add(sums, "ce", ce, device)
             _add(sums, "kl", kl, device)
-        if "knn" in measures.metrics:
+        if measures.needs_embeddings:
             feats.append(out["embedding"].float())  # (P, B, D)
         sums["count"] += len(y)
     if feats:
@@ -178,13 +208,19 @@ def _add(sums: dict, key: str, value: torch.Tensor, device) -> None:
 
 
 def _distill(student, teacher, measures: Measures):
-    """Summed H(t, s) and KL(t || s) over the batch, per point: two (P,) float64."""
-    log_t = F.log_softmax(teacher.float() / measures.teacher_temp, dim=-1)  # (B, m)
-    p_t = log_t.exp()
-    entropy = -(p_t * log_t).sum()  # summed over the batch
-    log_s = F.log_softmax(student.float() / measures.student_temp, dim=-1)  # (P, B, m)
-    ce = -(p_t * log_s).sum((1, 2)).double()  # (P,)
-    return ce, ce - entropy.double()
+    """Summed H(t, s) and KL(t || s) over the batch, per point: two (P,) float64.
+
+    KL is not H(t, s) - H(t): near the teacher it is 4 or more orders below H (a raw head's
+    near-uniform outputs), and the difference of two float32 sums, or of two log-softmaxes
+    near log m, keeps none of its digits; the engines' `kl_divergence` works on the logit
+    difference instead (as the distillation run logs it)."""
+    from runs.engines.distill import kl_divergence
+    teacher = teacher.float() / measures.teacher_temp  # (B, m)
+    student = student.float() / measures.student_temp  # (P, B, m)
+    log_s = F.log_softmax(student, dim=-1)
+    ce = -(F.softmax(teacher, dim=-1) * log_s).sum(-1).double().sum(1)  # (P,)
+    kl = kl_divergence(teacher.expand_as(student), student).double().sum(1)  # (P,)
+    return ce, kl
 
 
 def _knn(sums: dict, data: EvalData, k: int) -> torch.Tensor:
@@ -193,6 +229,35 @@ def _knn(sums: dict, data: EvalData, k: int) -> torch.Tensor:
     bank, queries = sums["train"]["feats"], sums["test"]["feats"]  # (P, N, D), (P, M, D)
     accs = [knn_accuracy(bank[p], train_y, queries[p], test_y, k=k, metric="l2",
                          num_classes=data.num_classes) for p in range(len(bank))]
+    return torch.tensor(accs, dtype=torch.float64)
+
+
+def linear_accuracy(train_x, train_y, test_x, test_y, num_classes: int, measures: Measures,
+                    method: str = "lbfgs") -> float:
+    """Test accuracy of one linear probe fitted on train_x (N, D), scored on test_x (M, D).
+
+    lbfgs: probes.logistic.linear_probe_lbfgs with the one L2 strength `measures.linear_l2`
+    (no cross-validation: the scan chose it once); adamw: linear_probe_sgd, the paper's probe
+    (AdamW lr 1e-3, wd 1e-2, 10 epochs, batch 256), seeded with `measures.probe_seed`.
+    """
+    from probes.logistic import linear_probe_lbfgs, linear_probe_sgd, standardize
+    if measures.linear_features == "standardized":
+        train_x, test_x = standardize(train_x, test_x)
+    if method == "adamw":
+        return linear_probe_sgd(train_x, train_y, test_x, test_y, num_classes,
+                                seed=measures.probe_seed, name="scan point")["accuracy"]
+    if measures.linear_l2 is None:
+        raise ValueError("linear_accuracy: measures.linear_l2 is not chosen yet")
+    return linear_probe_lbfgs(train_x, train_y, test_x, test_y, num_classes,
+                              l2_grid=(measures.linear_l2,), name="scan point")["accuracy"]
+
+
+def _linear(sums: dict, data: EvalData, measures: Measures, method: str) -> torch.Tensor:
+    """(P,) float64 linear-probe test accuracy of every point, one probe per point."""
+    train_y, test_y = data.splits["train"].y, data.splits["test"].y
+    bank, queries = sums["train"]["feats"], sums["test"]["feats"]  # (P, N, D), (P, M, D)
+    accs = [linear_accuracy(bank[p], train_y, queries[p], test_y, data.num_classes, measures,
+                            method) for p in range(len(bank))]
     return torch.tensor(accs, dtype=torch.float64)
 
 
@@ -243,8 +308,26 @@ class PointEvaluator:
         return "interpolate" if self.bn_mode == "interpolate" else "keep"
 
     @torch.no_grad()
+    def features_at(self, coords) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train (N, D), test (M, D)) float32 embeddings at one point, coords (K,), as its
+        metrics see them (same weights, BN mode and images; the reference path)."""
+        coords = torch.as_tensor(np.asarray(coords, dtype=np.float64)).reshape(1, -1)
+        forward, _ = self._reference_forward(coords, parts=("embedding",))
+        only = Measures(("knn",))
+        feats = [_split_sums(forward, self.data.splits[s], only, None, 1, self.autocast)["feats"]
+                 for s in SPLITS]
+        return feats[0][0], feats[1][0]
+
+    @torch.no_grad()
     def _reference(self, coords: torch.Tensor) -> dict:
         """One point: weights copied into the real network, BN recalibrated in place."""
+        forward, params = self._reference_forward(coords)
+        return self._measure(forward, params, 1)
+
+    def _reference_forward(self, coords: torch.Tensor,
+                           parts=("embedding", "logits", "head")) -> tuple:
+        """(forward, params) of one point (1, K): its weights loaded into the private network,
+        BN recalibrated in place when asked; forward gives the (1, B, ...) outputs `parts`."""
         params = self.geometry.params_at(coords)
         buffers = self.geometry.buffers_at(coords, self._stored_mode())
         state = {k: v[0] for k, v in {**params, **buffers}.items()}
@@ -256,8 +339,8 @@ class PointEvaluator:
         self.subject.eval()
 
         def forward(x):
-            return {k: v[None] for k, v in self.subject(x).items()}  # (1, B, ...)
-        return self._measure(forward, params, 1)
+            return {k: v[None] for k, v in self.subject(x, parts).items()}  # (1, B, ...)
+        return forward, params
 
     @torch.no_grad()
     def _batched(self, coords: torch.Tensor) -> dict:

@@ -236,10 +236,12 @@ def fill_probes(result, models: Mapping, data, probes, ks, seeds, embed=None,
 
 
 def split_features(model, data, embed, batch_size, device) -> tuple:
-    """(train features, test features) of one model, or of the pixels for "pixels"."""
+    """(train features, test features) of one model, or of the pixels for "pixels" (the
+    normalised pixels, flattened: the same inputs an encoder gets)."""
     train, test = data
     if _is_pixels(model):
-        return pixel_features(train.x).to(device), pixel_features(test.x).to(device)
+        return tuple(pixel_features(d.x, d.info.mean, d.info.std).to(device)
+                     for d in (train, test))
     encoder = Embedding(_placed(model, device), embed)
     return tuple(extract_features(encoder, d.x, d.info.mean, d.info.std, batch_size, device)
                  for d in (train, test))
@@ -320,12 +322,13 @@ def _module_record(label: str, model: nn.Module) -> dict:
 
 def _row(label: str, model) -> dict:
     """The `checkpoints` row of a model, as the CLI's `describe` writes it."""
+    place = {"run": "", "step": None, "epoch": None}  # a module in memory: a run of its own
     if _is_pixels(model):
-        return {"ref": label, "role": "pixels", "model": "", "trained_on": ""}
+        return {"ref": label, "role": "pixels", "model": "", "trained_on": "", **place}
     spec = getattr(model, "spec", None)
     name = spec.get("name", "") if isinstance(spec, dict) else ""
     return {"ref": label, "role": "checkpoint", "model": name or type(model).__name__,
-            "trained_on": ""}
+            "trained_on": "", **place}
 
 
 def _embed_name(embed) -> str | None:
@@ -335,9 +338,12 @@ def _embed_name(embed) -> str | None:
 
 
 def _data_record(data) -> dict:
-    """A split's identity: its name, shape and the sha256 of its images and labels."""
+    """A split's identity: its name, shape, the sha256 of its images and labels, and the
+    per-channel mean/std that normalise it (with `stats`, where they come from)."""
     digest = hashlib.sha256()
     for tensor in (data.x, data.y):
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return {"name": data.info.name, "shape": list(data.x.shape), "dtype": str(data.x.dtype),
-            "sha256": digest.hexdigest()}
+    info = data.info
+    return {"name": info.name, "shape": list(data.x.shape), "dtype": str(data.x.dtype),
+            "sha256": digest.hexdigest(), "stats": info.stats, "mean": list(info.mean),
+            "std": list(info.std)}

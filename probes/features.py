@@ -97,16 +97,18 @@ def _takes(model) -> str:
     return ""
 
 
-def pixel_features(images) -> torch.Tensor:
-    """Raw pixels as features (the paper's "input" row): (N, C*H*W) float32 in [0, 1].
+def pixel_features(images, mean=None, std=None) -> torch.Tensor:
+    """Pixels as features (the paper's "input" row): (N, C*H*W) float32, on the images' device.
 
-    Just /255 and a flatten, on the images' device: no per-channel mean/std, so the k-NN
-    distance is the plain pixel distance. The train-standardised variant of each probe covers
-    normalised inputs (per-pixel standardisation subsumes per-channel normalisation). Float
-    images are flattened as they are (as float32).
+    uint8 pixels are scaled to [0, 1], normalised per channel with `mean` and `std` (C values
+    each, [0, 1] units; default: these images' statistics), then flattened: what the paper's
+    flatten encoder sees (its inputs are normalised with the dataset's statistics, not only
+    /255), so the k-NN distance is the normalised-pixel distance. Float images are taken as
+    already normalised and flattened as they are (mean and std must then stay None).
     """
     _check_images(images)
-    return unit_scale(images.flatten(1))  # (N, C*H*W)
+    mean, std = _normalisation(images, mean, std, images.device)  # (1, C, 1, 1) each
+    return ((unit_scale(images) - mean) / std).flatten(1)  # (N, C*H*W)
 
 
 def check_features(x, name, split) -> None:

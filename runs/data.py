@@ -3,12 +3,15 @@
     data = load_dataset("cifar10", root="~/data", split="train")
     data.x  # (50000, 3, 32, 32) uint8, CPU, contiguous: moved to the device once, whole
     data.y  # (50000,) int64
-    data.info  # DatasetInfo: num_classes, per-channel train mean/std on [0, 1], size, names
+    data.info  # DatasetInfo: num_classes, per-channel mean/std on [0, 1], size, names
 
-Registered names (each a loader in `runs/datasets/`): cifar10, cifar100, stl10, tinyimagenet,
-mnist, fashionmnist, digits (embedded, no root: the default small set), noise, npz, toy.
-After loading, the generic options apply in this order: `channels` (1 <-> 3), `size` (resize),
-`subset` (N images per class). `info` always describes the data as returned.
+Registered names (each a loader in `runs/datasets/`): cifar10, cifar100, cifar5m, stl10,
+tinyimagenet, mnist, fashionmnist, digits (embedded, no root: the default small set), noise,
+npz, toy. After loading, the generic options apply in this order: `stats` (the input
+statistics: "paper", the default, = what the paper's code normalised with, CIFAR-10's for
+cifar10/cifar100/cifar5m and ImageNet's for tinyimagenet; "dataset" = the dataset's own),
+`channels` (1 <-> 3), `size` (resize), `subset` (N images per class). `info` always describes
+the data as returned; `info.stats` records where its mean/std come from.
 Splits for the commands: `load_splits` (train and test), `holdout` (a stratified validation
 part of train), `parse_data_options` (--data-options key=value strings -> keyword options).
 """
@@ -22,13 +25,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runs.datasets import arrays, cifar, mnist, stl10, synthetic, tinyimagenet  # noqa: F401
-from runs.datasets.base import DATASETS, DatasetInfo, ImageData, pixel_stats
+from runs.datasets import (  # noqa: F401 - each module registers its loaders
+    arrays,
+    cifar,
+    cifar5m,
+    mnist,
+    stl10,
+    synthetic,
+    tinyimagenet,
+)
+from runs.datasets.base import (
+    DATASETS,
+    PAPER_STATS,
+    STATS,
+    DatasetInfo,
+    ImageData,
+    check_stats,
+    per_class_indices,
+    pixel_stats,
+    with_stats,
+)
 from runs.datasets.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
 from runs.errors import UserError, unknown
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR100_CLASSES", "CIFAR10_SUBSET", "DATASETS", "DatasetInfo",
-           "ImageData", "as_image_data", "as_splits", "cifar10_subset_path", "convert_channels",
+           "ImageData", "PAPER_STATS", "STATS", "as_image_data", "as_splits",
+           "cifar10_subset_path", "convert_channels",
            "dataset_info", "holdout", "load_dataset", "load_splits", "parse_data_options",
            "pixel_stats", "resize", "take_subset"]
 
@@ -37,7 +59,7 @@ __all__ = ["CIFAR10_CLASSES", "CIFAR100_CLASSES", "CIFAR10_SUBSET", "DATASETS", 
 CIFAR10_SUBSET = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_subset.npz"
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for RGB -> grey, as PIL's convert("L")
 _CHUNK = 4096  # images per float32 temporary when converting: bounds memory on 100k-image sets
-_GENERIC = ("root", "split", "download", "size", "channels", "subset", "seed")
+_GENERIC = ("root", "split", "download", "size", "channels", "subset", "seed", "stats")
 
 
 def cifar10_subset_path() -> Path | None:
@@ -47,21 +69,27 @@ def cifar10_subset_path() -> Path | None:
 
 def load_dataset(name: str, root=None, split: str = "train", download: bool = False,
                  size=None, channels: int | None = None, subset: int | None = None,
-                 seed: int = 0, **options) -> ImageData:
-    """Load one split of a registered dataset whole, then apply channels, size and subset.
+                 seed: int = 0, stats: str = "paper", **options) -> ImageData:
+    """Load one split of a registered dataset whole, then apply stats, channels, size, subset.
 
     root: where the files are (see each loader; None for digits, noise, toy and Debian's
     Fashion-MNIST). download: fetch missing files with torchvision where it can.
     size: int or (H, W), antialiased bilinear resize. channels: 1 or 3. subset: N images per
     class, drawn with `seed`. seed also drives digits' split and the generated sets.
+    stats: "paper" (the paper's code's input mean/std, see PAPER_STATS) or "dataset" (the
+    dataset's own train statistics); the pixels are the same, only `info.mean/std` differ.
     options: the dataset's own keyword options (e.g. npz's class_names, noise's count).
     """
     loader = _loader(name, options)
     if split not in loader.splits:
         raise UserError(f"{name}: {unknown('split', split, loader.splits)}")
+    check_stats(stats)
     _check_channels(channels)
     image_size = _check_size(size)
+    if loader.takes_subset:
+        options = {**options, "subset": subset}
     data = loader(_as_path(root), split, download, seed, **options)
+    data = ImageData(x=data.x, y=data.y, info=with_stats(data.info, stats))
     data = convert_channels(data, channels)
     data = resize(data, image_size)
     return take_subset(data, subset, seed, split)
@@ -69,7 +97,7 @@ def load_dataset(name: str, root=None, split: str = "train", download: bool = Fa
 
 def dataset_info(name: str, root=None, download: bool = False, size=None,
                  channels: int | None = None, seed: int = 0, split: str | None = None,
-                 subset: int | None = None, **options) -> DatasetInfo:
+                 subset: int | None = None, stats: str = "paper", **options) -> DatasetInfo:
     """The metadata `load_dataset` would attach, without decoding pixels where possible.
 
     Datasets with published statistics answer from constants (TinyImageNet reads its class
@@ -77,12 +105,14 @@ def dataset_info(name: str, root=None, download: bool = False, size=None,
     accepted so one set of keywords serves both calls; they do not change the metadata.
     """
     loader = _loader(name, options)
+    check_stats(stats)
     _check_channels(channels)
     image_size = _check_size(size)
     if loader.info is not None:
         info = loader.info(_as_path(root), **options)
     else:
         info = loader(_as_path(root), "train", download, seed, **options).info
+    info = with_stats(info, stats)
     return _resized_info(_converted_info(info, channels), image_size)
 
 
@@ -90,7 +120,7 @@ def _loader(name: str, options: dict):
     """The registered loader, after checking `options` against its keyword-only parameters."""
     loader = DATASETS.get(name)
     own = [param.name for param in inspect.signature(loader).parameters.values()
-           if param.kind is inspect.Parameter.KEYWORD_ONLY]
+           if param.kind is inspect.Parameter.KEYWORD_ONLY and param.name not in _GENERIC]
     for key in options:
         if key not in own:
             valid = ", ".join(own) if own else "none of its own"
@@ -177,21 +207,9 @@ def take_subset(data: ImageData, per_class: int | None, seed: int, split: str) -
     """
     if per_class is None:
         return data
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise UserError(f"subset: expected a positive number of images per class, "
-                        f"got {per_class!r}")
-    generator = torch.Generator().manual_seed(seed)
-    unlabeled = bool((data.y < 0).all())
-    groups = [torch.arange(len(data))] if unlabeled else [
-        (data.y == label).nonzero().flatten() for label in range(data.info.num_classes)]
-    picks = []
-    for label, index in enumerate(groups):
-        if len(index) < per_class:
-            what = "unlabeled" if unlabeled else f"class {label} ({data.info.class_names[label]})"
-            raise UserError(f"subset={per_class}: {data.info.name} {what} has only "
-                            f"{len(index)} images in split {split!r}")
-        picks.append(index[torch.randperm(len(index), generator=generator)[:per_class]])
-    keep = torch.cat(picks).sort().values
+    keep = per_class_indices(data.y, data.info, per_class, seed, f"split {split!r}")
+    if len(keep) == len(data):  # already the subset (cifar5m draws it as it reads)
+        return data
     return ImageData(x=data.x[keep].contiguous(), y=data.y[keep], info=data.info)
 
 

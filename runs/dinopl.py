@@ -4,50 +4,60 @@
     dinopl=RESULTS/DINO/ab12cd34/last.ckpt:teacher    the teacher encoder
     import_dinopl_head(path, "teacher")               the teacher's DINO head, as ours
 
-Their code has no license: this module was written from reading it, nothing is copied.
-Files read (safelix/dinopl, commit ids as the code index stores them):
-    dinopl/core.py              d56e80a19936c1630cec1bdba55a9beca51014ff
-    dinopl/modules/l2bottleneck.py  e8c392bd13c8684e8ff0ef5631bdaf9c32f7dd3f
-    both also at an older commit  04338666595f209fddc6814330e210b32897ef44
-    dinopl/modules/linear.py, mlp.py  fe8f1b59a6236b9573631775af597b787430ebd4
-    models/resnet.py, models/vgg.py   b0b55278f6695d512914dc27554c9b369f96da10
-    configuration.py            2fbaf2310505b778cfba121877dc4ef66822b590
-    dino.py                     d504ed5b732d58341c170533466a761c277c3a48
-plus an earlier, unpinned revision of dinopl/core.py whose head ends in `mlp.bottleneck`.
+Imported networks compute what they computed in the paper's code: the encoder and the head
+they were TRAINED with (the VGG's max-pool embedding, the ResNets' projection shortcuts and
+norm layers, the raw last head layer), so probes and landscapes of an imported run measure
+the paper's networks. Their code has no license: this module was written from reading it,
+nothing is copied. Files read (safelix/dinopl; commit, date):
+    dinopl/core.py, dinopl/utils.py      85cc26123f07461cf51c74ffda0a847a157d3174  2022-12-03
+    dinopl/modules/l2bottleneck.py       04338666595f209fddc6814330e210b32897ef44  2022-12-03
+                                         f0fafe43f575a2635cf93ba87c45aacb0f531e76  2022-12-06
+                                         9c88484b3cbf76e75d8d9254da9c3a1e1e92ac5a  2022-12-06
+    dinopl/modules/linear.py, mlp.py     fe8f1b59a6236b9573631775af597b787430ebd4  2023-06-29
+    models/vgg.py, resnet.py, vit.py, configuration.py, dinopl/core.py, l2bottleneck.py
+                                         cd39e7801397d0d11004205e3847f67e660b93d4  2023-10-04
 
 On-disk layout. A Lightning checkpoint (torch pickle): a dict with `state_dict`, `epoch`,
 `global_step`, `pytorch-lightning_version`, `optimizer_states`, `loops`, `callbacks`, ...
 Their LightningModule `DINO` holds two `DINOModel`s, `student` and `teacher`, each with `enc`
 (the encoder, `fc` = Identity, so no classifier keys) and `head`; nothing else has weights:
     {role}.enc.conv1.weight, {role}.enc.layer1.0.bn1.running_mean, ...   ResNet (torchvision names)
-    {role}.enc.features.{i}.weight / .bias                                VGG (conv indices)
+    {role}.enc.features.{i}.weight / .bias                                VGG (conv, norm indices)
+    {role}.enc.transformer.{k}.attention.qkv.weight, {role}.enc.cls_token, ...          ViT
     {role}.head.cent                                                      centering buffer
     {role}.head.mlp.layer{k}.lin.weight / .bias   (+ .bn.* with --mlp_bn) hidden Linear+GELU
     {role}.head.last_layer.lin1.weight / .bias                            L2 bottleneck Linear
-    {role}.head.last_layer.lin2.weight                                    "weight-normalised" out
-Earlier revision: the bottleneck is `{role}.head.mlp.bottleneck.lin.*` and the last layer
-`{role}.head.mlp.bottleneck.weightnorm.weight_g / weight_v` (torch weight norm, g filled with 1
-and frozen); `parametrizations.weight.original0/1` (newer torch) is read the same way.
+    {role}.head.last_layer.lin2.weight                                    last layer (raw)
+Earliest layout (85cc261): the bottleneck is `{role}.head.mlp.bottleneck.lin.*` and the last
+layer `{role}.head.mlp.bottleneck.weightnorm.weight_g / weight_v` (torch weight norm, g filled
+with 1 and frozen); `parametrizations.weight.original0/1` (newer torch) is read the same way.
 `DINO` never calls `save_hyperparameters`: the run's configuration is the `config.json` that
 dino.py writes into the checkpoint's directory (keys `enc`, `tiny_input`, `enc_norm_layer`,
 `dataset`, `n_classes`, `hid_dims`, `l2bot_dim`, `l2bot_cfg`, `out_dim`, `mlp_bn`, `mlp_act`).
 We read `hyper_parameters` when a checkpoint has them, else that `config.json`, else infer the
 encoder from the keys (payload["config_source"] says which).
 
-Encoder mapping (strict: every key of the role's encoder is used, none is missing):
-    resnet18/34/50 with the CIFAR stem (--tiny_input): `{role}.enc.K` -> `encoder.K`
-    vgg11/13/16/19 without BN: `{role}.enc.features.I.P` -> `encoder.I.P` (same indices: ours
-        drops only the last max-pool, which has no weights, and adds global average pooling)
+Encoders (strict: every key of the role's encoder is used, none is missing):
+    resnet18/34/50 (CIFAR stem, --tiny_input): `enc.K` -> `encoder.K`, norm as configured
+    resnet20/56: shortcut="projection" (their 1x1 conv + norm downsample), `enc.K` -> `encoder.K`
+    vgg11..19, vgg11_bn..19_bn: pool="max" (their last 2x2 max-pool and flatten: a global max
+        at 32x32 inputs); `enc.features.I.*` -> `encoder.J.*`, the I-th and J-th modules with
+        weights taken in order (their norm "Identity" shifts their indices, ours has none)
+    vit_tiny/small/base: impl="dinopl" (their one block applied 12 times), pool="cls", patch
+        and image_size read off the tensors; `enc.transformer.K.*` (12 names of one shared
+        block) -> `encoder.block.*`
+Norm layers (--enc_norm_layer): BatchNorm -> norm="batch", LayerNorm (GroupNorm(1, C)) ->
+"layer", GroupNorm8 -> "group", InstanceNorm (GroupNorm(C, C)) -> "instance", Identity ->
+"none"; without a config, BatchNorm (running stats) and none are told apart by the keys, the
+GroupNorm kinds are not (a UserError asks for the config.json).
 Width and input channels are read off the tensors (their code has no width knob: 1.0).
-Not representable here, so refused with a UserError: their resnet20/56 (1x1-conv projection
-shortcuts; ours are parameter-free), vgg*_bn, the ImageNet ResNet stem, other norm layers,
-ViTs, convnet, mlp, flatten.
-Behaviour that differs by design: their VGG ends in a max-pool and a flatten (the last 2x2 map
-max-pooled to 1x1 at 32x32 inputs, so 512-d only there); ours averages globally, so VGG
-embeddings differ from theirs although every weight is bit-equal. Their encoders have no
-classifier: we attach a fresh fc drawn from `seed`, sized by the dataset (their metadata says
-10 classes for CIFAR100 and 1000 for TinyImageNet; we use 100 and 200 and keep their number
-in the payload).
+Refused with a UserError: the ImageNet ResNet stem, vit_medium, convnet, mlp, flatten.
+Their encoders have no classifier: we attach a fresh fc drawn from `seed`, sized by the
+dataset (their metadata says 10 classes for CIFAR100 and 1000 for TinyImageNet; we use 100
+and 200 and keep their number in the payload).
+
+Head: see import_dinopl_head (last="raw" for the L2-bottleneck layout, "normed" for torch's
+weight norm).
 """
 
 import json
@@ -56,26 +66,31 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from runs.checkpoint import SHOW, load_state_strict, read_checkpoint
 from runs.errors import UserError
 from runs.models import Classifier, create_model
-from runs.models.head import DINOHead, create_head
+from runs.models.head import create_head
 
 ROLES = ("student", "teacher")
 RESNETS = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34",
-           (3, 4, 6, 3, True): "resnet50"}  # blocks per stage, bottleneck blocks -> name
+           (3, 4, 6, 3, True): "resnet50", (3, 3, 3, 0, False): "resnet20",
+           (9, 9, 9, 0, False): "resnet56"}  # blocks per stage (0: no layer4), bottleneck
 VGGS = {8: "vgg11", 10: "vgg13", 13: "vgg16", 16: "vgg19"}  # conv layers -> name
-SUPPORTED = (*RESNETS.values(), *VGGS.values())
-REFUSED = {  # their encoders whose layout ours cannot hold, with the reason
-    **{n: "their CIFAR ResNets have 1x1-conv projection shortcuts, ours parameter-free ones"
-       for n in ("resnet20", "resnet56")},
-    **{f"vgg{d}_bn": "our VGGs have no BatchNorm" for d in (11, 13, 16, 19)},
-}
+VITS = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}  # dim -> name
+SUPPORTED = (*RESNETS.values(), *VGGS.values(), *(f"{v}_bn" for v in VGGS.values()),
+             *VITS.values())
+REFUSED = {"vit_medium": "no vit_medium here (512-d, 8 heads)",
+           **{n: "not one of the paper's encoders here" for n in ("convnet", "mlp", "flatten")}}
+NORMS = {"BatchNorm": "batch", "LayerNorm": "layer", "GroupNorm8": "group",
+         "InstanceNorm": "instance", "Identity": "none"}  # their --enc_norm_layer -> our norm
+BASE_WIDTH = {"resnet": 64, "cifar_resnet": 16, "vgg": 64}  # stem channels at width 1
 CLASSES = {"MNIST": 10, "CIFAR10": 10, "CIFAR100": 100, "STL10": 10, "TINYIMAGENET": 200}
 LAST_CFG = "-/lb/fn/wn/l/-"  # their default L2-bottleneck config, the paper's head
-HEAD_CFGS = (LAST_CFG, "-/l/fn/wn/l/-", "-/lb/fnd/wn/l/-", "-/l/fnd/wn/l/-")  # ours can hold
+# L2-bottleneck configs ours holds: bottleneck Linear with or without bias, feature norm
+# (detached or not: the same forward), the last Linear without bias and nothing after it.
+HEAD_CFGS = tuple(f"-/{lin}/{fn}/{wn}/l/-" for lin in ("lb", "l") for fn in ("fn", "fnd")
+                  for wn in ("wn", "-"))
 
 
 def listing(keys) -> str:
@@ -133,6 +148,15 @@ def run_config(ckpt: dict, path) -> tuple[dict, str]:
     return {}, "inferred from state_dict keys"
 
 
+# ---- the encoder -----------------------------------------------------------------------------
+
+def family(name: str) -> str:
+    """resnet (18/34/50), cifar_resnet (20/56), vgg (with or without _bn) or vit."""
+    if name in ("resnet20", "resnet56"):
+        return "cifar_resnet"
+    return next(f for f in ("resnet", "vgg", "vit") if name.startswith(f))
+
+
 def infer_encoder(enc: dict) -> str | None:
     """The registry name the encoder's keys describe (None when nothing we know)."""
     if "conv1.weight" in enc and "layer1.0.conv1.weight" in enc:
@@ -140,47 +164,168 @@ def infer_encoder(enc: dict) -> str | None:
                   for i in range(1, 5)]
         bottleneck = any(".conv3." in k for k in enc)
         return RESNETS.get((*map(len, stages), bottleneck))
+    if "cls_token" in enc and "embedder.proj.weight" in enc:
+        return VITS.get(enc["embedder.proj.weight"].shape[0])
     convs = [k for k, v in enc.items() if re.fullmatch(r"features\.\d+\.weight", k)
              and v.ndim == 4]
-    if convs and not any(k.endswith("running_mean") for k in enc):
-        return VGGS.get(len(convs))
+    if convs:
+        name = VGGS.get(len(convs))
+        bn = any(k.endswith("running_mean") for k in enc)
+        return f"{name}_bn" if name and bn else name
     return None
 
 
-def encoder_arch(config: dict, enc: dict, path) -> str:
-    """Our registry name for their encoder; a UserError lists what we support otherwise."""
+def infer_norm(enc: dict, name: str) -> str | None:
+    """The norm layer the keys show: batch (running stats), none (no norm weights) or None
+    (affine weights without running stats: a GroupNorm kind the keys cannot name)."""
+    if any(k.endswith("running_mean") for k in enc):
+        return "batch"
+    if family(name) == "vgg":
+        affine = [k for k, v in enc.items() if k.startswith("features.") and v.ndim == 1
+                  and k.endswith(".weight")]
+        return None if affine else "none"
+    return None if "bn1.weight" in enc else "none"
+
+
+def encoder_arch(config: dict, enc: dict, path) -> tuple[str, dict]:
+    """(our registry name, factory options) of their encoder; a UserError otherwise."""
     name = config.get("enc") or infer_encoder(enc)
-    supported = ", ".join(SUPPORTED)
     if name not in SUPPORTED:
         what = repr(name) if name else "of unknown layout"
         why = f" ({REFUSED[name]})" if name in REFUSED else ""
         raise UserError(f"{path}: encoder {what} cannot be imported{why}; supported: "
-                        f"{supported} (ResNets with the CIFAR stem, VGGs without BN)")
-    if config.get("enc_norm_layer") not in (None, "BatchNorm"):
-        raise UserError(f"{path}: encoder norm layer {config['enc_norm_layer']!r} is not "
-                        f"supported; our {name} uses {'BatchNorm' if 'resnet' in name else 'none'}")
+                        f"{', '.join(SUPPORTED)}")
+    kind = family(name)
     stem = enc.get("conv1.weight")
-    if name.startswith("resnet") and stem is not None and stem.shape[-1] != 3:
+    if kind == "resnet" and stem is not None and stem.shape[-1] != 3:
         raise UserError(f"{path}: {name} has the ImageNet stem ({stem.shape[-1]}x"
                         f"{stem.shape[-1]} conv + max-pool); only the CIFAR stem "
                         f"(--tiny_input) is supported")
-    return name
+    if kind == "vit":
+        return name, vit_options(enc, path)
+    norm = encoder_norm(config, enc, name, path)
+    options = {"pool": "max"} if kind == "vgg" else {}
+    if kind == "cifar_resnet":
+        options["shortcut"] = "projection"
+    if not name.endswith("_bn"):
+        options["norm"] = norm
+    elif norm != "batch":
+        raise UserError(f"{path}: {name} has BatchNorm, but its keys show norm {norm!r}")
+    return name, options
 
 
-def to_ours(arch: str, key: str) -> str | None:
-    """Our Classifier key for one of their encoder keys (None: no place for it)."""
-    if key.startswith("fc."):
-        return key
-    if arch.startswith("resnet"):
-        return f"encoder.{key}"
-    match = re.fullmatch(r"features\.(\d+)\.(weight|bias)", key)
-    return f"encoder.{match[1]}.{match[2]}" if match else None
+def encoder_norm(config: dict, enc: dict, name: str, path) -> str:
+    """Our `norm` for their --enc_norm_layer (or the one the keys show)."""
+    theirs = config.get("enc_norm_layer")
+    if theirs is not None:
+        if theirs not in NORMS:
+            raise UserError(f"{path}: encoder norm layer {theirs!r} is not supported; "
+                            f"valid: {', '.join(NORMS)}")
+        return NORMS[theirs]
+    if config.get("enc"):  # their default: BatchNorm in ResNets, none in VGGs (but vgg*_bn)
+        return "none" if family(name) == "vgg" and not name.endswith("_bn") else "batch"
+    norm = infer_norm(enc, name)
+    if norm is None:
+        raise UserError(f"{path}: the encoder has norm weights without running statistics "
+                        f"(LayerNorm, GroupNorm8 or InstanceNorm: the keys cannot tell); put "
+                        f"the run's config.json (enc_norm_layer) beside the checkpoint")
+    return norm
 
 
-def to_theirs(arch: str, key: str, role: str) -> str:
-    """Their state_dict key for one of our encoder keys (for error messages)."""
-    inner = key[len("encoder."):]
-    return f"{role}.enc.{inner}" if arch.startswith("resnet") else f"{role}.enc.features.{inner}"
+def vit_options(enc: dict, path) -> dict:
+    """Patch size and image size of their ViT, read off the patch conv and position table."""
+    patch = enc["embedder.proj.weight"].shape[-1]
+    tokens = enc["pos_embed"].shape[1] - 1  # (1, 1 + patches, dim)
+    side = round(tokens ** 0.5)
+    if side * side != tokens:
+        raise UserError(f"{path}: ViT with {tokens} patches is not square; not supported")
+    return {"patch": patch, "image_size": side * patch, "pool": "cls", "impl": "dinopl"}
+
+
+def model_size(name: str, enc: dict) -> dict:
+    """width and in_channels of our model, read off their first layer."""
+    kind = family(name)
+    if kind == "vit":
+        proj = enc["embedder.proj.weight"]  # (dim, C, patch, patch)
+        dim = proj.shape[0]
+        return {"width": dim / {v: k for k, v in VITS.items()}[name],
+                "in_channels": proj.shape[1]}
+    first = enc["conv1.weight" if "resnet" in kind else first_conv(enc)]  # (C_out, C_in, k, k)
+    return {"width": first.shape[0] / BASE_WIDTH[kind], "in_channels": first.shape[1]}
+
+
+def first_conv(enc: dict) -> str:
+    index = min(int(k.split(".")[1]) for k in enc if re.fullmatch(r"features\.\d+\.weight", k))
+    return f"features.{index}.weight"
+
+
+_VIT_BLOCK = re.compile(r"^transformer\.\d+\.")
+
+
+def key_map(name: str, enc: dict, own: dict) -> dict:
+    """Their encoder key -> our Classifier key (`own`: our model's state), by family."""
+    kind = family(name)
+    if kind in ("resnet", "cifar_resnet"):
+        return {k: k if k.startswith("fc.") else f"encoder.{k}" for k in enc}
+    if kind == "vit":  # their 12 names of one shared block -> our one block
+        return {k: "encoder." + _VIT_BLOCK.sub("block.", k) for k in enc}
+    theirs = sorted({int(m[1]) for k in enc if (m := re.match(r"features\.(\d+)\.", k))})
+    ours = sorted({int(m[1]) for k in own if (m := re.match(r"encoder\.(\d+)\.", k))})
+    index = dict(zip(theirs, ours))  # the k-th module with state of each, in order
+    out = {}
+    for key in enc:
+        match = re.fullmatch(r"features\.(\d+)\.(\w+)", key)
+        if key.startswith("fc."):
+            out[key] = key
+        elif match and int(match[1]) in index:
+            out[key] = f"encoder.{index[int(match[1])]}.{match[2]}"
+    return out
+
+
+def map_encoder(name: str, enc: dict, own: dict, role: str, path) -> dict:
+    """Their encoder state under our keys (`own`: the model's state); every key must fit."""
+    keys = key_map(name, enc, own)
+    mapped, homeless = {}, []
+    for key, value in enc.items():
+        ours = keys.get(key)
+        if ours not in own:
+            homeless.append(f"{role}.enc.{key}")
+        elif ours in mapped and not torch.equal(mapped[ours], value):
+            raise UserError(f"{path}: {role}.enc.{key} differs from the other copies of the "
+                            f"ViT block their code shares across depths")
+        else:
+            mapped[ours] = value
+    if homeless:
+        raise UserError(f"{path}: {role} encoder keys with no place in our {name}: "
+                        f"{listing(homeless)}")
+    theirs_of = {v: k for k, v in keys.items()}
+    missing = [f"{role}.enc.{theirs_of.get(k, k.removeprefix('encoder.'))}" for k in own
+               if k.startswith("encoder.") and k not in mapped]
+    if missing:
+        raise UserError(f"{path}: {role} encoder lacks keys of {name}: {listing(missing)}")
+    return mapped
+
+
+def check_depth(model: Classifier, enc: dict, name: str, path) -> None:
+    """Their ViT's depth (names of its shared block) must be ours: 12."""
+    if family(name) != "vit":
+        return
+    depth = len({k.split(".")[1] for k in enc if _VIT_BLOCK.match(k)})
+    if depth != model.encoder.depth:
+        raise UserError(f"{path}: ViT with {depth} transformer layers; our {name} has "
+                        f"{model.encoder.depth}")
+
+
+def check_groups(model: Classifier, options: dict, path) -> None:
+    """Their GroupNorm8 is GroupNorm(C // 8, C): ours must have the same groups."""
+    if options.get("norm") != "group":
+        return
+    for module in model.encoder.modules():
+        if isinstance(module, torch.nn.GroupNorm) and \
+                module.num_groups != module.num_channels // 8:
+            raise UserError(f"{path}: GroupNorm8 over {module.num_channels} channels has "
+                            f"{module.num_channels // 8} groups in their code, ours "
+                            f"{module.num_groups}; not representable")
 
 
 def num_classes(config: dict, enc: dict) -> int:
@@ -191,30 +336,13 @@ def num_classes(config: dict, enc: dict) -> int:
     return CLASSES.get(dataset) or config.get("n_classes") or config.get("ds_classes") or 10
 
 
-def map_encoder(arch: str, enc: dict, own: dict, role: str, path) -> dict:
-    """Their encoder state under our keys (`own`: the model's state); every key must fit."""
-    mapped, homeless = {}, []
-    for key, value in enc.items():
-        ours = to_ours(arch, key)
-        if ours in own:
-            mapped[ours] = value
-        else:
-            homeless.append(f"{role}.enc.{key}")
-    if homeless:
-        raise UserError(f"{path}: {role} encoder keys with no place in our {arch}: "
-                        f"{listing(homeless)}")
-    missing = [to_theirs(arch, k, role) for k in own if k.startswith("encoder.")
-               and k not in mapped]
-    if missing:
-        raise UserError(f"{path}: {role} encoder lacks keys of {arch}: {listing(missing)}")
-    return mapped
-
-
 def import_dinopl(path, parts: tuple[str, ...] = (), seed: int = 0) -> tuple[Classifier, dict]:
     """Our Classifier carrying the student's (or `:teacher`'s) encoder, and a payload.
 
-    The fc is drawn fresh from `seed` (their encoders have none). Weights load strictly: a
-    missing, extra or mis-shaped key is a UserError naming the file and their key names.
+    The network is the one their code trained (see the module doc: max-pool VGG, projection
+    shortcuts, their norm layers). The fc is drawn fresh from `seed` (their encoders have
+    none). Weights load strictly: a missing, extra or mis-shaped key is a UserError naming
+    the file and their key names.
     """
     ckpt = read_lightning(path)
     role = choose_role(tuple(parts), path)
@@ -222,20 +350,18 @@ def import_dinopl(path, parts: tuple[str, ...] = (), seed: int = 0) -> tuple[Cla
     if not enc:
         raise UserError(f"{path} holds no {role} encoder (no keys under {role}.enc.)")
     config, source = run_config(ckpt, path)
-    arch = encoder_arch(config, enc, path)
-    width_key = "conv1.weight" if arch.startswith("resnet") else "features.0.weight"
-    if width_key not in enc:
-        raise UserError(f"{path}: {role} encoder lacks {role}.enc.{width_key} ({arch})")
-    first = enc[width_key]  # (C_out, C_in, k, k): width = C_out / 64 for every family here
-    model = create_model(arch, num_classes=num_classes(config, enc), width=first.shape[0] / 64,
-                         in_channels=first.shape[1], seed=seed)
-    state = map_encoder(arch, enc, model.state_dict(), role, path)
+    name, options = encoder_arch(config, enc, path)
+    model = create_model(name, num_classes=num_classes(config, enc), seed=seed,
+                         **model_size(name, enc), **options)
+    check_groups(model, options, path)
+    check_depth(model, enc, name, path)
+    state = map_encoder(name, enc, model.state_dict(), role, path)
     fresh_fc = "fc.weight" not in state
     if fresh_fc:
         state.update({f"fc.{k}": v for k, v in model.fc.state_dict().items()})
     load_state_strict(model, state, f"{path} ({role} encoder)")
-    payload = {"source": "dinopl", "role": role, "arch": arch, "config": config,
-               "config_source": source, "epoch": ckpt.get("epoch"),
+    payload = {"source": "dinopl", "role": role, "arch": name, "options": options,
+               "config": config, "config_source": source, "epoch": ckpt.get("epoch"),
                "global_step": ckpt.get("global_step"),
                "lightning_version": ckpt.get("pytorch-lightning_version"),
                "fresh_fc": fresh_fc, "num_classes": model.fc.out_features,
@@ -247,9 +373,9 @@ def import_dinopl(path, parts: tuple[str, ...] = (), seed: int = 0) -> tuple[Cla
 # ---- the DINO head ---------------------------------------------------------------------------
 
 _HIDDEN = re.compile(r"mlp\.layer(\d+)\.(lin|bn)\.(\w+)")
-# (bottleneck Linear, last layer) module prefixes inside `{role}.head.`, newest first
-_BOTTLENECKS = (("last_layer.lin1.", "last_layer.lin2."),
-                ("mlp.bottleneck.lin.", "mlp.bottleneck.weightnorm."))
+# (bottleneck Linear, last layer, `last` of ours) inside `{role}.head.`, newest first
+_BOTTLENECKS = (("last_layer.lin1.", "last_layer.lin2.", "raw"),
+                ("mlp.bottleneck.lin.", "mlp.bottleneck.weightnorm.", "normed"))
 _WEIGHT_NORM = (("weight_g", "weight_v"),
                 ("parametrizations.weight.original0", "parametrizations.weight.original1"))
 
@@ -284,7 +410,7 @@ def hidden_layers(head: dict, used: set, path) -> list[tuple[torch.Tensor, torch
 
 
 def last_weight(head: dict, prefix: str, used: set, path) -> torch.Tensor:
-    """The last layer's weight as their forward used it (see import_dinopl_head)."""
+    """The last layer's stored weight (see import_dinopl_head)."""
     if prefix + "bias" in head:
         raise UserError(f"{path}: last head layer has a bias ({prefix}bias); ours has none")
     if prefix + "weight" in head:
@@ -301,15 +427,17 @@ def last_weight(head: dict, prefix: str, used: set, path) -> torch.Tensor:
     raise UserError(f"{path}: no last head layer weight under {prefix}")
 
 
-def head_state(head: dict, path) -> dict:
-    """Their head tensors under our DINOHead keys; every key but `cent` must be used."""
+def head_state(head: dict, path) -> tuple[dict, str]:
+    """(their head under our DINOHead keys, the `last` their forward used); every key but
+    `cent` must be used."""
     used = {"cent"}
     (w0, b0), (w1, b1) = hidden_layers(head, used, path)
-    found = [pair for pair in _BOTTLENECKS if pair[0] + "weight" in head]
+    found = [entry for entry in _BOTTLENECKS if entry[0] + "weight" in head]
     if not found:
         raise UserError(f"{path}: head has no L2 bottleneck (last_layer.lin1 or "
-                        f"mlp.bottleneck.lin); a plain last Linear is not supported")
-    lin, last = found[0]
+                        f"mlp.bottleneck.lin); a last Linear with bias (l2bot_dim 0) is not "
+                        f"supported")
+    lin, last, kind = found[0]
     w2 = head[lin + "weight"]
     b2 = head.get(lin + "bias", torch.zeros(w2.shape[0], dtype=w2.dtype))  # cfg "l": no bias
     used.update({lin + "weight", lin + "bias"})
@@ -319,24 +447,24 @@ def head_state(head: dict, path) -> dict:
     extra = sorted(set(head) - used)
     if extra:
         raise UserError(f"{path}: head keys with no place in our DINO head: {listing(extra)}")
-    return state
+    return state, kind
 
 
-def import_dinopl_head(path, role: str = "student", seed: int = 0) -> DINOHead:
-    """Their `role`'s DINO head as our DINOHead (MLP, L2 bottleneck, normalised last layer).
+def import_dinopl_head(path, role: str = "student", seed: int = 0, last: str = None):
+    """Their `role`'s DINO head as ours, computing what their forward computed.
 
     mlp.layer0.lin -> mlp.0, mlp.layer1.lin -> mlp.2, bottleneck Linear -> mlp.4: bit-equal.
-    Last layer, what is preserved:
-    - `last_layer.lin2.weight` (L2Bottleneck era) is stored bit-equal in `last.weight`. Their
-      custom Linear (dinopl/modules/linear.py, fe8f1b59) computed the row-normalised weight
-      and then multiplied by the raw one, so their output i is ours times ||w_i||: every row's
-      direction and everything before the last layer match; row lengths are not applied by
-      ours (in the older 04338666 L2Bottleneck, which used the normalised weight, outputs
-      match exactly).
-    - `weight_g`/`weight_v` (or `parametrizations.weight.original0/1`): stored as their
-      effective weight g * v / ||v|| (rows); our normalisation then gives sign(g) v / ||v||,
-      equal to theirs wherever |g| = 1, which their code fixed (filled with 1, frozen); other
-      gains warn.
+    Last layer:
+    - `last_layer.lin2.weight` (the L2Bottleneck layout, every checkpoint since 2022-12-06):
+      their Linear computes the row-normalised weight and then multiplies by the RAW one
+      (9c88484, fe8f1b59: `F.linear(input, self.weight, ...)`), so the head is imported with
+      last="raw", the weight bit-equal: output = normalize(bottleneck) @ lin2.weight.T.
+      Exception: the same layout written between 04338666 and 9c88484 (2022-12-03 to 06)
+      used the normalised weight; pass last="normed" for such a file (the keys cannot tell).
+    - `weight_g`/`weight_v` (85cc261, torch's weight norm: its forward hook computes
+      g * v / ||v|| and the Linear multiplies by it; g filled with 1 and frozen) or
+      `parametrizations.weight.original0/1`: last="normed", the stored weight g * v / ||v||
+      (unit rows at g = 1); other gains warn (the rows' directions are kept).
     Not carried: their centering buffer `cent` and temperatures (apply them outside; `cent`
     is in import_dinopl's payload).
     """
@@ -348,20 +476,12 @@ def import_dinopl_head(path, role: str = "student", seed: int = 0) -> DINOHead:
         raise UserError(f"{path} holds no {role} head (no keys under {role}.head.)")
     config, _ = run_config(ckpt, path)
     check_head_config(config, path)
-    state = head_state(head, path)
+    state, kind = head_state(head, path)
     hidden, embed = state["mlp.0.weight"].shape  # (hidden, embed_dim)
     if state["mlp.2.weight"].shape != (hidden, hidden):
         raise UserError(f"{path}: hidden layers of unequal width "
                         f"{tuple(state['mlp.2.weight'].shape)}; ours are square")
     module = create_head(in_dim=embed, out_dim=state["last.weight"].shape[0], hidden_dim=hidden,
-                         bottleneck_dim=state["mlp.4.weight"].shape[0], seed=seed)
+                         bottleneck_dim=state["mlp.4.weight"].shape[0], seed=seed,
+                         last=last or kind)
     return load_state_strict(module, state, f"{path} ({role} head)")
-
-
-def head_forward_theirs(head: DINOHead, embedding: torch.Tensor) -> torch.Tensor:
-    """Their (fe8f1b59-era) projections from our imported head: the raw last weight, unnormalised.
-
-    For comparisons with logged numbers of the public code; `head(embedding)` is the fixed one.
-    """
-    z = nn.functional.normalize(head.mlp(embedding), dim=-1)  # (B, bottleneck), unit norm
-    return nn.functional.linear(z, head.last.weight)  # (B, out_dim)

@@ -4,6 +4,15 @@ No DataLoader and no worker processes: the whole split (CIFAR10 train is 150 MB 
 sits on the device and every batch is an index into it. The randomness of an epoch (order,
 crop offsets, flips) is drawn on the CPU from (data_seed, epoch), so identical seeds give
 identical batches on CPU and GPU, and a resumed run can restart mid-epoch.
+
+An epoch is ceil(N / batch_size) batches, the last one partial (as a DataLoader with
+drop_last=False: the paper's code, 196 steps at 50,000 / 256), or N // batch_size with
+drop_last=True. A trailing batch smaller than `min_batch` images per process (default 2) is
+dropped: BatchNorm in train mode cannot normalise a batch of one image (it raises where a
+layer's map is 1x1), so training never sees one; evaluation (`eval_loader`, min_batch=1)
+keeps every image. Under data parallelism each process takes its contiguous slice of every
+full batch and a near-equal contiguous share (sizes differ by at most one) of the partial one.
+`len()` is always the number of batches `epoch()` yields.
 """
 
 from collections.abc import Iterator
@@ -69,15 +78,37 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return out
 
 
+def rank_of(part: slice, batch_size: int) -> tuple[int, int]:
+    """(rank, world size) of a process whose share of every full batch is `part`."""
+    if part == slice(None):
+        return 0, 1
+    start, stop = part.start or 0, part.stop
+    per_rank = (stop or batch_size) - start
+    if per_rank < 1 or batch_size % per_rank or start % per_rank:
+        raise ValueError(f"part {part} is not one of equal contiguous slices of a batch of "
+                         f"{batch_size}")
+    return start // per_rank, batch_size // per_rank
+
+
 class GPULoader:
-    """Batches of (images float32 normalised, labels int64) from a device-resident split."""
+    """Batches of (images float32 normalised, labels int64) from a device-resident split.
+
+    drop_last: only full batches. Otherwise the last partial batch is kept unless a process's
+    share of it would hold fewer than `min_batch` images (see the module's docstring).
+    part: this process's slice of every full batch (data parallel), as
+    runs.engines.distributed.rank_slice gives it.
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, mean, std, batch_size: int,
                  device="cpu", shuffle: bool = True, drop_last: bool = False,
-                 augment: Augment = Augment(), data_seed: int = 0, part: slice = slice(None)):
+                 augment: Augment = Augment(), data_seed: int = 0, part: slice = slice(None),
+                 min_batch: int = 2):
         if not (x.dtype == torch.uint8 or x.is_floating_point()) or x.ndim != 4:
             raise ValueError(f"expected uint8 or float (N, C, H, W) images, got {x.dtype} "
                              f"{tuple(x.shape)}")
+        if batch_size < 1 or min_batch < 1:
+            raise ValueError(f"batch_size ({batch_size}) and min_batch ({min_batch}) must be "
+                             "positive")
         self.x = x.to(device)  # (N, C, H, W) uint8
         self.y = y.to(device)  # (N,) int64
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
@@ -85,10 +116,19 @@ class GPULoader:
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.augment, self.data_seed = augment, data_seed
         self.part = part  # this process's slice of every global batch (data parallel)
+        self.rank, self.world = rank_of(part, batch_size)
+        self.min_batch = min_batch
 
     def __len__(self) -> int:
-        n = len(self.y)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full, tail = divmod(len(self.y), self.batch_size)
+        keep_tail = not self.drop_last and tail > 0 and tail // self.world >= self.min_batch
+        return full + keep_tail
+
+    def share(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's part of a global batch (of indices, offsets or flips)."""
+        if len(batch) == self.batch_size:
+            return batch[self.part]
+        return torch.tensor_split(batch, self.world)[self.rank]  # a partial batch
 
     def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """The batches of `epoch`, from batch index `start_batch` on (for mid-epoch resume)."""
@@ -97,7 +137,7 @@ class GPULoader:
         for i in range(start_batch, len(self)):
             sel = slice(i * self.batch_size, (i + 1) * self.batch_size)
             # The global batch, then this rank's share of it (all of it for one process).
-            order, offsets, flips = (t[sel][self.part]
+            order, offsets, flips = (self.share(t[sel])
                                      for t in (plan.order, plan.offsets, plan.flips))
             idx = order.to(device, non_blocking=True)
             yield self.batch(idx, offsets.to(device), flips.to(device))
@@ -114,4 +154,4 @@ class GPULoader:
 def eval_loader(data: ImageData, device, batch_size: int = 1024) -> GPULoader:
     """A split in its order, every image once, no augmentation: for evaluation."""
     return GPULoader(data.x, data.y, data.info.mean, data.info.std, batch_size, device,
-                     shuffle=False)
+                     shuffle=False, min_batch=1)

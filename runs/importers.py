@@ -4,6 +4,12 @@
 `layer1.0.bn1.running_mean`, ...) plus optionally `fc.weight`/`fc.bias`, or this toolkit's
 (`encoder.*`, `fc.*`). num_classes and in_channels are read off the tensors; a missing fc
 is drawn fresh from the seed.
+
+The network is the factory's default build (the paper's: VGG embeddings from the last
+max-pool, ResNet20/56 with projection shortcuts) unless model_kwargs say otherwise; a
+resnet20/56 file in the option-A layout (this toolkit's earlier nn.Sequential, no
+`layer1.*` keys) is recognised by its keys and built with shortcut="A". A state dict cannot
+record a VGG's pooling: an old average-pooled VGG file needs pool="avg" (from Python).
 """
 
 from pathlib import Path
@@ -31,6 +37,9 @@ def import_state_dict(path: Path, arch: str, **model_kwargs):
         raise UserError(f"{path} is not a plain state dict (name -> tensor)")
     state = to_classifier_keys(state)
     kwargs = dict(model_kwargs)
+    if arch in ("resnet20", "resnet56") and not any(k.startswith("encoder.layer1.")
+                                                    for k in state):
+        kwargs.setdefault("shortcut", "A")  # the option-A nn.Sequential's keys
     if "fc.weight" in state:
         kwargs.setdefault("num_classes", state["fc.weight"].shape[0])
     first = next((v for v in state.values() if v.ndim == 4), None)  # the stem conv

@@ -3,6 +3,8 @@
     runs/ckpt/step_0001000.pt     a checkpoint file written by this toolkit
     store/train_ab12cd34/seed_0@last   a run directory at its latest step
     RUN@1000  RUN@2ep  RUN@init   a step in iterations or epochs; init = the run's first state
+    RUN@epochs  RUN@every         every saved checkpoint at a whole epoch (from epoch 1), or
+                                  every saved checkpoint: one row each (probes.evaluate only)
     RUN@last:encoder              the encoder only, with a fresh fc (probing, fine-tuning)
     RUN@last:teacher              a named extra module of the checkpoint (distillation runs)
     resnet18=weights.pt           a plain state dict (torchvision key layout) for a model name
@@ -10,8 +12,9 @@
     teacher:=RUN@last:teacher     any of these, named "teacher" in tables, results, figures
 
 Without a LABEL, results name a checkpoint by a label derived from its run's config and
-step ("student s0 ep15", "teacher s0", "supervised s1 @40", a loose file by its stem),
-never by its path; the paths stay in the results' `inputs` (see `ref_labels`).
+step ("student s0 ep15", "teacher s0", "supervised s1 @40", a loose file by its stem), plus
+the run's departures from the paper's recipe ("student s0 ep15 (normed head)"), never by
+its path; the paths stay in the results' `inputs` (see `ref_labels`).
 """
 
 import re
@@ -31,6 +34,9 @@ _REF = re.compile(r"^(?:(?P<arch>[a-z][a-z0-9_]*)=)?(?P<source>[^@:]+)"
 EXAMPLE = "e.g. store/train_ab12cd34/seed_0@last:encoder or ckpt.pt"
 LABEL_SEP = ":="  # LABEL:=REF names a checkpoint in results
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+# @STEP values that name several checkpoints of a run (expanded by `expand_refs`).
+SEVERAL = {"epochs": "every saved checkpoint at a whole epoch from epoch 1",
+           "every": "every saved checkpoint, the init included"}
 
 
 @dataclass(frozen=True)
@@ -129,12 +135,63 @@ def ref_labels(refs, keep=()) -> list[str]:
     return [labels[text] for text in refs]
 
 
-def _derived(ref: Ref) -> tuple[str, dict]:
-    """(label, fields that may tell it apart from others) of an unlabelled reference."""
+def expand_refs(refs) -> list[str]:
+    """References with RUN@epochs or RUN@every replaced by one reference per checkpoint they
+    name, in step order (see SEVERAL): `[LABEL:=]RUN@epochs[:PART]` -> `RUN@22[:PART]`,
+    `RUN@44[:PART]`, ... (a LABEL gets each one's epoch appended: "mine ep1"). The other
+    references pass unchanged. Lets a probe scan every epoch of a run from one argument."""
+    return [one for text in refs for one in _expand(text)]
+
+
+def _expand(text: str) -> list[str]:
+    ref = parse_ref(text)
+    if ref.step not in SEVERAL:
+        return [text]
+    source = Path(ref.source)
+    if ref.arch or source.is_file():
+        raise UserError(f"{text}: @{ref.step} applies to run directories, not files")
+    if not source.exists():
+        raise UserError(f"checkpoint reference {text!r}: no file or run at {source}")
+    run = find_run(source)
+    per_epoch, saved = run.config().get("steps_per_epoch", 0), run.steps()
+    steps = saved
+    if ref.step == "epochs":
+        if not per_epoch:
+            raise UserError(f"{text}: run {run.path} records no steps_per_epoch; use @every")
+        steps = [step for step in saved if step and step % per_epoch == 0]
+    if not steps:
+        raise UserError(f"{text}: run {run.path} has no checkpoint at a whole epoch >= 1; "
+                        f"saved steps: {', '.join(map(str, saved)) or 'none'}")
+    tail = "".join(f":{part}" for part in ref.parts)
+    def named(step: int) -> str:  # "mine ep2:=" for LABEL:=RUN@epochs
+        return f"{ref.label} {_step_text(step, per_epoch)}{LABEL_SEP}" if ref.label else ""
+    return [f"{named(step)}{ref.source}@{step}{tail}" for step in steps]
+
+
+def checkpoint_position(text: str) -> dict:
+    """{"run", "step", "epoch"} of the checkpoint a reference names: its run
+    ("distill_ab12cd34/seed_0"; "" for a file outside a run), its step and epoch (float;
+    None where unknown). Probe tables select among a run's epochs with it."""
+    path, step, run = _located(parse_ref(text))
+    if run is None:
+        return {"run": "", "step": step, "epoch": None}
+    per_epoch = run.config().get("steps_per_epoch", 0)
+    epoch = step / per_epoch if per_epoch and step is not None else None
+    return {"run": f"{run.path.parent.name}/{run.path.name}", "step": step, "epoch": epoch}
+
+
+def _located(ref: Ref) -> tuple[Path | None, int | None, Run | None]:
+    """resolve_file, with a run's checkpoint file given as a path placed in its run."""
     path, step, run = resolve_file(ref)
     if run is None and path is not None and path.parent.name == "ckpt" \
             and (path.parent.parent / "config.json").is_file():
         run, step = Run(path.parent.parent), _file_step(path)  # a run's checkpoint file
+    return path, step, run
+
+
+def _derived(ref: Ref) -> tuple[str, dict]:
+    """(label, fields that may tell it apart from others) of an unlabelled reference."""
+    path, step, run = _located(ref)
     role = next((p for p in ref.parts if p in ("student", "teacher")), "")
     part = " ".join(p for p in ref.parts if p != role)
     if run is None:
@@ -153,15 +210,41 @@ def _derived(ref: Ref) -> tuple[str, dict]:
                  or {}).items()) if "/" not in str(value) and key not in _TELLING},
               "run": run.path.parent.name}
     label = " ".join(filter(None, [role, f"s{saved.get('seed', '')}", when]))
-    return label, fields
+    return label + variant_suffix(config), fields
+
+
+def variant_suffix(config: dict) -> str:
+    """" (normed head, avg pool)": where a run's config departs from the paper's recipe
+    (see `recipe_notes`); "" for the recipe itself or a config-less checkpoint."""
+    names = recipe_notes(config)
+    return f" ({', '.join(names)})" if names else ""
+
+
+def recipe_notes(config: dict) -> list[str]:
+    """Short names of a run's departures from the paper's recipe, for labels and table
+    roles: runs.recipe.variant_names less the scale settings a CPU-sized run shrinks (head
+    widths, batch, lr; the bottleneck's width, not its absence) and alpha, which labels
+    show their own way ("student α=1"). config: filled for old runs (runs.recipe)."""
+    from runs.recipe import SCALE_KEYS, variant_names
+    if not config:
+        return []
+    width = ("bottleneck_dim",) if config.get("bottleneck_dim") != 0 else ()
+    return variant_names(config, skip=(*SCALE_KEYS, *width, "alpha"))
+
+
+AT_TEACHER = (0.0, 1e-10)  # the paper's student inits: its figures' alpha, its IMP runs'
+
+
+def at_teacher(alpha: float) -> bool:
+    """The paper's student init: at its teacher (alpha 0, its figures; 1e-10, its IMP runs)."""
+    return alpha in AT_TEACHER
 
 
 def _student(config: dict) -> str:
-    from runs.models.head import RECIPE_ALPHA
     if config.get("dataset") == "noise":
         return "noise student"
-    alpha = config.get("alpha", RECIPE_ALPHA)
-    return "student" if alpha == RECIPE_ALPHA else f"student α={alpha:g}"
+    alpha = config.get("alpha", 0.0)
+    return "student" if at_teacher(alpha) else f"student α={alpha:g}"
 
 
 def _file_step(path: Path) -> int | None:
@@ -216,6 +299,9 @@ def parse_ref(text: str) -> Ref:
 
 def run_step(run: Run, step: str) -> int:
     """Resolve 'last', 'init', iterations or 'Nep' to a saved step of `run`."""
+    if step in SEVERAL:
+        raise UserError(f"@{step} names several checkpoints ({SEVERAL[step]}); only "
+                        f"probes.evaluate takes it: give one @STEP here (e.g. @last)")
     steps = run.steps()
     if not steps and step != "init":
         raise UserError(f"run {run.path} has no checkpoints yet")
@@ -294,10 +380,17 @@ def load_model(ref: str, num_classes: int = None, fc_seed: int = None) -> Loaded
         _check_format(payload, path)
         model = rebuild(select_entry(payload, parsed.parts, str(path)), str(path))
         step = payload.get("step", step)
-        config = payload.get("config") or config
+        config = _filled(payload) or config
     if "encoder" in parsed.parts or (num_classes and num_classes != model.fc.out_features):
         model = with_fresh_fc(model, num_classes, fc_seed)
     return Loaded(model, ref, path, step, config, payload)
+
+
+def _filled(payload: dict) -> dict:
+    """A checkpoint's config, keys it predates set as its run was made (runs.recipe)."""
+    from runs.recipe import fill_legacy
+    kind = (payload.get("extra") or {}).get("kind", "")
+    return fill_legacy(kind, payload.get("config") or {})
 
 
 def load_head(ref: str, payload: dict = None) -> nn.Module:

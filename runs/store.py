@@ -7,6 +7,8 @@
     run.mark_done({"test_accuracy": 0.91})
 """
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -14,8 +16,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from runs.config import config_hash, non_default, to_dict
+from runs.config import IDENTITY_EXCLUDE, to_dict
 from runs.errors import UserError, disk_full, with_filename
+from runs.recipe import fill_legacy, legacy_values
 
 CKPT_DIGITS = 7  # step_0000000.pt: sorts by name up to 10M iterations
 _CKPT_NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -75,7 +78,12 @@ class Run:
         return json.loads((self.path / "DONE").read_text()) if self.done else {}
 
     def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        """config.json; a run written before a field existed gets that field's value as
+        the run was made with it (runs.recipe.LEGACY), never today's default."""
+        record = json.loads((self.path / "config.json").read_text())
+        if isinstance(record.get("config"), dict):
+            record["config"] = fill_legacy(record.get("kind", ""), record["config"])
+        return record
 
     def log(self, record: dict) -> None:
         """Append one JSON line to metrics.jsonl, flushed to disk."""
@@ -124,8 +132,32 @@ def _is_json(line: str) -> bool:
     return True
 
 
+def identity(kind: str, cfg, exclude=IDENTITY_EXCLUDE) -> dict:
+    """The fields that name a run: those that differ from their baseline value.
+
+    The baseline is the field's default, except for the fields issue #18 added or changed
+    (runs.recipe.LEGACY): there it is the value runs made before used. Old runs keep their
+    folder (their identity is unchanged), and today's defaults (the paper recipe: raw head,
+    alpha 0, ...) get new folders instead of reopening a run made the old way.
+    """
+    baseline = legacy_values(kind, to_dict(cfg))
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in exclude and value != baseline.get(f.name, f.default):
+            out[f.name] = value
+    return json.loads(json.dumps(out))
+
+
+def identity_hash(kind: str, cfg, length: int = 8) -> str:
+    """Short stable hash of `identity` (runs.config.config_hash where no field has a
+    legacy baseline)."""
+    text = json.dumps(identity(kind, cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
 def run_path(root, kind: str, cfg, seed: int) -> Path:
-    return Path(root) / f"{kind}_{config_hash(cfg)}" / f"seed_{seed}"
+    return Path(root) / f"{kind}_{identity_hash(kind, cfg)}" / f"seed_{seed}"
 
 
 def open_run(root, kind: str, cfg, seed: int = None, extra: dict = None) -> Run:
@@ -141,8 +173,8 @@ def open_run(root, kind: str, cfg, seed: int = None, extra: dict = None) -> Run:
         raise ValueError(f"open_run: extra may not set {', '.join(clash)}")
     # `identity` (the non-default fields, what the hash covers) decides whether a stored
     # run is this one: adding a field with a default later does not orphan old runs.
-    record = {"kind": kind, "seed": seed, "config": to_dict(cfg), "identity": non_default(cfg),
-              **(extra or {})}
+    record = {"kind": kind, "seed": seed, "config": to_dict(cfg),
+              "identity": identity(kind, cfg), **(extra or {})}
     config_file = run.path / "config.json"
     if config_file.exists():
         found = json.loads(config_file.read_text())

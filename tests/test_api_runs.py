@@ -230,6 +230,26 @@ def test_run_distill_gives_the_cli_run_and_loads_with_head(tmp_path):
     assert_same_state(teacher, DinoNet(*build_pair(cfg, 10, 1, teacher_seed(cfg))))
 
 
+def test_run_distill_takes_the_recipe_options_as_the_cli_does(tmp_path):
+    """head_last=, loss=, drop_last=, input_stats= are DistillConfig fields: the same run
+    as the flags, recorded in its config, and the head loads as it trained."""
+    from runs.engines.distill import main
+    flags = ["--head-last", "normed", "--loss", "mse", "--drop-last", "--input-stats",
+             "dataset"]
+    assert main([*DISTILL, *flags, "--store", str(tmp_path / "cli")]) == 0
+    result = runs.run_distill(store=tmp_path / "api", **DISTILL_KW, head_last="normed",
+                              loss="mse", drop_last=True, input_stats="dataset")
+    cli_run = Run(next((tmp_path / "cli").glob("distill_*/seed_0")))
+    assert cli_run.path.relative_to(tmp_path / "cli") == \
+        result.run.path.relative_to(tmp_path / "api")
+    config = result.run.config()["config"]
+    assert (config["head_last"], config["loss"], config["drop_last"]) == ("normed", "mse", True)
+    head = result.load(head=True).head
+    assert head.spec["last"] == "normed" and head.last.normed
+    with pytest.raises(UserError, match="--head-last flat: must be one of raw, normed"):
+        runs.run_distill(store=tmp_path / "api", **DISTILL_KW, head_last="flat")
+
+
 # --- the --import flag, on every CLI through the cli wrapper ---------------------------------
 
 def test_import_flags_are_taken_off_before_the_parser(fresh, tmp_path):

@@ -17,6 +17,7 @@ import tickets
 from runs.engines import train as train_module
 from runs.errors import UserError
 from runs.results import PROVENANCE
+from tickets.api import _configs, option_names
 from tickets.imp import main
 from tickets.mask import is_nested, num_kept
 
@@ -168,9 +169,22 @@ def test_run_imp_rejects_unknown_options_and_in_memory_data(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing trained
 
 
+def test_run_imp_takes_the_controls_as_options():
+    names = option_names()
+    controls = {"random_baseline", "reinit_from", "rewind_optimizer", "prune_output"}
+    assert controls <= set(names)
+    assert not {"start_step", "keep_output_dense"} & set(names)  # per level; renamed
+    imp, cfg = _configs("convnet", "digits", 1, "init@0", 0.2, dict(
+        rewind_optimizer="reset", reinit_from="0", random_baseline="global",
+        prune_output="no", lr=0.05))
+    assert (imp.rewind_optimizer, imp.reinit_from, imp.random_baseline, imp.prune_output) == \
+        ("reset", "0", "global", "no")
+    assert cfg.rewind_optimizer == "restore" and cfg.lr == 0.05  # the dense run's own
+
+
 # ---------------------------------------------------------------------------- run_imp
 
-# tests/test_tickets_imp.py's tiny settings (digits, convnet width 0.125, 17 steps per
+# tests/test_tickets_imp.py's tiny settings (digits, convnet width 0.125, 18 steps per
 # epoch), shortened: 1 level of 20 steps rewound to step 5, with the random baseline.
 TRAIN = dict(width=0.125, batch_size=64, val_size=100, lr=0.05, crop_padding=0, flip=False)
 SWEEP = dict(model="convnet", data="digits", levels=1, rewind="init@5", steps=20,

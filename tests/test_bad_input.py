@@ -256,7 +256,7 @@ ROWS = {
     "distill batch size 0": (DISTILL, ["--batch-size", "0"], "--batch-size 0"),
     "distill out dim 0": (DISTILL, ["--out-dim", "0"], "--out-dim 0"),
     "distill hidden dim 0": (DISTILL, ["--hidden-dim", "0"], "--hidden-dim 0"),
-    "distill bottleneck dim 0": (DISTILL, ["--bottleneck-dim", "0"], "--bottleneck-dim 0"),
+    "distill bottleneck dim -1": (DISTILL, ["--bottleneck-dim", "-1"], "--bottleneck-dim -1"),
     "distill probe k 0": (DISTILL, ["--probe-k", "0"], "--probe-k 0"),
     "distill probe every -1": (DISTILL, ["--probe-every", "-1"], "--probe-every -1"),
     "interpolate bn batch size 0": (INTERPOLATE, ["--bn-batch-size", "0"],

@@ -18,12 +18,16 @@ from runs.studies.bench.common import (
     Bench,
     Runner,
     comparison,
+    count_flops,
     fast_loader,
     measure,
+    new_model,
     peak_tflops,
     reference_loader,
     synthetic_images,
+    synthetic_info,
     table_peak,
+    variant_bench,
 )
 from runs.studies.bench.landscape import section_landscape
 from runs.studies.bench.probes import (
@@ -32,15 +36,26 @@ from runs.studies.bench.probes import (
     sklearn_knn,
     synthetic_features,
 )
-from runs.studies.bench.report import ORDER, SCHEMA, goal_rows, goals_text, run_section, write
+from runs.studies.bench.report import (
+    ORDER,
+    SCHEMA,
+    goal_rows,
+    goals_text,
+    notes,
+    run_section,
+    table,
+    write,
+)
 from runs.studies.bench.tickets import prune_comparison
 from runs.studies.bench.training import (
+    eval_flops,
     fast_distill,
     fast_eval,
     fast_train,
     reference_distill,
     reference_eval,
     reference_train,
+    section_train,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,3 +266,63 @@ def test_cli_quick_section_writes_json(tmp_path):
     for path in ("fast", "reference"):
         record = comp["paths"][path]
         assert record["rate"] > 0 and record["gflop_per_s"] > 0 and record["mfu"] is None
+
+
+# ---------------------------------------------------------------------- variant networks
+
+
+@pytest.mark.parametrize("impl", ["standard", "dinopl"])
+def test_vit_flops_count_the_attention_matmuls(impl):
+    """A ViT's counted forward FLOPs equal the hand count: patch conv, 24 E^2 per token and
+    block for the Linears, the attention's two matmuls (across tokens: 4 L^2 E; the paper's
+    code attends across the H heads of each token: 4 L H E), the fc. Biases and elementwise
+    work are not FLOPs here."""
+    bench = variant_bench(Bench(dataclasses.replace(QUICK, width=0.25), CPU),
+                          f"vit_tiny:impl={impl}")
+    E, H, L, P, D = 48, 3, 17, 16, 12  # dim 192/4, heads, 16 patches + CLS, 8x8 patches, depth
+    attention = 4 * L * L * E if impl == "standard" else 4 * L * H * E
+    expected = 2 * 3 * 8 * 8 * E * P + D * (24 * E * E * L + attention) + 2 * E * 10
+    assert eval_flops(bench, synthetic_info()) == expected
+
+
+def test_fused_attention_is_counted_not_zero():
+    """F.scaled_dot_product_attention's fused CPU kernel has no FLOP formula: counting runs
+    it on the math backend, so it shows as its matmuls, 4 B H L^2 E' forward."""
+    q = torch.randn(2, 3, 17, 8)  # (B, H, L, E')
+    flops = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert flops == 4 * 2 * 3 * 17 * 17 * 8
+
+
+def test_variants_are_measured_alone_and_judged_for_no_speed_up():
+    """train measures each variant's fast path (no reference: ratio n/a, no speed-up goal);
+    options reach the factory (GroupNorm ResNet); a failing variant is recorded, the others
+    still run."""
+    bench = tiny_bench(warmup=0, steps=1, num_images=16,
+                       variants=("vit_tiny", "resnet18:norm=group", "vit_tiny:image_size=20"))
+    body = section_train(bench)
+    comps = body["comparisons"]
+    assert list(comps) == ["train_step", "train_step[vit_tiny]",
+                           "train_step[resnet18 norm=group]"]
+    for key in list(comps)[1:]:
+        assert list(comps[key]["paths"]) == ["fast"] and comps[key]["ratio"] is None
+        assert comps[key]["flops_per_item"] > 0 and comps[key]["paths"]["fast"]["rate"] > 0
+    assert comps["train_step[vit_tiny]"]["flops_per_item"] != comps["train_step"][
+        "flops_per_item"]
+    assert "image_size=20" in body["variant_errors"]["train_step[vit_tiny image_size=20]"]
+    rows = [r["measured"] for r in goal_rows({"train": body})]
+    assert rows == ["train/train_step", "train/train_step"]  # the MFU goal and the speed-up
+    assert "n/a" in table({"train": body}) and "image_size=20" in notes({"train": body})
+    group = new_model(variant_bench(bench, "resnet18:norm=group"), synthetic_info())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in group.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in group.modules())
+    bn = new_model(variant_bench(bench, "vgg11_bn"), synthetic_info())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules())
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("resnet9", "--variants resnet9: unknown model 'resnet9'; valid: "),
+    ("resnet18:norm=gruop", "--variants norm='gruop': model resnet18 takes norm in"),
+])
+def test_a_bad_variant_stops_the_cli_before_measuring(variant, message, capsys):
+    assert main(["--device", "cpu", "--sections", "train", "--variants", variant]) == 2
+    assert message in capsys.readouterr().err

@@ -29,6 +29,7 @@ from runs.data import (
 from runs.datasets.mnist import debian_fashion_mnist
 from runs.errors import UserError
 from tests.helpers import patch_md5s, pickle_file, write_cifar10
+from tests.test_data_cifar5m import write_cifar5m_parts
 
 
 def _rng(seed=0):
@@ -69,16 +70,18 @@ def test_cifar10_reads_official_pickles(tmp_path, monkeypatch):
 
 
 def test_cifar100_has_its_own_metadata(tmp_path, monkeypatch):
+    """Its own classes always; its own statistics under stats="dataset" (under the default
+    "paper" it has CIFAR-10's, as the paper's code: tests/test_data_stats.py)."""
     written = _write_cifar100(tmp_path, monkeypatch)
-    data = load_dataset("cifar100", root=tmp_path, split="test")
+    data = load_dataset("cifar100", root=tmp_path, split="test", stats="dataset")
     assert np.array_equal(data.x.numpy(), written["test"][0])
     assert data.y.tolist() == written["test"][1]  # fine labels, not coarse
     info = data.info
     assert info.num_classes == 100 == len(info.class_names) == len(set(info.class_names))
     assert info.class_names[:3] == ("apple", "aquarium_fish", "baby")
-    cifar10 = dataset_info("cifar10")
-    assert info.mean != cifar10.mean and info.std != cifar10.std  # the public code's bug
-    assert dataset_info("cifar100") == info
+    cifar10 = dataset_info("cifar10", stats="dataset")
+    assert info.mean != cifar10.mean and info.std != cifar10.std
+    assert dataset_info("cifar100", stats="dataset") == info
 
 
 def test_cifar_missing_root_names_the_path_and_download(tmp_path):
@@ -505,6 +508,8 @@ def _minimal_root(name, tmp_path, monkeypatch):
     elif name == "npz":
         _write_npz(tmp_path / "a.npz", "nhwc", _rng())
         return tmp_path / "a.npz"
+    elif name == "cifar5m":
+        write_cifar5m_parts(tmp_path, per_part=20)
     else:
         return None
     return tmp_path

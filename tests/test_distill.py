@@ -99,7 +99,8 @@ def test_alpha_init_keeps_the_init_variance():
 
 
 def test_normed_linear_rows_are_unit_and_scale_free():
-    head = create_head(in_dim=8, out_dim=256, hidden_dim=64, bottleneck_dim=16, seed=0)
+    head = create_head(in_dim=8, out_dim=256, hidden_dim=64, bottleneck_dim=16, seed=0,
+                       last="normed")
     norms = head.last.effective_weight().norm(dim=1)
     torch.testing.assert_close(norms, torch.ones(256))
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
@@ -113,6 +114,20 @@ def test_normed_linear_rows_are_unit_and_scale_free():
     with torch.no_grad():
         head.last.weight[3] *= -1  # the direction is
         assert not torch.allclose(head(x)[:, 3], before[:, 3])
+
+
+def test_raw_last_layer_multiplies_by_the_weight_as_is():
+    """The paper's code's head (the default): logits = unit bottleneck @ W.T, W raw."""
+    head = create_head(in_dim=8, out_dim=256, hidden_dim=64, bottleneck_dim=16, seed=0)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = F.normalize(head.mlp(x), dim=-1)  # (5, 16)
+        torch.testing.assert_close(head(x), z @ head.last.weight.T)
+        before = head(x)
+        head.last.weight[3] *= 40.0  # a row's length scales its logit
+        torch.testing.assert_close(head(x)[:, 3], 40.0 * before[:, 3], rtol=1e-5, atol=1e-7)
+    # trunc-normal(0.02) rows of 16: norms about 0.08, so logits far below the normed +-1
+    assert before.abs().max() < 0.3
 
 
 def manual_loss(s, t, ts=1.0, tt=1.0):
@@ -151,6 +166,21 @@ def test_distill_loss_is_zero_kl_at_the_teacher_and_centres():
     for _ in range(3):  # KL >= 0 on random pairs
         s = torch.randn(4, 30)
         assert distill_loss(s, t)["kl"] >= 0
+
+
+@pytest.mark.parametrize("gap, far", [(1e-4, False), (1e-2, False), (1.0, False),
+                                      (1.0, True)])
+def test_kl_is_accurate_near_the_teacher(gap, far):
+    """The raw head's KLs are 1e-12..1e-6 nats, where fp32 H(t, s) - H(t) is noise."""
+    gen = torch.Generator().manual_seed(4)
+    t = 0.03 * torch.randn(8, 4096, generator=gen)  # raw-head logits at init: small
+    s = t + gap * 0.03 * torch.randn(8, 4096, generator=gen)
+    if far:  # a gap past the log1p form's range: the log-sum-exp form takes the row
+        t, s = 30 * t, 30 * s - 25 * (torch.arange(4096) == 0)
+    ref = F.kl_div(F.log_softmax(s.double(), -1), F.log_softmax(t.double(), -1),
+                   log_target=True, reduction="batchmean")
+    kl = distill_loss(s, t)["kl"].double()
+    torch.testing.assert_close(kl, ref, rtol=1e-3 if not far else 1e-4, atol=0)
 
 
 def test_distill_loss_gradient_is_zero_at_the_teacher():
@@ -323,3 +353,137 @@ def test_cli_bad_flags_exit_2_with_one_line(tmp_path, capsys, flags, culprit):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and culprit in errors[0]
     assert not list(tmp_path.rglob("*.pt"))
+
+
+# --- the paper recipe's options (issue #18) -------------------------------------------------
+
+def test_alpha_zero_student_is_the_teacher_at_step_0_and_moves(reference):
+    """The main figures' init: alpha = 0 exactly; the student still learns (its BN is in
+    train mode, the teacher's in eval mode, so the gradient at step 0 is not zero)."""
+    from runs.refs import load_head
+    run, _ = reference
+    assert CFG.alpha == 0.0
+    student, teacher = (load_model(f"{run.path}@init{part}").model for part in ("", ":teacher"))
+    assert_same(student.state_dict(), teacher.state_dict(), "step 0")
+    assert_same(load_head(f"{run.path}@init").state_dict(),
+                load_head(f"{run.path}@init:teacher").state_dict(), "head at step 0")
+    moved = load_model(f"{run.path}@8").model
+    assert not torch.equal(moved.encoder[0].weight, teacher.encoder[0].weight)
+
+
+def test_init_noise_has_the_relative_size():
+    teacher, student = (DinoNet(*build_pair(CFG, 4, 3, seed)) for seed in (7, 11))
+    alpha_init(student, teacher, 0.0)
+    buffers = {k: v.clone() for k, v in student.named_buffers()}
+    distill_module.add_init_noise(student, teacher, 0.01, seed=5)
+    for (name, p_s), p_t in zip(student.named_parameters(), teacher.parameters()):
+        size = (p_s - p_t).double().norm() / p_t.double().norm().clamp_min(1e-30)
+        if p_t.norm() > 0:
+            assert size.item() == pytest.approx(0.01, rel=1e-4), name
+        else:  # zero biases stay zero: the noise is relative to the teacher's tensor
+            assert torch.equal(p_s, p_t), name
+    assert_same(dict(student.named_buffers()), buffers, "buffers")
+    again = DinoNet(*build_pair(CFG, 4, 3, 11))
+    alpha_init(again, teacher, 0.0)
+    distill_module.add_init_noise(again, teacher, 0.01, seed=5)
+    assert_same(again.state_dict(), student.state_dict(), "same seed, same noise")
+
+
+def test_init_noise_is_applied_after_the_alpha_mix(tmp_path):
+    """At alpha = 0 a perturbation made before the mix would vanish: the run's student
+    starts at eps from its teacher, tensor by tensor."""
+    s = distill_module.setup(dataclasses.replace(CFG, init_noise=0.05), tmp_path, device="cpu")
+    s.result.close()
+    sizes = [((p_s - p_t).norm() / p_t.norm()).item()
+             for p_s, p_t in zip(s.student.parameters(), s.teacher.parameters())
+             if p_t.norm() > 0]
+    assert sizes and max(abs(size - 0.05) for size in sizes) < 1e-4
+
+
+@pytest.mark.parametrize("ts, tt, center", [(1.0, 1.0, False), (0.1, 0.04, True)])
+def test_mse_loss_is_dinopls_mean_squared_logit_difference(ts, tt, center):
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 50, generator=gen), 3 * torch.randn(6, 50, generator=gen)
+    c = torch.randn(50, generator=gen) if center else None
+    out = distill_loss(s, t, ts, tt, c, loss="mse")
+    target = (t.double() - (c.double() if center else 0)) / tt
+    expect = ((s.double() / ts - target) ** 2).mean()  # over the m outputs, then the batch
+    torch.testing.assert_close(out["loss"].double(), expect, rtol=1e-5, atol=1e-6)
+    ce = distill_loss(s, t, ts, tt, c)
+    torch.testing.assert_close(out["kl"], ce["kl"])  # logged as with ce
+    at_teacher = distill_loss(t * ts / tt, t, ts, tt, None, loss="mse")["loss"]
+    assert at_teacher.item() < 1e-10
+
+
+@pytest.mark.parametrize("options", [{"loss": "mse"}, {"head": "linear"},
+                                     {"head_last": "normed", "bottleneck_dim": 0}])
+def test_recipe_variants_train_end_to_end(tmp_path, options):
+    from runs.refs import load_head
+    cfg = dataclasses.replace(CFG, num_steps=4, save_at=(), **options)
+    run = distill(cfg, tmp_path, device="cpu")
+    assert run.done and np.isfinite(run.summary()["loss"])
+    head = load_head(f"{run.path}@last")
+    assert head.spec["name"] == cfg.head and head.spec["last"] == cfg.head_last
+    assert head.spec["bottleneck_dim"] == cfg.bottleneck_dim
+    data = open_result(run.path / "distill.h5", "distill")
+    assert data.specs["loss"].units == distill_module.LOSS_UNITS[cfg.loss][0]
+    assert run.config()["config"]["head"] == cfg.head  # recorded with the run
+    start, last = (load_model(f"{run.path}@{step}").model for step in ("init", "last"))
+    assert not torch.equal(start.encoder[0].weight, last.encoder[0].weight)
+
+
+def test_an_epoch_keeps_the_last_partial_batch_unless_drop_last(tmp_path):
+    """256 toy images at batch 48: 5 full batches and one of 16 (the paper's code), or 5."""
+    argv = ["--store", str(tmp_path), *TINY, "--batch-size", "48", "--dataset", "toy",
+            "--data-options", "side=8", "--steps", "1ep"]
+    assert main(argv) == 0
+    assert main([*argv, "--drop-last"]) == 0
+    runs = {Run(p).config()["config"]["drop_last"]: Run(p)
+            for p in tmp_path.glob("distill_*/seed_0")}
+    assert runs[False].config()["steps_per_epoch"] == 6 and runs[False].steps() == [0, 6]
+    assert runs[True].config()["steps_per_epoch"] == 5 and runs[True].steps() == [0, 5]
+
+
+def test_input_stats_and_model_options_reach_data_and_model(monkeypatch):
+    seen = []
+    real = distill_module.load_dataset
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["stats"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "load_dataset", spy)
+    distill_module.load_data(CFG)
+    distill_module.load_data(dataclasses.replace(CFG, input_stats="dataset"))
+    assert seen == ["paper"] * 3 + ["dataset"] * 3  # train, probe train, probe test
+    vgg = dataclasses.replace(CFG, model="vgg11")
+    assert build_pair(vgg, 10, 3, 0)[0].spec["pool"] == "max"  # the paper's build
+    avg = dataclasses.replace(vgg, model_options=("pool=avg",))
+    assert build_pair(avg, 10, 3, 0)[0].spec["pool"] == "avg"
+    with pytest.raises(UserError, match="--model-option"):
+        build_pair(dataclasses.replace(vgg, model_options=("poool=avg",)), 10, 3, 0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("head", "mlp", "--head mlp: must be one of dino_head, linear"),
+    ("head_last", "unit", "--head-last unit: must be one of raw, normed"),
+    ("loss", "kl", "--loss kl: must be one of ce, mse"),
+    ("input_stats", "imagenet", "--input-stats imagenet: must be one of paper, dataset"),
+    ("init_noise", -0.1, "--init-noise -0.1"),
+    ("bottleneck_dim", -1, "--bottleneck-dim -1"),
+    ("model_options", ("pool",), "--model-option pool: expected key=value"),
+])
+def test_recipe_fields_are_checked_naming_the_flag(field, value, message):
+    with pytest.raises(UserError, match=message):
+        dataclasses.replace(CFG, **{field: value})
+    assert dataclasses.replace(CFG, bottleneck_dim=0).bottleneck_dim == 0  # no bottleneck
+
+
+def test_help_shows_the_recipe_flags_with_their_choices():
+    text = distill_module.parser().format_help()
+    for flag in ("--head {dino_head,linear}", "--head-last {raw,normed}", "--loss {ce,mse}",
+                 "--input-stats {paper,dataset}", "--drop-last, --no-drop-last",
+                 "--model-option [KEY=VALUE ...], --model-options", "--init-noise"):
+        assert flag in text, flag
+    args = distill_module.parser().parse_args(["--model-option", "pool=avg", "norm=none"])
+    assert args.model_options == ["pool=avg", "norm=none"]

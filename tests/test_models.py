@@ -6,8 +6,9 @@ from runs.models import MODELS, create_model
 from runs.models.base import check_input_size
 
 # Golden encoder parameter counts (without fc) of the paper's encoders and He et al.'s nets.
-GOLDEN = {"resnet18": 11_168_832, "vgg11": 9_220_480, "resnet20": 269_072,
-          "resnet50": 23_500_352, "resnet34": 21_276_992}
+# ResNet20: the paper's code's projection shortcuts (PAPER.md: 271,824); option A: 269,072.
+GOLDEN = {"resnet18": 11_168_832, "vgg11": 9_220_480, "resnet20": 271_824,
+          "resnet50": 23_500_352, "resnet34": 21_276_992, "vgg11_bn": 9_225_984}
 
 
 def encoder_params(model) -> int:
@@ -16,7 +17,8 @@ def encoder_params(model) -> int:
 
 @pytest.mark.parametrize("name", MODELS.names())
 def test_every_model_builds_and_runs(name):
-    model = create_model(name, num_classes=7, width=0.125, image_size=16) if name == "mlp" \
+    sized = name == "mlp" or name.startswith("vit")  # built for one input size
+    model = create_model(name, num_classes=7, width=0.125, image_size=16) if sized \
         else create_model(name, num_classes=7, width=0.125)
     x = torch.randn(2, 3, 16, 16)
     emb = model.encoder(x)
@@ -29,6 +31,10 @@ def test_every_model_builds_and_runs(name):
 @pytest.mark.parametrize("name, count", GOLDEN.items())
 def test_golden_parameter_counts(name, count):
     assert encoder_params(create_model(name)) == count
+
+
+def test_resnet20_option_a_count():
+    assert encoder_params(create_model("resnet20", shortcut="A")) == 269_072
 
 
 def test_paper_counts_match_text():

@@ -65,9 +65,9 @@ def test_data_size_students_take_the_full_datas_steps(demo):
     for path in (root / "out" / "store").rglob("distill.h5"):
         res = open_result(path)
         found[(res.config["dataset"], res.config["subset"], res.config["alpha"])] = res
-    assert set(found) == {("digits", 40, 1e-10), ("digits", 10, 1e-10), ("noise", 0, 1e-10),
+    assert set(found) == {("digits", 40, 0.0), ("digits", 10, 0.0), ("noise", 0, 0.0),
                           ("digits", 40, 1.0)}
-    full, small = found[("digits", 40, 1e-10)], found[("digits", 10, 1e-10)]
+    full, small = found[("digits", 40, 0.0)], found[("digits", 10, 0.0)]
     assert (small.attrs["train_images"], full.attrs["train_images"]) == (100, 400)
     assert small.config["num_steps"] == full.config["num_steps"] == 16
     # As many probes: every epoch of 8 steps, every 4 epochs of 2 steps (init, 8, 16).
@@ -138,9 +138,73 @@ def test_bad_presets(tmp_path):
 
 
 def test_shipped_presets_load():
-    for name in ("demo", "cifar10-subset", "paper-cifar10"):
+    for name in ("demo", "cifar10-subset", "paper-cifar10", "paper-cifar10-vgg11"):
         preset = load_preset(name)
         assert "distill" in preset and preset["description"]
+
+
+@pytest.mark.parametrize("name, model", [("paper-cifar10", "resnet18"),
+                                         ("paper-cifar10-vgg11", "vgg11")])
+def test_paper_presets_are_the_recipe(name, model):
+    """Their distillation and training flags are the paper's settings, spelled out."""
+    from runs.config import from_dict, to_dict
+    from runs.engines.distill import DistillConfig
+    from runs.engines.train import TrainConfig
+    from runs.recipe import PAPER, PAPER_TRAIN, variant_names
+    preset = load_preset(name)
+    fields = {k: v for k, v in preset["distill"].items() if k not in ("steps", "save_at")}
+    cfg = to_dict(from_dict(DistillConfig, fields))
+    assert cfg["model"] == model and variant_names(cfg) == []
+    assert {k: v for k, v in preset["distill"].items() if k in PAPER} == \
+        {k: list(v) if isinstance(v, tuple) else v for k, v in PAPER.items()
+         if k != "model_options"}
+    train = to_dict(from_dict(TrainConfig, preset["train"]))
+    assert variant_names(train) == [] and set(PAPER_TRAIN) - set(preset["train"]) \
+        == {"model_options", "warmup_steps"}
+    assert (cfg["alpha"], cfg["head_last"], cfg["drop_last"]) == (0.0, "raw", False)
+
+
+def test_a_preset_can_start_from_another(tmp_path):
+    child = tmp_path / "child.json"
+    child.write_text(json.dumps({"base": "paper-cifar10", "seeds": [0],
+                                 "distill": {"model": "vgg11", "steps": "1ep"}}))
+    preset, base = load_preset(str(child)), load_preset("paper-cifar10")
+    assert preset["seeds"] == [0] and preset["imp"] == base["imp"]
+    assert preset["distill"] == {**base["distill"], "model": "vgg11", "steps": "1ep"}
+    child.write_text(json.dumps({"base": str(child)}))
+    with pytest.raises(UserError, match="includes itself"):
+        load_preset(str(child))
+
+
+SMALL = {"demo": ["seeds=[0]", "alphas=[1.0]", "subsets=[10]", "distill.steps=1ep",
+                  "distill.save_at=[]", "distill.probe_every=1"],
+         "cifar10-subset": ["seeds=[0]", "alphas=[]", "subsets=[]", "noise=false",
+                            "distill.steps=1ep", "distill.save_at=[]"]}
+
+
+@pytest.mark.parametrize("name", [
+    "demo", pytest.param("cifar10-subset", marks=pytest.mark.slow)])
+def test_shipped_presets_distill_stage_runs_with_the_new_defaults(name, tmp_path):
+    """Each shipped CPU preset's first stage, one seed and one epoch: the paper's defaults
+    (alpha 0, raw head, last partial batch kept) run on its data and models."""
+    from runs.data import cifar10_subset_path
+    from runs.results import open_result
+    from runs.studies.pipeline import Layout, distill_stage, override
+    if name == "cifar10-subset" and cifar10_subset_path() is None:
+        pytest.skip("../shared/data/cifar10_subset.npz is absent")
+    preset = override(load_preset(name), SMALL[name])
+    runs = distill_stage(preset, Layout(tmp_path), "cpu")
+    expected = {"images"} | ({"alpha=1.0", "subset=10", "noise"} if name == "demo" else set())
+    assert set(runs) == expected
+    images = runs["images"][0]
+    config = images.config()
+    assert config["config"]["alpha"] == 0.0 and config["config"]["head_last"] == "raw"
+    train_images = open_result(images.path / "distill.h5").attrs["train_images"]
+    batch = preset["distill"]["batch_size"]
+    assert train_images % batch  # the last batch is partial, and kept:
+    assert config["steps_per_epoch"] == -(-train_images // batch) == images.latest_step()
+    summary = images.summary()
+    assert summary["knn_student"] is not None and summary["knn_teacher"] is not None
 
 
 def test_overrides():

@@ -98,18 +98,31 @@ def test_label_count_mismatch_is_a_clear_error():
                   2, ["knn"], [3], [0])
 
 
+RECIPE = {"model": "convnet", "dataset": "digits", "alpha": 0.0, "head": "dino_head",
+          "head_last": "raw", "input_stats": "paper", "drop_last": False, "out_dim": 64}
+
+
 @pytest.mark.parametrize("kind, config, role", [
-    ("distill", {"dataset": "digits", "alpha": 1e-10}, "student"),
+    ("distill", {"dataset": "digits", "alpha": 1e-10}, "student"),  # the paper's IMP init
+    ("distill", {"dataset": "digits", "alpha": 0.0}, "student"),  # its figures' init
     ("distill", {"dataset": "digits"}, "student"),
     ("distill", {"dataset": "noise", "alpha": 1e-10}, "noise-student"),
     ("distill", {"dataset": "digits", "alpha": 1.0}, "student (alpha=1.0)"),
+    ("distill", RECIPE, "student"),  # scale settings (out_dim) are no departure
+    ("distill", {**RECIPE, "head_last": "normed"}, "student (normed head)"),
+    ("distill", {**RECIPE, "alpha": 1.0, "head_last": "normed"},
+     "student (alpha=1.0, normed head)"),
+    # A run from before the options: what it was made with (runs.recipe.LEGACY).
+    ("distill", {"model": "convnet", "dataset": "digits", "alpha": 1e-10},
+     "student (normed head, dataset stats, drop last)"),
     ("train", {"dataset": "digits"}, "supervised"),
     ("", {}, "checkpoint"),
 ])
 def test_rows_say_what_was_probed(tmp_path, kind, config, role):
-    """Students initialised away from the recipe's alpha are not pooled with its students."""
+    """Students initialised away from the recipe's alpha, or trained off the paper's recipe,
+    are not pooled with its students: their role says how."""
     from runs.engines.distill import DistillConfig
-    assert DistillConfig().alpha == 1e-10  # the recipe's (PAPER.md)
+    assert DistillConfig().alpha == 0.0  # the recipe's (PAPER.md)
     from probes.evaluate import describe
     model = create_model("convnet", width=0.125, in_channels=1, num_classes=10, seed=3)
     ckpt = save_checkpoint(tmp_path / "m.pt", model, step=0, config=config,

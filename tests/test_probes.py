@@ -292,11 +292,21 @@ def test_extract_features_rejects_bad_images():
         extract_features(net, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), (0.5, 0.5), (0.2,) * 3)
 
 
-def test_pixel_features_are_flat_unit_range():
+def test_pixel_features_are_normalised_per_channel_then_flat():
+    """The paper's input row: (x / 255 - mean_c) / std_c per channel, flattened C, H, W."""
     images = torch.tensor([0, 255, 51, 102], dtype=torch.uint8).view(1, 1, 2, 2).repeat(2, 3, 1, 1)
-    feats = pixel_features(images)
+    feats = pixel_features(images, mean=(0.2, 0.4, 0.0), std=(0.5, 0.25, 1.0))
     assert feats.shape == (2, 12) and feats.dtype == torch.float32
-    torch.testing.assert_close(feats[0, :4], torch.tensor([0.0, 1.0, 0.2, 0.4]))
+    unit = torch.tensor([0.0, 1.0, 0.2, 0.4])
+    torch.testing.assert_close(feats[0], torch.cat([(unit - 0.2) / 0.5, (unit - 0.4) / 0.25,
+                                                    unit]))
+    own = pixel_features(images)  # default: these images' own statistics
+    torch.testing.assert_close(own.view(2, 3, 4).mean((0, 2)), torch.zeros(3), atol=1e-6,
+                               rtol=0)
+    floats = torch.randn(2, 3, 2, 2)  # already normalised: flattened as they are
+    assert torch.equal(pixel_features(floats), floats.flatten(1))
+    with pytest.raises(UserError, match="already normalised"):
+        pixel_features(floats, mean=(0.5,) * 3, std=(0.2,) * 3)
 
 
 # ---------------------------------------------------------------- CUDA (skipped on CPU)

@@ -82,7 +82,8 @@ def test_training_logs_progress_lines(tmp_path, capsys, every_update):
     matched = [LINE.match(line) for line in lines[:-1]]
     assert all(matched), lines
     assert [int(m.group(1)) for m in matched] == list(range(1, 13))
-    assert int(matched[8].group(2)) == 1 and "test_acc" in lines[8]  # the first epoch end
+    # the first epoch end: ceil(1198 / 128) = 10 steps, the last partial batch kept
+    assert int(matched[9].group(2)) == 1 and "test_acc" in lines[9]
     assert lines[-1].startswith("train convnet digits s0: step 12/12 (epoch 1/2) loss")
     assert re.search(r"test_acc 0\.\d+ done in \d+ min \d+ s$", lines[-1])
 
@@ -92,7 +93,7 @@ def test_lines_keep_their_cadence(tmp_path, capsys, monkeypatch):
     assert train_module.main(["--store", str(tmp_path), *TINY]) == 0
     lines = progress_lines(capsys.readouterr().err, "train convnet digits s0")
     steps = [int(re.search(r"step (\d+)/", line).group(1)) for line in lines]
-    assert steps == [9, 12, 12] and "done in" in lines[-1]
+    assert steps == [10, 12, 12] and "done in" in lines[-1]
 
 
 def test_interpolation_logs_points(tmp_path, capsys, every_update):
@@ -121,9 +122,9 @@ def test_pipeline_distill_stage_logs_without_a_tty(tmp_path, capsys, every_updat
     with timed("distill"):
         distill_stage(preset, Layout(tmp_path), "cpu")
     err = capsys.readouterr().err
-    lines = progress_lines(err, "distill convnet digits s0 α=1e-10")
-    assert len(lines) == 10  # steps 1..9, then the end
-    assert re.match(r".*: step 9/9 \(epoch 1/1\) loss [\d.]+ kl [\d.e-]+ knn 0\.\d+ ", lines[-2])
+    lines = progress_lines(err, "distill convnet digits s0 α=0")
+    assert len(lines) == 11  # steps 1..10 (ceil(1198 / 128)), then the end
+    assert re.match(r".*: step 10/10 \(epoch 1/1\) loss [\d.]+ kl [\d.e-]+ knn 0\.\d+ ", lines[-2])
     assert re.search(r"^stage distill: \d+ min \d+ s$", err, re.M)
 
 
@@ -213,7 +214,7 @@ def test_log_flag_mirrors_metrics_and_keeps_the_run_identity(tmp_path, monkeypat
     assert writer.log_dir.endswith("seed_1/tb") and writer.closed
     keys = {key for key, _, _ in writer.scalars}
     assert {"train_loss", "test_accuracy", "test_loss", "lr"} <= keys
-    assert {step for _, _, step in writer.scalars} == {9, 12}
+    assert {step for _, _, step in writer.scalars} == {10, 12}
 
 
 def test_tensorboard_writes_event_files(tmp_path, capsys):

@@ -288,11 +288,20 @@ def test_plain_state_dict_for_another_arch_names_keys(resnet18_files):
     _, folder = resnet18_files
     path = folder / "encoder.pt"
     with pytest.raises(UserError) as err:
-        load_model(f"resnet20={path}")
+        load_model(f"vgg11={path}")
     message = str(err.value)
-    assert str(path) in message and "resnet20" in message
+    assert str(path) in message and "vgg11" in message
     assert "missing keys: encoder.0.weight" in message
     assert "unexpected keys: encoder.conv1.weight" in message
+    # ResNet20 (projection shortcuts, as the paper's code) shares ResNet18's key names: the
+    # message names the keys either lacks and the shapes that differ.
+    with pytest.raises(UserError) as err:
+        load_model(f"resnet20={path}")
+    message = str(err.value)
+    assert "missing keys: encoder.layer1.2.conv1.weight" in message
+    assert "unexpected keys: encoder.layer4.0.conv1.weight" in message
+    assert "shape mismatch (file vs model): encoder.conv1.weight (64, 3, 3, 3) vs " \
+        "(16, 3, 3, 3)" in message
 
 
 def test_imagenet_stem_names_the_shape_mismatch(tmp_path):

@@ -34,9 +34,10 @@ from tickets.imp import (
 from tickets.mask import is_nested, num_kept, read_mask
 from tickets.prune import kept_count
 
-# digits: 1198 train images, 100 held out for validation, 1098 / 64 = 17 steps per epoch;
-# 4 epochs = 68 steps. No flip and no crop: 8x8 digits are neither symmetric nor paddable.
-STEPS_PER_EPOCH, NUM_STEPS = 17, 68
+# digits: 1198 train images, 100 held out for validation, ceil(1098 / 64) = 18 steps per
+# epoch (the last partial batch kept); 4 epochs = 72 steps. No flip and no crop: 8x8 digits
+# are neither symmetric nor paddable.
+STEPS_PER_EPOCH, NUM_STEPS = 18, 72
 TINY = ["--model", "convnet", "--width", "0.125", "--dataset", "digits", "--batch-size", "64",
         "--val-size", "100", "--lr", "0.05", "--steps", "4ep", "--crop-padding", "0",
         "--no-flip", "--device", "cpu", "--seeds", "0"]
@@ -118,14 +119,15 @@ def test_result_opens_with_xarray(cli_sweep):
 
 def test_masks_are_nested_exact_and_stored_per_level(sweep):
     plan = sweep.plan
-    for chain in ("ticket", "random"):
+    for chain in ("ticket", "random_layerwise"):
         masks = [read_mask(mask_file(plan, 0, chain, level)) for level in (1, 2, 3)]
         assert all(num_kept(m) == kept_count(TOTAL, 0.2, level)
                    for level, m in zip((1, 2, 3), masks))
         assert is_nested(masks[1], masks[0]) and is_nested(masks[2], masks[1])
         assert list(masks[0]) == ["encoder.0.weight", "encoder.4.weight", "encoder.8.weight",
                                   "fc.weight"]
-    ticket, random = (read_mask(mask_file(plan, 0, c, 3)) for c in ("ticket", "random"))
+    ticket, random = (read_mask(mask_file(plan, 0, c, 3)) for c in ("ticket",
+                                                                     "random_layerwise"))
     assert any(not torch.equal(ticket[n], random[n]) for n in ticket)
     assert mask_file(plan, 0, "ticket", 1).parent.parent.parent == imp_dir(plan)
     assert (imp_dir(plan) / "imp.json").exists()
@@ -140,15 +142,14 @@ def test_every_cell_is_one_finished_run_with_its_mask(sweep, monkeypatch):
             cfg = cell_config(sweep, 0, branch, level)
             assert run.done and run.config()["config"]["mask"] == cfg.mask
             assert run.path.name == ("seed_1000" if branch == "reinit" else "seed_0")
-            chain = "random" if branch == "random" else "ticket"
+            chain = "random_layerwise" if branch == "random" else "ticket"
             assert cfg.mask == str(mask_file(plan, 0, chain, level))
             final = read_checkpoint(run.ckpt_path(NUM_STEPS))
             state, buffers = final["model"]["state"], momentum(final)
             for name, keep in read_mask(cfg.mask).items():
                 assert (state[name][~keep] == 0).all() and (buffers[name][~keep] == 0).all()
                 assert (state[name][keep] != 0).float().mean() > 0.99, (branch, level, name)
-            first = 0 if branch == "reinit" else REWIND_STEP
-            assert run.steps() == [first, NUM_STEPS]
+            assert run.steps() == [REWIND_STEP, NUM_STEPS]  # reinit too: --reinit-from k
 
 
 def test_rewinding_restores_the_dense_state_at_k_except_the_mask(sweep):
@@ -312,16 +313,23 @@ def test_mask_folder_hash_ignores_levels_and_baselines(sweep):
     plan = sweep.plan
     more = dataclasses.replace(plan, imp=dataclasses.replace(plan.imp, levels=9, baselines=()))
     assert imp_dir(more) == imp_dir(plan) and identity(more) == identity(plan)
-    for change in (dict(rate=0.3), dict(prune_scope="all"), dict(keep_output_dense=True)):
+    for change in (dict(rate=0.3), dict(prune_scope="all"), dict(rewind_optimizer="reset")):
         other = dataclasses.replace(plan, imp=dataclasses.replace(plan.imp, **change))
         assert imp_dir(other) != imp_dir(plan), change
+    # the random chains have their own folders; reinit runs differ by their TrainConfig
+    for change in (dict(random_baseline="global"), dict(reinit_from="0")):
+        other = dataclasses.replace(plan, imp=dataclasses.replace(plan.imp, **change))
+        assert imp_dir(other) == imp_dir(plan), change
+    # the output layer enters resolved, under the key of sweeps before --prune-output
+    dense_fc = dataclasses.replace(plan, output_pruned=False)
+    assert identity(dense_fc)["imp"] == {**identity(plan)["imp"], "keep_output_dense": True}
     later = dataclasses.replace(plan, rewind_step=2 * STEPS_PER_EPOCH)
     assert imp_dir(later) != imp_dir(plan)
 
 
 def test_make_plan_scopes(sweep):
     plan = sweep.plan
-    dense_only = make_plan(dataclasses.replace(plan.imp, keep_output_dense=True), plan.train,
+    dense_only = make_plan(dataclasses.replace(plan.imp, prune_output="no"), plan.train,
                            plan.store, sweep.data, "4ep")
     assert dense_only.total == TOTAL - 160 and "fc.weight" not in dense_only.shapes
     every = make_plan(dataclasses.replace(plan.imp, prune_scope="all"), plan.train,

@@ -18,6 +18,7 @@ from tickets.mask import (
     num_kept,
     num_total,
     prunable_names,
+    prunes_output,
     read_mask,
     save_mask,
 )
@@ -26,6 +27,7 @@ from tickets.prune import (
     check_rate,
     keep_largest,
     kept_count,
+    layerwise_shuffle,
     magnitude_prune,
     max_levels,
     random_prune,
@@ -184,6 +186,68 @@ def test_random_masks_are_nested_exact_and_seeded():
     assert all(torch.equal(again[n], chain[1][n]) for n in mask)
     other = random_prune(mask, 1290, seed=2)
     assert any(not torch.equal(other[n], chain[1][n]) for n in mask)
+
+
+def ticket_chain(levels: int = 4) -> list:
+    """A nested magnitude-pruned chain of convnet masks (level 0 dense), as IMP makes."""
+    model = convnet()
+    params = dict(model.named_parameters())
+    chain = [dense_mask(model, prunable_names(model))]
+    for level in range(1, levels + 1):
+        gen = torch.Generator().manual_seed(level)  # new "trained" weights per level
+        weights = {n: params[n].detach() + torch.randn(params[n].shape, generator=gen)
+                   for n in chain[0]}
+        chain.append(magnitude_prune(weights, chain[-1], kept_count(1612, 0.5, level)))
+    return chain
+
+
+def test_layerwise_shuffles_keep_each_layers_count_and_nest():
+    """open_lth's layerwise control: every layer keeps the ticket's count at every level,
+    and one permutation per layer (from seed and name) makes the shuffles nest."""
+    chain = ticket_chain()
+    counts = [{n: int(m.sum()) for n, m in mask.items()} for mask in chain]
+    assert len(set(counts[-1].values())) > 1  # global pruning: layers differ in density
+    shuffled = [layerwise_shuffle(mask, seed=3) for mask in chain]
+    for level, (ticket, random) in enumerate(zip(chain, shuffled)):
+        assert list(random) == list(ticket)
+        assert {n: int(m.sum()) for n, m in random.items()} == counts[level], level
+        assert all(m.dtype == torch.bool and m.shape == ticket[n].shape
+                   for n, m in random.items())
+        if level:
+            assert is_nested(random, shuffled[level - 1]), level
+            assert all(not torch.equal(random[n], ticket[n]) for n in ticket), level
+    again = layerwise_shuffle(chain[2], seed=3)
+    other = layerwise_shuffle(chain[2], seed=4)
+    assert all(torch.equal(again[n], shuffled[2][n]) for n in again)
+    assert all(not torch.equal(other[n], shuffled[2][n]) for n in other)
+
+
+def test_layerwise_shuffle_is_a_permutation_within_each_layer():
+    mask = {"a": torch.arange(12).reshape(3, 4) % 5 == 0, "b": torch.tensor([True, False])}
+    out = layerwise_shuffle(mask, seed=0)
+    for name, m in mask.items():  # the same multiset per layer, nothing moved across
+        assert sorted(out[name].flatten().tolist()) == sorted(m.flatten().tolist())
+
+
+@pytest.mark.parametrize("model, scope, choice, pruned", [
+    ("vgg11", "weights", "auto", False),  # open_lth: fc.weight in pruning_layers_to_ignore
+    ("vgg16_bn", "weights", "auto", False),
+    ("mlp", "weights", "auto", False),  # open_lth's LeNet keeps its fc dense too
+    ("resnet20", "weights", "auto", True),  # open_lth prunes its ResNets' fc
+    ("resnet18", "weights", "auto", True),
+    ("convnet", "weights", "auto", True),
+    ("vgg11", "all", "auto", True),  # the paper's code: every parameter
+    ("vgg11", "weights", "yes", True),
+    ("resnet20", "weights", "no", False),
+    ("resnet20", "all", "no", False),
+])
+def test_prune_output_per_model(model, scope, choice, pruned):
+    assert prunes_output(model, scope, choice) is pruned
+
+
+def test_prune_output_names_the_choices():
+    with pytest.raises(UserError, match="'maybe'; valid: auto, no, yes"):
+        prunes_output("vgg11", "weights", "maybe")
 
 
 def test_mask_files_round_trip(tmp_path):

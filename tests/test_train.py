@@ -321,3 +321,47 @@ def test_cli_bad_flags_exit_2_and_touch_nothing(cli_run, capsys, flags, culprit)
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and culprit in errors[0]
     assert snapshot(store) == before
+
+
+# --- the paper recipe's options (issue #18) -------------------------------------------------
+
+def test_an_epoch_keeps_the_last_partial_batch_unless_drop_last(tmp_path, capsys):
+    """224 toy images (32 held out) at batch 48: 4 full batches and one of 32, or 4."""
+    argv = ["--store", str(tmp_path), *TINY, "--batch-size", "48", "--val-size", "32",
+            "--steps", "1ep"]
+    assert main(argv) == 0
+    assert main([*argv, "--drop-last"]) == 0
+    runs = {Run(p).config()["config"]["drop_last"]: Run(p)
+            for p in tmp_path.glob("train_*/seed_0")}
+    assert runs[False].config()["steps_per_epoch"] == 5 and runs[False].steps() == [0, 5]
+    assert runs[True].config()["steps_per_epoch"] == 4 and runs[True].steps() == [0, 4]
+    evals = [r["step"] for r in runs[False].metrics() if "test_accuracy" in r]
+    assert evals == [5]  # --eval-every 1: at the end of the (partial-batch) epoch
+
+
+def test_input_stats_and_model_options_reach_data_and_model(monkeypatch, tmp_path):
+    from runs.checkpoint import save_checkpoint
+    seen = []
+    real = train_module.load_splits
+    monkeypatch.setattr(train_module, "load_splits",
+                        lambda *a, **k: seen.append(k["stats"]) or real(*a, **k))
+    train_module.load_data(CFG)
+    train_module.load_data(dataclasses.replace(CFG, input_stats="dataset"))
+    assert seen == ["paper", "dataset"]
+    cfg = dataclasses.replace(CFG, model="resnet20", model_options=("shortcut=A",))
+    assert train_module.build_model(cfg, 4, 3).spec["shortcut"] == "A"
+    paper = train_module.build_model(dataclasses.replace(cfg, model_options=()), 4, 3)
+    assert paper.spec["shortcut"] == "projection"
+    path = save_checkpoint(tmp_path / "r20.pt", paper, 0)
+    with pytest.raises(UserError, match="shortcut 'projection', not 'A'"):
+        train_module.build_model(dataclasses.replace(cfg, init=str(path)), 4, 3)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("input_stats", "imagenet", "--input-stats imagenet: must be one of paper, dataset"),
+    ("schedule", "linear", "--schedule linear: must be one of multistep, cosine, constant"),
+    ("model_options", ("shortcut",), "--model-option shortcut: expected key=value"),
+])
+def test_recipe_fields_are_checked_naming_the_flag(field, value, message):
+    with pytest.raises(UserError, match=message):
+        dataclasses.replace(CFG, **{field: value})

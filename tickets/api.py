@@ -134,8 +134,9 @@ def option_names() -> list[str]:
     """The keyword options of `run_imp` beyond its named arguments: the fields of ImpConfig
     and TrainConfig a sweep does not set itself (the CLI's flags, as field names)."""
     named = {"model", "dataset", "levels", "rewind", "rate"}
-    fields = [*dataclasses.fields(ImpConfig), *dataclasses.fields(TrainConfig)]
-    return sorted({f.name for f in fields} - named - set(SET_PER_LEVEL))
+    imp = {f.name for f in dataclasses.fields(ImpConfig)}  # rewind_optimizer: ImpConfig's
+    train = {f.name for f in dataclasses.fields(TrainConfig)} - set(SET_PER_LEVEL)
+    return sorted((imp | train) - named)
 
 
 def run_imp(model: str = "resnet18", data: str = "cifar10", levels: int = 10,
@@ -162,7 +163,7 @@ def run_imp(model: str = "resnet18", data: str = "cifar10", levels: int = 10,
     save_at: extra checkpoints of the dense run (e.g. ("1ep", "2ep")), as --save-at.
     out: also write the HDF5 result file there, as the CLI does (and resume it if it holds
         this sweep); overwrite: replace a file written for another config.
-    **train: any other field of ImpConfig (prune_scope, keep_output_dense, baselines,
+    **train: any other field of ImpConfig (prune_scope, prune_output, baselines,
         instability, barrier_grid, ...) or TrainConfig (width, batch_size, lr, val_size,
         data_root, flip, crop_padding, ...): see `option_names()`.
 

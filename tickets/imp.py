@@ -5,19 +5,39 @@ Level 0 trains the dense network: from random init (`--rewind init@K`) or from a
 keeping a checkpoint at step K. Level l >= 1 prunes the prunable weights that level l - 1
 kept, globally by magnitude of level l - 1's final weights, down to
 `tickets.prune.kept_count(total, rate, l)` (density 0.8^L rounded half-up), then restores
-the dense run's full training state at step K (weights, BatchNorm buffers, optimiser,
-schedule, data position) under the new mask and trains to the same final step.
+the dense run's training state at step K (weights, BatchNorm buffers, lr schedule, data
+position, and the optimiser's momentum unless --rewind-optimizer reset) under the new mask
+and trains to the same final step.
 
 Every level is an ordinary `runs.train` run in the store: re-running skips finished levels
-and resumes an unfinished one. Masks are files in STORE/imp_<hash>/seed_<s>/<chain>/, the
-hash covering what decides them (training config, rewind point, rate, scope).
+and resumes an unfinished one. Masks are files in STORE/imp_<hash>/seed_<s>/<chain>/ (chains
+ticket, random_layerwise, random), the hash covering what decides them (training config,
+rewind point, rate, scope, output layer, --rewind-optimizer).
+
+Controls (each a named option, recorded in the result's config; the defaults follow
+open_lth, facebookresearch/open_lth, except --rewind-optimizer, which follows the paper's code):
+  --rewind-optimizer restore|reset   what rewinding does to SGD's momentum. restore (default,
+           the paper's code): the dense run's optimiser state at K; reset (open_lth): a fresh
+           optimiser, momentum 0 at K. Weights, BN buffers, lr schedule and data position are
+           rewound either way.
+  --prune-output auto|yes|no   whether the output layer (fc) is prunable. auto: with
+           --prune-scope weights, open_lth's per-model choice (VGG and MLP keep the fc dense,
+           ResNets and the convnet prune it); with --prune-scope all (the paper's code), pruned.
 
 Baselines (`--baselines`), branches of the same sweep over the same levels:
-  random   a global uniformly random mask with the ticket's per-level counts (nested, seeded
-           from the seed and level), rewound to K like the ticket;
-  reinit   the ticket's mask of level l on a fresh random init (seed + --reinit-seed-offset),
-           trained from step 0 to the final step (Frankle & Carbin's random reinitialisation).
+  random   random masks rewound to K like the ticket. --random-baseline layerwise (default,
+           open_lth's randomly_prune): each layer's ticket mask permuted by one fixed random
+           permutation per layer (seeded from the seed and the layer's name), so the per-layer
+           counts are the ticket's at every level and the masks nest; global: a uniformly
+           random mask over all prunable weights with the ticket's total count per level
+           (nested, seeded from the seed and level).
+  reinit   the ticket's mask of level l on a fresh random init (seed + --reinit-seed-offset).
+           --reinit-from k (default, open_lth's randomly_reinitialize): trained from step K to
+           the final step T (T - K steps, the ticket's lr schedule and data positions); 0:
+           from step 0 to T (Frankle & Carbin's random reinitialisation).
 Level 0 is the dense run, shared by all branches.
+
+ResNet20: the paper's IMP runs used --lr 0.05 (ResNet18 and VGG: 0.1, the default).
 
 `--instability`: each cell also trains a sibling (same start point and mask, data seed + 1)
 and stores the error and loss barriers between the two on train and test
@@ -49,22 +69,38 @@ from runs.config import (
 )
 from runs.device import resolve_device, use_bf16
 from runs.engines import engine
-from runs.engines.train import TrainConfig, load_data, train
+from runs.engines.train import REWIND_OPTIMIZER, TrainConfig, load_data, train
 from runs.errors import UserError, cli, echo_command, unknown
 from runs.launch import add_launcher_args, launch, launching
 from runs.models import create_model
 from runs.progress import Progress
 from runs.registry import Registry
 from runs.store import Run, atomic_write_text, run_path
-from tickets.mask import SCOPES, dense_mask, num_kept, prunable_names, read_mask, save_mask
+from runs.store import identity as store_identity
+from tickets.mask import (
+    PRUNE_OUTPUT,
+    SCOPES,
+    dense_mask,
+    num_kept,
+    prunable_names,
+    prunes_output,
+    read_mask,
+    save_mask,
+)
 from tickets.prune import (
     check_levels,
     check_rate,
     derived_seed,
     kept_count,
+    layerwise_shuffle,
     magnitude_prune,
     random_prune,
 )
+
+# --random-baseline -> the chain (mask folder) the random branch trains under. "random" is
+# the folder name of the global masks that sweeps before the option wrote.
+RANDOM_CHAINS = {"layerwise": "random_layerwise", "global": "random"}
+REINIT_FROM = ("k", "0")  # --reinit-from: the rewind step K, or step 0
 
 
 @dataclass(frozen=True)
@@ -78,10 +114,25 @@ class ImpConfig:
                            "floor(N * (1 - rate)^L + 0.5) of the N prunable weights")
     prune_scope: str = arg("weights", "prunable parameters: conv and linear weights, or all "
                                       "parameters (as the paper's code did)", choices=SCOPES)
-    keep_output_dense: bool = arg(False, "never prune the output layer (fc)")
-    baselines: tuple[str, ...] = arg((), "control branches: random (random masks of the same "
-                                         "per-level counts, rewound like the ticket), reinit "
-                                         "(the ticket's masks on a fresh init from step 0)")
+    prune_output: str = arg("auto", "prune the output layer (fc)? auto: under --prune-scope "
+                                    "weights open_lth's per-model choice (dense for VGG and "
+                                    "MLP, pruned for ResNets and the convnet); under all (the "
+                                    "paper's code) pruned", choices=PRUNE_OUTPUT)
+    rewind_optimizer: str = arg("restore", "rewinding to K restores the dense run's optimiser "
+                                           "state (momentum; the paper's code) or resets it "
+                                           "(fresh SGD, momentum 0: open_lth)",
+                                choices=REWIND_OPTIMIZER)
+    baselines: tuple[str, ...] = arg((), "control branches: random (random masks, rewound "
+                                         "like the ticket: --random-baseline), reinit (the "
+                                         "ticket's masks on a fresh init: --reinit-from)")
+    random_baseline: str = arg("layerwise", "random branch: layerwise = the ticket's mask "
+                                            "shuffled within each layer (its per-layer counts; "
+                                            "open_lth); global = uniform over all prunable "
+                                            "weights (the total count only)",
+                               choices=tuple(RANDOM_CHAINS))
+    reinit_from: str = arg("k", "reinit branch: k = train from the rewind step K to the end "
+                                "(T - K steps, the ticket's schedule position; open_lth); 0 = "
+                                "from step 0 (T steps)", choices=REINIT_FROM)
     instability: bool = arg(False, "also train a second child per cell (another data seed) "
                                    "and store the barriers between the two (landscape.border:"
                                    " BN recalibrated on 2048 train images)")
@@ -93,13 +144,17 @@ class ImpConfig:
 
 
 # TrainConfig fields the sweep sets per level (steps, checkpoints, start point, mask, seed):
-# not options of the CLI nor of `tickets.run_imp`.
-SET_PER_LEVEL = ("num_steps", "save_at", "init", "rewind", "mask", "seed")
+# not options of the CLI nor of `tickets.run_imp` (rewind_optimizer is ImpConfig's).
+SET_PER_LEVEL = ("num_steps", "save_at", "init", "rewind", "mask", "seed", "start_step",
+                 "rewind_optimizer")
 
 # Fields that do not change any mask or any ticket run: left out of the mask folder's hash,
-# so extending --levels or adding a baseline reuses every finished level.
+# so extending --levels or adding a baseline reuses every finished level. (The random
+# baselines keep their masks in separate chains, RANDOM_CHAINS; reinit runs differ by their
+# TrainConfig.) prune_output enters the hash resolved, as keep_output_dense (see identity).
 NOT_IN_HASH = ("rewind", "levels", "baselines", "instability", "barrier_grid",
-               "reinit_seed_offset", "child_data_seed_offset")
+               "reinit_seed_offset", "child_data_seed_offset", "random_baseline",
+               "reinit_from", "prune_output")
 
 
 @dataclass(frozen=True)
@@ -112,6 +167,7 @@ class Plan:
     rewind_step: int  # K: where levels >= 1 restart (0 for a reference)
     shapes: dict  # prunable parameter name -> shape, in parameter order
     num_train: int = 0  # training images after the validation holdout
+    output_pruned: bool = True  # whether the fc is prunable (--prune-output resolved)
 
     @property
     def total(self) -> int:
@@ -123,10 +179,17 @@ class Plan:
 
 
 def identity(plan: Plan) -> dict:
-    """What decides the masks (the folder hash covers exactly this)."""
+    """What decides the masks (the folder hash covers exactly this).
+
+    The output layer enters resolved, under the key sweeps before --prune-output used
+    (keep_output_dense: true when the fc stays dense), so their folders stay valid."""
     imp = {k: v for k, v in non_default(plan.imp, exclude=()).items() if k not in NOT_IN_HASH}
+    if not plan.output_pruned:
+        imp["keep_output_dense"] = True
     train_cfg = dataclasses.replace(plan.train, save_at=())
-    return {"imp": imp, "train": non_default(train_cfg),
+    # the store's identity: the fields issue #18 added count against the values sweeps
+    # made before them used, so a sweep under today's recipe never reopens an old one
+    return {"imp": imp, "train": store_identity("train", train_cfg),
             "rewind": plan.reference or f"init@{plan.rewind_step}"}
 
 
@@ -148,20 +211,24 @@ def rewind_ref(plan: Plan, seed: int) -> str:
 
 
 def rewound(plan: Plan, seed: int, mask: Path) -> TrainConfig:
-    """The dense run's full state at step K under `mask`, trained to the final step."""
+    """The dense run's state at step K under `mask` (its optimiser state restored or reset,
+    --rewind-optimizer), trained to the final step."""
     return dataclasses.replace(plan.train, seed=seed, rewind=rewind_ref(plan, seed),
-                               mask=str(mask), save_at=())
+                               rewind_optimizer=plan.imp.rewind_optimizer, mask=str(mask),
+                               save_at=())
 
 
 def reinitialised(plan: Plan, seed: int, mask: Path) -> TrainConfig:
-    """A fresh init (another seed) under `mask`, trained from step 0 to the final step."""
+    """A fresh init (another seed) under `mask`, trained to the final step from step K (its
+    lr schedule and data position there, a fresh optimiser) or from step 0: --reinit-from."""
+    start = plan.rewind_step if plan.imp.reinit_from == "k" else 0
     return dataclasses.replace(plan.train, seed=seed + plan.imp.reinit_seed_offset,
-                               mask=str(mask), save_at=())
+                               mask=str(mask), save_at=(), start_step=start)
 
 
 @dataclass(frozen=True)
 class Branch:
-    chain: str  # the nested mask sequence it trains under: "ticket" or "random"
+    chain: str  # the nested mask sequence it trains under: "ticket" or "random" (see chain)
     config: Callable[[Plan, int, Path], TrainConfig]  # (plan, seed, mask file) -> run config
 
 
@@ -169,6 +236,13 @@ BRANCHES = Registry("branch")
 BRANCHES.register(Branch("ticket", rewound), name="ticket")
 BRANCHES.register(Branch("random", rewound), name="random")
 BRANCHES.register(Branch("ticket", reinitialised), name="reinit")
+
+
+def chain_of(plan: Plan, branch: str) -> str:
+    """The mask folder a branch trains under: "ticket", or the random chain that
+    --random-baseline names (RANDOM_CHAINS)."""
+    chain = BRANCHES.get(branch).chain
+    return RANDOM_CHAINS[plan.imp.random_baseline] if chain == "random" else chain
 
 
 def level_config(plan: Plan, seed: int, branch: str, level: int, mask: Path = None):
@@ -180,7 +254,8 @@ def level_config(plan: Plan, seed: int, branch: str, level: int, mask: Path = No
 def child_config(plan: Plan, cfg: TrainConfig, level: int) -> TrainConfig:
     """The second SGD child of a cell: same start and mask, another data order."""
     if level == 0:  # the dense run passes step K on its way; its sibling restarts there
-        cfg = dataclasses.replace(cfg, init="", rewind=rewind_ref(plan, cfg.seed), save_at=())
+        cfg = dataclasses.replace(cfg, init="", rewind=rewind_ref(plan, cfg.seed), save_at=(),
+                                  rewind_optimizer=plan.imp.rewind_optimizer)
     return dataclasses.replace(cfg, data_seed=cfg.data_seed + plan.imp.child_data_seed_offset)
 
 
@@ -223,6 +298,9 @@ def ensure_mask(sweep: Sweep, seed: int, chain: str, level: int) -> Path:
     path = mask_file(plan, seed, chain, level)
     if path.exists():
         return path
+    if chain == "random_layerwise":  # the ticket's mask, shuffled within each layer
+        ticket = read_mask(ensure_mask(sweep, seed, "ticket", level))
+        return save_mask(path, layerwise_shuffle(ticket, seed))
     if level > 1:
         parent = read_mask(ensure_mask(sweep, seed, chain, level - 1))
     else:
@@ -250,7 +328,7 @@ def level_run(sweep: Sweep, seed: int, branch: str, level: int) -> Run:
 
 
 def cell_config(sweep: Sweep, seed: int, branch: str, level: int) -> TrainConfig:
-    mask = ensure_mask(sweep, seed, BRANCHES.get(branch).chain, level) if level else None
+    mask = ensure_mask(sweep, seed, chain_of(sweep.plan, branch), level) if level else None
     return level_config(sweep.plan, seed, branch, level, mask)
 
 
@@ -364,7 +442,7 @@ def result_config(plan: Plan) -> dict:
     config = {"imp": dataclasses.asdict(plan.imp), "train": dataclasses.asdict(plan.train),
               "reference": plan.reference, "rewind_step": plan.rewind_step,
               "prunable": list(plan.shapes), "prunable_weights": plan.total,
-              "mask_dir": str(imp_dir(plan))}
+              "output_pruned": plan.output_pruned, "mask_dir": str(imp_dir(plan))}
     if plan.imp.instability:
         config["border"] = dataclasses.asdict(border_config(plan))
     return config
@@ -414,16 +492,20 @@ def parse_rewind(text: str, steps_per_epoch: int) -> tuple[str, int]:
     return text, 0
 
 
-def check_reference(reference: str, cfg: TrainConfig, info) -> None:
-    """The reference must load and be this sweep's architecture (before anything trains)."""
+def check_reference(reference: str, cfg: TrainConfig, info):
+    """The reference's model (under a fresh fc), checked to be this sweep's architecture
+    (--model-option values given must match it too) before anything trains."""
     from runs.refs import load_model
-    spec = load_model(reference, num_classes=info.num_classes).model.spec
-    wanted = {"name": cfg.model, "width": cfg.width, "in_channels": info.channels}
+    model = load_model(reference, num_classes=info.num_classes).model
+    spec = model.spec
+    wanted = {"name": cfg.model, "width": cfg.width, "in_channels": info.channels,
+              **engine.model_kwargs(cfg)}
     bad = [f"{k} {spec.get(k)!r}, not {v!r}" for k, v in wanted.items() if spec.get(k) != v]
     if bad:
         raise UserError(f"--rewind {reference} is another architecture than --model "
                         f"{cfg.model} --width {cfg.width} on {info.channels}-channel "
                         f"{info.name}: {'; '.join(bad)}")
+    return model
 
 
 def check_options(imp: ImpConfig, seeds) -> None:
@@ -444,22 +526,31 @@ def make_plan(imp: ImpConfig, cfg: TrainConfig, store, data: tuple, steps: str,
               save_at=()) -> Plan:
     """Resolve steps and the rewind point, check every option; nothing trains here."""
     info = data[0].info
-    cfg = dataclasses.replace(cfg, seed=0, init="", rewind="", mask="")
-    cfg = engine.config_with_steps(cfg, steps, save_at, len(data[0].y) // cfg.batch_size)
-    reference, step = parse_rewind(imp.rewind, len(data[0].y) // cfg.batch_size)
+    cfg = dataclasses.replace(cfg, seed=0, init="", rewind="", mask="", start_step=0,
+                              rewind_optimizer="restore")  # the dense run's: set per level
+    per_epoch = epoch_steps(cfg, data)
+    cfg = engine.config_with_steps(cfg, steps, save_at, per_epoch)
+    reference, step = parse_rewind(imp.rewind, per_epoch)
     if step >= cfg.num_steps:
         raise UserError(f"--rewind {imp.rewind}: step {step} is not before the end of "
                         f"training ({cfg.num_steps} steps)")
     cfg = dataclasses.replace(cfg, save_at=tuple(sorted({*cfg.save_at, step} - {0})))
-    if reference:
-        check_reference(reference, cfg, info)
-    model = create_model(cfg.model, num_classes=info.num_classes, width=cfg.width,
-                         in_channels=info.channels)
-    mask = dense_mask(model, prunable_names(model, imp.prune_scope, imp.keep_output_dense))
+    model = check_reference(reference, cfg, info) if reference else \
+        create_model(cfg.model, num_classes=info.num_classes, width=cfg.width,
+                     in_channels=info.channels, **engine.model_kwargs(cfg))
+    output_pruned = prunes_output(cfg.model, imp.prune_scope, imp.prune_output)
+    mask = dense_mask(model, prunable_names(model, imp.prune_scope, not output_pruned))
     plan = Plan(imp, cfg, Path(store), reference, step,
-                {name: tuple(m.shape) for name, m in mask.items()}, len(data[0].y))
+                {name: tuple(m.shape) for name, m in mask.items()}, len(data[0].y),
+                output_pruned)
     check_levels(imp.levels, plan.total, imp.rate)
     return plan
+
+
+def epoch_steps(cfg: TrainConfig, data: tuple) -> int:
+    """Iterations per epoch of the training loop (what "2ep" means in --steps, --rewind):
+    the engines' rule, ceil(N / batch) with the last partial batch kept unless --drop-last."""
+    return engine.epoch_steps(cfg, data[0])
 
 
 def write_identity(plan: Plan) -> None:
@@ -480,7 +571,10 @@ EPILOG = r"""examples:
       --val-size 5000 --levels 24 --rewind store/distill_ab12cd34/seed_0@last:encoder
   # four rewind points sharing one dense run per seed: give all of them to --save-at
   python -m tickets.imp --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \
-      --val-size 5000 --levels 24 --rewind init@1ep --save-at 1ep 2ep 5ep"""
+      --val-size 5000 --levels 24 --rewind init@1ep --save-at 1ep 2ep 5ep
+  # ResNet20 at the paper's IMP lr 0.05, rewound as open_lth does (momentum reset at K)
+  python -m tickets.imp --model resnet20 --dataset cifar10 --data-root ~/data --steps 160ep \
+      --lr 0.05 --levels 24 --rewind init@2ep --rewind-optimizer reset --baselines random"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -551,7 +645,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
     """The parsed flags as a Sweep (see `build_sweep`): nothing trains yet."""
     imp = config_from_args(ImpConfig, args)
     cfg = config_from_args(TrainConfig, args, num_steps=0, save_at=(), init="", rewind="",
-                           mask="", seed=0)
+                           mask="", seed=0, start_step=0, rewind_optimizer="restore")
     return build_sweep(imp, cfg, args.store, args.steps, args.save_at, args.seeds,
                        args.device, args.precision, args.compile)
 

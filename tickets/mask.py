@@ -28,6 +28,13 @@ Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor, True = kept
 SCOPES = ("weights", "all")
 PRUNABLE_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
+# Whether the output layer (fc) is prunable: "auto" = the per-model convention below, or
+# forced. open_lth's default hyper-parameters ignore fc.weight when pruning its VGGs and its
+# LeNet (models/cifar_vgg.py, mnist_lenet.py: pruning_layers_to_ignore='fc.weight') and
+# prune the fc of its ResNets; the paper's code (every parameter) prunes it everywhere.
+PRUNE_OUTPUT = ("auto", "yes", "no")
+DENSE_OUTPUT_MODELS = ("vgg", "mlp")  # registry-name prefixes whose fc "auto" keeps dense
+
 
 def output_layer(model: nn.Module) -> str:
     """Module name of the output layer: `fc` of a registry model, else the last Linear."""
@@ -57,6 +64,18 @@ def prunable_names(model: nn.Module, scope: str = "weights",
         head = output_layer(model) + "."
         names = [name for name in names if not name.startswith(head)]
     return names
+
+
+def prunes_output(model_name: str, scope: str = "weights", choice: str = "auto") -> bool:
+    """Whether `--prune-output choice` prunes the fc of `model_name` under `scope`.
+
+    auto: under scope "all" (the paper's code) yes; under "weights" open_lth's per-model
+    choice: dense for VGG and the MLP (LeNet's role), pruned for ResNets and the convnet."""
+    if choice not in PRUNE_OUTPUT:
+        raise unknown("--prune-output choice", choice, PRUNE_OUTPUT)
+    if choice != "auto":
+        return choice == "yes"
+    return scope == "all" or not model_name.startswith(DENSE_OUTPUT_MODELS)
 
 
 def dense_mask(model: nn.Module, names) -> Masks:

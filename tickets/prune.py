@@ -1,4 +1,5 @@
-"""Global pruning of the remaining prunable weights: by magnitude (tickets) or at random.
+"""Global pruning of the remaining prunable weights: by magnitude (tickets) or at random
+(globally, or a layerwise shuffle of the ticket's mask).
 
 How many weights survive (the one rounding rule, exact and tested):
 
@@ -102,6 +103,21 @@ def random_prune(mask: Masks, num_keep: int, seed: int) -> Masks:
     gen = torch.Generator().manual_seed(seed)
     scores = {name: torch.rand(m.shape, generator=gen) for name, m in mask.items()}
     return prune_by_scores(scores, {n: m.cpu() for n, m in mask.items()}, num_keep)
+
+
+def layerwise_shuffle(mask: Masks, seed: int) -> Masks:
+    """The ticket's mask shuffled within each layer: the layerwise random-pruning control.
+
+    Each tensor's entries are permuted by a random permutation drawn (on the CPU) from
+    (seed, parameter name) alone, as open_lth's randomly_prune (strategy 'layerwise') draws
+    one per layer from its seed: every layer keeps exactly the ticket's count, and since a
+    level's permutations are those of every other level, shuffles of nested masks nest."""
+    out = {}
+    for name, m in mask.items():
+        gen = torch.Generator().manual_seed(derived_seed("layerwise", seed, name))
+        order = torch.randperm(m.numel(), generator=gen)  # (numel,)
+        out[name] = m.detach().cpu().bool().flatten()[order].view(m.shape)
+    return out
 
 
 def derived_seed(*parts) -> int:

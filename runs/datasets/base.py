@@ -3,14 +3,16 @@
 A loader is a function registered in `DATASETS` under its own name and called as
 `fn(root, split, download, seed, **options) -> ImageData`: `root` is a `Path` or None, `split`
 one of the loader's `splits`. Its keyword-only options are the dataset's own options; the
-generic ones (`size`, `channels`, `subset`) are applied afterwards by `runs.data`.
+generic ones (`stats`, `channels`, `size`, `subset`) are applied afterwards by `runs.data`
+(a loader registered with takes_subset=True also gets `subset=`, to read no more than it
+needs). Input statistics: STATS, PAPER_STATS and `with_stats`.
 """
 
 import hashlib
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ class DatasetInfo:
     image_size: tuple[int, int]  # (H, W) in pixels
     channels: int  # C: 1 (grey) or 3 (RGB)
     class_names: tuple[str, ...]  # num_classes names, index = label
+    stats: str = "dataset"  # where mean/std come from: "paper" (the paper's code) or "dataset"
 
 
 @dataclass
@@ -47,19 +50,88 @@ class ImageData:
         return self.x.shape[0]
 
 
-def dataset(*splits: str, info: Callable[..., DatasetInfo] | None = None):
+def dataset(*splits: str, info: Callable[..., DatasetInfo] | None = None,
+            takes_subset: bool = False):
     """Register a loader with its valid splits and, optionally, a pixel-free metadata function.
 
     `info(root, **options) -> DatasetInfo` lets `dataset_info` answer without decoding images;
-    without it, `dataset_info` loads the train split and takes its `.info`.
+    without it, `dataset_info` loads the train split and takes its `.info`. `takes_subset`:
+    the loader is also called with `subset=` (images per class, or None) so that it can read
+    only what the subset needs (a dataset too large to load whole: cifar5m).
     """
 
     def add(fn):
         fn.splits = splits
         fn.info = info
+        fn.takes_subset = takes_subset
         return DATASETS.register(fn)
 
     return add
+
+
+# ------------------------------------------------------------------------- input statistics
+
+# --input-stats: "paper" = the mean/std the paper's code (safelix/dinopl) normalised with,
+# "dataset" = each dataset's own train statistics. The paper's code gave CIFAR-100 (and the
+# CIFAR-5M images it appended to CIFAR-10) CIFAR-10's class constants and TinyImageNet
+# ImageNet's; datasets missing here (digits, noise, npz, MNIST, STL-10, ...) have no separate
+# paper choice and load the same under both. Its CIFAR-10 std is rounded to 3 digits.
+STATS = ("paper", "dataset")
+CIFAR10_CODE_STATS = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+PAPER_STATS = {"cifar10": CIFAR10_CODE_STATS, "cifar100": CIFAR10_CODE_STATS,
+               "cifar5m": CIFAR10_CODE_STATS, "tinyimagenet": IMAGENET_STATS}
+
+
+def check_stats(stats: str) -> str:
+    if stats not in STATS:
+        raise UserError(f"--input-stats {stats!r}: unknown input statistics; valid: "
+                        f"{', '.join(STATS)} (stats= in Python)")
+    return stats
+
+
+def with_stats(info: DatasetInfo, stats: str) -> DatasetInfo:
+    """`info` with the mean/std that `stats` selects; `info.stats` records the source.
+
+    "paper" swaps in PAPER_STATS where the paper's code had its own choice; elsewhere (and
+    under "dataset") the dataset's own statistics stay, recorded as "dataset".
+    """
+    if check_stats(stats) == "paper" and info.name in PAPER_STATS:
+        mean, std = PAPER_STATS[info.name]
+        return replace(info, mean=mean, std=std, stats="paper")
+    return info
+
+
+# ------------------------------------------------------------------------------ subsets
+
+
+def check_per_class(per_class) -> None:
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise UserError(f"subset: expected a positive number of images per class, "
+                        f"got {per_class!r}")
+
+
+def per_class_indices(y: torch.Tensor, info: DatasetInfo, per_class, seed: int,
+                      where: str) -> torch.Tensor:
+    """Sorted indices of `per_class` images of every class, drawn with `seed`.
+
+    Class by class (0, 1, ...), a seeded permutation of that class's images in their order;
+    all-unlabeled labels (-1, STL-10's "unlabeled") give `per_class` images in all. `where`
+    names the images for errors ("split 'train'", "parts 0-4").
+    """
+    check_per_class(per_class)
+    generator = torch.Generator().manual_seed(seed)
+    unlabeled = bool((y < 0).all())
+    groups = [torch.arange(len(y))] if unlabeled else [
+        (y == label).nonzero().flatten() for label in range(info.num_classes)]
+    picks = []
+    for label, index in enumerate(groups):
+        if len(index) < per_class:
+            what = "unlabeled" if unlabeled else f"class {label} ({info.class_names[label]})"
+            raise UserError(f"subset={per_class}: {info.name} {what} has only "
+                            f"{len(index)} images in {where}")
+        picks.append(index[torch.randperm(len(index), generator=generator)[:per_class]])
+    return torch.cat(picks).sort().values
 
 
 def _writable(array: np.ndarray, dtype) -> np.ndarray:

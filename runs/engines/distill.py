@@ -6,6 +6,13 @@ untouched; the student starts at
     theta_S(alpha) = ((1 - alpha) theta_T + alpha theta_fresh) / sqrt(alpha^2 + (1 - alpha)^2)
 (parameters only, not buffers) and minimises the cross-entropy between the teacher's and
 its own softmax outputs. No labels, no augmentation, no EMA, no centering by default.
+
+The defaults are the code that produced the paper's numbers (runs.recipe.PAPER): alpha 0
+(the student equals its teacher at step 0; the gradient there is small but not zero), the
+head's last layer raw (--head-last normed: unit rows, as the text describes), the paper's
+input statistics (--input-stats dataset: each dataset's own), the last partial batch kept
+(--drop-last to drop it). Ablations: --loss mse, --head linear, --init-noise EPS,
+--model-option pool=avg (VGG) or shortcut=A (ResNet20/56).
 """
 
 import dataclasses
@@ -21,41 +28,71 @@ from runs.config import arg, check_fields
 from runs.data import load_dataset, parse_data_options
 from runs.device import autocast, resolve_device, use_bf16
 from runs.engines import distributed, engine
+from runs.engines.engine import (
+    DROP_LAST_HELP,
+    INPUT_STATS,
+    INPUT_STATS_HELP,
+    MODEL_OPTIONS_HELP,
+    check_model_options,
+    model_kwargs,
+)
 from runs.errors import UserError, cli, echo_command
 from runs.gpu_loader import Augment
 from runs.models import MODELS, create_model
 from runs.models.base import check_input_size
-from runs.models.head import RECIPE_ALPHA, DinoNet, create_head
+from runs.models.head import DinoNet, create_head
 from runs.progress import open_logger, run_label
+from runs.recipe import PAPER
 from runs.store import Run, open_run, run_path
 
 STUDENT_SEED_OFFSET = 1_000_003  # fresh student weights: seed + offset, never the teacher's
+NOISE_SEED_OFFSET = 2_000_003  # --init-noise draws: seed + offset, apart from both inits
+HEADS = ("dino_head", "linear")
+HEAD_LASTS = ("raw", "normed")
+LOSSES = ("ce", "mse")
+LOSS_UNITS = {"ce": ("nats", "distillation cross-entropy H(t, s)"),
+              "mse": ("logit^2", "mean squared error of the tempered logits (--loss mse)")}
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     model: str = arg("resnet18", "registry name of the encoder", choices=MODELS.names())
     width: float = arg(1.0, "channel width multiplier (CPU-sized runs use < 1)")
+    model_options: tuple[str, ...] = arg((), MODEL_OPTIONS_HELP)
     dataset: str = arg("cifar10", "dataset distilled on (e.g. noise for the random-input "
                                   "control)")
     data_root: str = arg("", "folder (or .npz file) holding the dataset; '' = its default")
     data_options: tuple[str, ...] = arg((), "dataset options as key=value (e.g. "
                                             "shape=3,32,32 count=5000 for noise)")
+    input_stats: str = arg(PAPER["input_stats"], INPUT_STATS_HELP, choices=INPUT_STATS)
     subset: int = arg(0, "train images per class, seeded stratified; 0 = all")
     probe_dataset: str = arg("", "dataset for the k-NN probe; '' = --dataset")
     probe_root: str = arg("", "root of --probe-dataset; '' = --data-root")
     seed: int = arg(0, "run seed: the teacher (unless --teacher-seed) and the student")
     teacher_seed: int = arg(-1, "seed of the random teacher; -1 = --seed")
-    alpha: float = arg(RECIPE_ALPHA, "student init: 0 = the teacher, 1 = fresh (scaled by delta)")
-    out_dim: int = arg(65536, "DINO head output dimension m")
+    alpha: float = arg(PAPER["alpha"], "student init: 0 = the teacher (the paper's main "
+                                       "figures), 1 = fresh (scaled by delta)")
+    init_noise: float = arg(PAPER["init_noise"], "after the alpha mix, add to each student "
+                            "tensor Gaussian noise of norm eps * ||teacher tensor|| (an "
+                            "epsilon-neighbourhood of the teacher); 0 = none")
+    head: str = arg(PAPER["head"], "projection head: dino_head (MLP, L2 bottleneck, last "
+                    "layer) or linear (one bias-free Linear embedding -> m)", choices=HEADS)
+    head_last: str = arg(PAPER["head_last"], "last head layer: raw (the weight as is, as "
+                         "the paper's code) or normed (unit-norm rows, the paper's text)",
+                         choices=HEAD_LASTS)
+    out_dim: int = arg(65536, "head output dimension m")
     hidden_dim: int = arg(2048, "DINO head hidden width")
-    bottleneck_dim: int = arg(256, "DINO head L2 bottleneck width")
+    bottleneck_dim: int = arg(256, "DINO head L2 bottleneck width; 0 = no bottleneck")
+    loss: str = arg(PAPER["loss"], "ce: cross-entropy between teacher and student softmax "
+                    "(the recipe); mse: mean squared error between their (tempered) logits, "
+                    "as the paper's code's MSE ablation", choices=LOSSES)
     teacher_temp: float = arg(1.0, "teacher softmax temperature")
     student_temp: float = arg(1.0, "student softmax temperature")
     centering: bool = arg(False, "subtract an EMA centre from teacher logits (DINO)")
     center_momentum: float = arg(0.9, "EMA momentum of the centre")
     num_steps: int = arg(0, "iterations to train (set by --steps)")
     batch_size: int = arg(256, "images per step")
+    drop_last: bool = arg(PAPER["drop_last"], DROP_LAST_HELP)
     lr: float = arg(1e-3, "AdamW learning rate (constant)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     flip: bool = arg(False, "random horizontal flips (off in the paper)")
@@ -68,14 +105,19 @@ class DistillConfig:
 
     def __post_init__(self):  # numbers torch would choke on, or silently misuse
         positive = (lambda v: 0 < v < math.inf, "must be a positive number")
+        check_model_options(self.model_options)
         check_fields(self, {
+            **engine.choice_rules(self),
             "batch_size": (lambda v: v >= 1, "must be at least 1 image"),
             **{name: (lambda v: v >= 1, "must be at least 1") for name in
-               ("out_dim", "hidden_dim", "bottleneck_dim", "probe_k")},
+               ("out_dim", "hidden_dim", "probe_k")},
+            "bottleneck_dim": (lambda v: v >= 0, "must be 0 (no bottleneck) or a width"),
             "teacher_temp": positive, "student_temp": positive, "lr": positive,
             "weight_decay": (lambda v: 0 <= v < math.inf, "must be 0 or positive"),
             "center_momentum": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
             "alpha": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+            "init_noise": (lambda v: 0 <= v < math.inf, "must be 0 (none) or a positive "
+                                                        "relative size, e.g. 0.01"),
             "crop_padding": (lambda v: v >= 0, "must be 0 (no crop) or a number of pixels"),
             "probe_every": (lambda v: v >= 0, "must be 0 (init and end) or a number of "
                                               "epochs"),
@@ -87,11 +129,12 @@ def teacher_seed(cfg: DistillConfig) -> int:
 
 
 def build_pair(cfg: DistillConfig, num_classes: int, channels: int, seed: int):
-    """(encoder Classifier, DINO head) with weights drawn from `seed`."""
+    """(encoder Classifier, head) with weights drawn from `seed`."""
     model = create_model(cfg.model, num_classes=num_classes, width=cfg.width,
-                         in_channels=channels, seed=seed)
-    head = create_head(in_dim=model.embed_dim, out_dim=cfg.out_dim, hidden_dim=cfg.hidden_dim,
-                       bottleneck_dim=cfg.bottleneck_dim, seed=seed)
+                         in_channels=channels, seed=seed, **model_kwargs(cfg))
+    head = create_head(name=cfg.head, in_dim=model.embed_dim, out_dim=cfg.out_dim,
+                       hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim, seed=seed,
+                       last=cfg.head_last)
     return model, head
 
 
@@ -107,16 +150,64 @@ def alpha_init(student: nn.Module, teacher: nn.Module, alpha: float) -> None:
         p_s.copy_(((1 - alpha) * p_t + alpha * p_s) / delta)
 
 
+@torch.no_grad()
+def add_init_noise(student: nn.Module, teacher: nn.Module, eps: float, seed: int) -> None:
+    """In place: each student parameter += g / ||g|| * eps * ||teacher parameter||, g a
+    standard Gaussian draw (CPU generator from `seed`); buffers untouched.
+
+    The perturbation of every tensor is exactly eps times its teacher tensor's norm, so the
+    student starts in a relative epsilon-neighbourhood of the teacher whatever the layer's
+    scale (tensors that are zero in the teacher, e.g. biases, stay unperturbed).
+    """
+    if eps == 0:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    for p_s, p_t in zip(student.parameters(), teacher.parameters()):
+        noise = torch.randn(p_s.shape, generator=gen, dtype=torch.float32)
+        scale = eps * p_t.detach().float().norm().cpu() / noise.norm().clamp_min(1e-30)
+        p_s.add_((noise * scale).to(p_s.device, p_s.dtype))
+
+
 def distill_loss(student_logits, teacher_logits, student_temp=1.0, teacher_temp=1.0,
-                 center=None) -> dict:
-    """Cross-entropy H(t, s), teacher entropy H(t) and KL = H(t, s) - H(t), batch means."""
-    t_logits = teacher_logits.float() - (center if center is not None else 0.0)
-    log_t = F.log_softmax(t_logits / teacher_temp, dim=-1)  # (B, m)
-    log_s = F.log_softmax(student_logits.float() / student_temp, dim=-1)  # (B, m)
+                 center=None, loss: str = "ce") -> dict:
+    """The loss minimised, KL = H(t, s) - H(t) and the teacher entropy H(t), batch means.
+
+    loss "ce": the cross-entropy H(t, s) between the softmax outputs (the recipe).
+    loss "mse": the squared difference of the tempered (and centred) logits, averaged over
+    the m outputs and the batch, as the MSE option of the paper's code (dinopl) computes it;
+    the KL and entropy are then logged, not optimised.
+    """
+    t_logits = (teacher_logits.float() - (center if center is not None else 0.0)) \
+        / teacher_temp  # (B, m)
+    s_logits = student_logits.float() / student_temp  # (B, m)
+    log_t = F.log_softmax(t_logits, dim=-1)
+    log_s = F.log_softmax(s_logits, dim=-1)
     p_t = log_t.exp()
     ce = -(p_t * log_s).sum(-1).mean()
     entropy = -(p_t * log_t).sum(-1).mean()
-    return {"loss": ce, "kl": ce - entropy, "teacher_entropy": entropy}
+    out = {"loss": ce, "kl": kl_divergence(t_logits, s_logits).mean(),
+           "teacher_entropy": entropy}
+    if loss == "mse":
+        out["loss"] = (s_logits - t_logits).square().mean()
+    return out
+
+
+@torch.no_grad()
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(t) || softmax(s)) per row (..., m) -> (...), accurate where it is tiny.
+
+    In fp32, H(t, s) - H(t) (or sum p (log p - log q)) cancels two numbers near log m and
+    is noise below about 1e-7 nats, the size of the raw head's KLs near the teacher. With
+    d = t - s the same quantity is E_p[d] - log E_q[exp(d)], whose terms are small when the
+    student is near the teacher: 4 digits at 1e-12 (float64 reference). Rows with a large
+    logit gap (|d| > 20) take the log-sum-exp form, which cannot overflow. Tempered,
+    centred logits in; a diagnostic (no gradient)."""
+    d = teacher_logits.float() - student_logits.float()  # (..., m)
+    p_t, log_q = F.softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1)
+    near = d.abs().amax(-1) <= 20  # (...)
+    shift = torch.log1p((log_q.exp() * torch.expm1(d.clamp(max=20))).sum(-1))
+    far = torch.logsumexp(log_q + d, -1)  # log E_q[exp(d)], exact where shift would overflow
+    return (p_t * d).sum(-1) - torch.where(near, shift, far)
 
 
 @dataclass
@@ -146,11 +237,12 @@ def load_data(cfg: DistillConfig):
     """(train data to distil on, (probe train, probe test))."""
     options = parse_data_options(cfg.data_options)
     train = load_dataset(cfg.dataset, root=cfg.data_root or None, split="train",
-                         subset=cfg.subset or None, **options)
+                         subset=cfg.subset or None, stats=cfg.input_stats, **options)
     name = cfg.probe_dataset or cfg.dataset
     root = cfg.probe_root or cfg.data_root or None
     probe_options = options if name == cfg.dataset else {}
-    probe = tuple(load_dataset(name, root=root, split=split, **probe_options)
+    probe = tuple(load_dataset(name, root=root, split=split, stats=cfg.input_stats,
+                               **probe_options)
                   for split in ("train", "test"))
     if probe[0].x.shape[1:] != train.x.shape[1:]:
         raise UserError(f"--probe-dataset {name} has images {tuple(probe[0].x.shape[1:])}, "
@@ -169,7 +261,7 @@ def open_result(cfg: DistillConfig, run: Run, steps_per_epoch: int, device,
     metrics = {
         "knn_accuracy": MetricSpec(("epoch", "model"), "fraction",
                                    f"k-NN accuracy (k={cfg.probe_k}, squared L2, majority)"),
-        "loss": MetricSpec(("epoch",), "nats", "distillation cross-entropy H(t, s)"),
+        "loss": MetricSpec(("epoch",), *LOSS_UNITS[cfg.loss]),
         "kl": MetricSpec(("epoch",), "nats", "KL(teacher || student)"),
         "teacher_entropy": MetricSpec(("epoch",), "nats", "entropy of teacher outputs"),
     }
@@ -194,10 +286,11 @@ def setup(cfg: DistillConfig, store: str, data=None, device="auto", precision="a
                                   cfg.seed + STUDENT_SEED_OFFSET))
     check_input_size(student.model, info.channels, info.image_size)
     alpha_init(student, teacher, cfg.alpha)
+    add_init_noise(student, teacher, cfg.init_noise, cfg.seed + NOISE_SEED_OFFSET)
     engine.prepare(teacher.requires_grad_(False).eval(), device)  # channels_last on CUDA
     student.model.fc.requires_grad_(False)  # never in the loss: DDP must not wait for it
     loader = engine.train_loader(train, cfg.batch_size, device, cfg.seed,
-                                 Augment(cfg.flip, cfg.crop_padding), world)
+                                 Augment(cfg.flip, cfg.crop_padding), world, cfg.drop_last)
     run = open_run(store, "distill", cfg, extra={"steps_per_epoch": len(loader),
                                                  "model_spec": student.model.spec})
     forward = engine.prepare(student, device, compile_model, world)
@@ -256,7 +349,7 @@ def distill_step(s: Session, x: torch.Tensor) -> dict:
     with autocast(s.device, s.bf16):
         student_logits = s.forward(x)  # (B, m), train mode
     out = distill_loss(student_logits, teacher_logits, s.cfg.student_temp, s.cfg.teacher_temp,
-                       s.center)
+                       s.center, s.cfg.loss)
     s.optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     s.optimizer.step()
@@ -368,7 +461,7 @@ def distill_with_steps(cfg: DistillConfig, steps: str, save_at=(), store: str = 
                        device="auto") -> Run:
     """`distill` with '100ep'-style --steps and --save-at, resolved once the data is loaded."""
     data = load_data(cfg)
-    cfg = engine.config_with_steps(cfg, steps, save_at, len(data[0].y) // cfg.batch_size)
+    cfg = engine.config_with_steps(cfg, steps, save_at, engine.epoch_steps(cfg, data[0]))
     return distill(cfg, store, data, device)
 
 
@@ -393,6 +486,8 @@ EXAMPLES = r"""examples:
       --save-at 1ep 10ep 50ep --probe-every 5
   python -m runs.distill --model vgg11 --dataset noise --data-options shape=3,32,32 \
       --probe-dataset cifar10 --probe-root ~/data       # the random-input control
+  python -m runs.distill --model vgg11 --dataset cifar10 --data-root ~/data --steps 100ep \
+      --head-last normed --model-option pool=avg   # variants: the text's head, avg pool
   python -m runs.distill --model convnet --width 0.25 --dataset digits --steps 2ep \
       --out-dim 256 --device cpu"""
 

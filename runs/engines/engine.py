@@ -26,6 +26,59 @@ from runs.progress import LOGGERS, Progress, check_logger
 # torch.compile modes; reduce-overhead also captures CUDA graphs (cudagraph trees) on CUDA.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+# Options both engines' configs share (issue #18: the paper's code's choices by default).
+INPUT_STATS = ("paper", "dataset")
+INPUT_STATS_HELP = ("input normalisation: paper = the paper's code's statistics (CIFAR10's "
+                    "for cifar10 and cifar100, ImageNet's for tinyimagenet), dataset = each "
+                    "dataset's own train statistics")
+DROP_LAST_HELP = ("drop each epoch's last partial batch (--no-drop-last, as the paper's "
+                  "code: an epoch is ceil(N / batch) steps, 196 at 50k / 256)")
+MODEL_OPTIONS_HELP = ("model factory options as key=value (e.g. pool=avg for VGG, "
+                      "shortcut=A for resnet20/56, norm=layer); none = the paper's build")
+MODEL_OPTION_FLAG = "--model-option"
+
+
+def check_model_options(items) -> None:
+    """Each --model-option item is key=value (the model checks the keys when it is built)."""
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not (sep and key and value):
+            raise UserError(f"{MODEL_OPTION_FLAG} {item}: expected key=value, e.g. pool=avg")
+
+
+def model_kwargs(cfg) -> dict:
+    """The model factory's keyword options of a config (runs.models.parse_options)."""
+    if not cfg.model_options:
+        return {}
+    from runs.models import parse_options
+    return parse_options(cfg.model, tuple(cfg.model_options))
+
+
+def choice_rules(cfg) -> dict:
+    """check_fields rules: every field with choices (but the model, which may be a user's
+    pkg.mod:factory) holds one of them, else an error naming the flag and the choices."""
+    rules = {}
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and f.name != "model":
+            rules[f.name] = (lambda v, c=tuple(choices): v in c,
+                             f"must be one of {', '.join(choices)}")
+    return rules
+
+
+def epoch_steps(cfg, train: ImageData) -> int:
+    """Iterations per epoch of `cfg` on `train`: ceil(N / batch) (the last partial batch
+    kept, as the paper's code: 196 at 50,000 / 256), N // batch with --drop-last.
+
+    Where epochs become steps before the run's loader exists (--steps 15ep, --save-at):
+    the length of the loader `train_loader` builds, so the two never disagree (GPULoader
+    also drops a trailing batch too small for BatchNorm)."""
+    world = distributed.from_env()
+    loader = GPULoader(train.x, train.y, train.info.mean, train.info.std, cfg.batch_size,
+                       "cpu", drop_last=cfg.drop_last,
+                       part=distributed.rank_slice(cfg.batch_size, world))
+    return len(loader)
+
 
 def prepare(model: nn.Module, device: torch.device, compile_model: bool | str = False,
             world: distributed.World = distributed.SINGLE) -> nn.Module:
@@ -53,7 +106,7 @@ def mark_step() -> None:
 
 @dataclass(frozen=True)
 class Clock:
-    """Iteration <-> (epoch, batch) for a loader that drops the last partial batch."""
+    """Iteration <-> (epoch, batch) for a loader of `steps_per_epoch` batches an epoch."""
     steps_per_epoch: int
 
     def position(self, step: int) -> tuple[int, int]:
@@ -81,13 +134,15 @@ def batches(loader: GPULoader, start_step: int, num_steps: int):
 
 def train_loader(data: ImageData, batch_size: int, device, data_seed: int,
                  augment: Augment = Augment(),
-                 world: distributed.World = distributed.SINGLE) -> GPULoader:
-    """Shuffled, augmented, full batches; under torchrun each rank gets its share of each."""
+                 world: distributed.World = distributed.SINGLE,
+                 drop_last: bool = False) -> GPULoader:
+    """Shuffled, augmented batches, the last partial one kept unless `drop_last`; under
+    torchrun each rank gets its share of each (of the partial one too)."""
     if batch_size < 1 or batch_size > len(data.y):
         raise UserError(f"--batch-size {batch_size}: must be between 1 and the "
                         f"{len(data.y)} training images")
     return GPULoader(data.x, data.y, data.info.mean, data.info.std, batch_size, device,
-                     shuffle=True, drop_last=True, augment=augment, data_seed=data_seed,
+                     shuffle=True, drop_last=drop_last, augment=augment, data_seed=data_seed,
                      part=distributed.rank_slice(batch_size, world))
 
 
@@ -165,15 +220,30 @@ def training_parser(prog: str, description: str, config_cls, default_steps: str,
                    f"(e.g. {steps_example}) or epochs (e.g. {default_steps})")
     p.add_argument("--save-at", nargs="*", default=[],
                    help="keep checkpoints at these iterations or epochs (e.g. 1ep 2ep 500)")
-    add_config_args(p, config_cls, exclude=("num_steps", "save_at"), group="configuration")
+    group = p.add_argument_group("configuration")
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    first = ("model", "width")  # then --model-option, then the other fields in their order
+    add_config_args(group, config_cls, exclude=[n for n in names if n not in first])
+    add_model_option(group, config_cls)
+    add_config_args(group, config_cls,
+                    exclude=("num_steps", "save_at", "model_options", *first))
     return p
+
+
+def add_model_option(group, config_cls) -> None:
+    """--model-option key=value ... (--model-options, the field's name, works too)."""
+    field = {f.name: f for f in dataclasses.fields(config_cls)}.get("model_options")
+    if field is not None:
+        group.add_argument(MODEL_OPTION_FLAG, "--model-options", dest="model_options",
+                           nargs="*", default=field.default, metavar="KEY=VALUE",
+                           help=field.metadata["help"].replace("%", "%%"))
 
 
 def config_and_data(cfg, steps: str, save_at, load_data):
     """(config with --steps/--save-at resolved to iterations, the data it names): epochs
     are known only once the data is loaded."""
     data = load_data(cfg)
-    cfg = config_with_steps(cfg, steps, save_at, len(data[0].y) // cfg.batch_size)
+    cfg = config_with_steps(cfg, steps, save_at, epoch_steps(cfg, data[0]))
     return cfg, data
 
 

@@ -8,6 +8,7 @@ last checkpoint and ends with the same weights (bitwise on CPU).
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -18,34 +19,54 @@ from runs.config import arg, check_fields
 from runs.data import holdout, load_splits
 from runs.device import autocast, resolve_device, use_bf16
 from runs.engines import distributed, engine
+from runs.engines.engine import (
+    DROP_LAST_HELP,
+    INPUT_STATS,
+    INPUT_STATS_HELP,
+    MODEL_OPTIONS_HELP,
+    check_model_options,
+    model_kwargs,
+)
 from runs.engines.masking import Mask, load_mask
 from runs.errors import UserError, cli, echo_command
 from runs.gpu_loader import Augment, eval_loader
 from runs.models import MODELS, create_model
 from runs.models.base import check_input_size
 from runs.progress import open_logger, run_label
+from runs.recipe import PAPER_TRAIN
 from runs.store import Run, open_run, run_path
 
 SCHEDULES = ("multistep", "cosine", "constant")
+REWIND_OPTIMIZER = ("restore", "reset")  # --rewind-optimizer: the paper's code, open_lth
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = arg("resnet18", "registry name of the network", choices=MODELS.names())
     width: float = arg(1.0, "channel width multiplier (CPU-sized runs use < 1)")
+    model_options: tuple[str, ...] = arg((), MODEL_OPTIONS_HELP)
     dataset: str = arg("cifar10", "registry name of the dataset")
     data_root: str = arg("", "folder (or .npz file) holding the dataset; '' = its default")
+    input_stats: str = arg(PAPER_TRAIN["input_stats"], INPUT_STATS_HELP, choices=INPUT_STATS)
     subset: int = arg(0, "train images per class, seeded stratified; 0 = all")
     val_size: int = arg(0, "images held out from train for model selection; 0 = none")
     init: str = arg("", "start weights: a checkpoint reference (e.g. RUN@last:encoder); "
                         "'' = random init from --seed")
     rewind: str = arg("", "start from this checkpoint's full training state (weights, "
                           "optimiser, schedule, step); used by lottery-ticket rewinding")
+    rewind_optimizer: str = arg("restore", "with --rewind: restore the checkpoint's optimiser "
+                                           "state (momentum; the paper's code) or reset it "
+                                           "(fresh SGD, momentum 0: open_lth); weights, BN "
+                                           "buffers, lr schedule and data position are "
+                                           "rewound either way", choices=REWIND_OPTIMIZER)
+    start_step: int = arg(0, "fresh weights starting mid-schedule: lr schedule and data order "
+                             "begin at this iteration (IMP's reinit control from K); 0 = start")
     mask: str = arg("", "file of a fixed sparsity mask (name -> bool); masked weights stay 0")
     seed: int = arg(0, "init seed (weights and fresh fc)")
     data_seed: int = arg(0, "data-order and augmentation seed")
     num_steps: int = arg(0, "iterations to train (set by --steps)")
     batch_size: int = arg(256, "images per step")
+    drop_last: bool = arg(PAPER_TRAIN["drop_last"], DROP_LAST_HELP)
     lr: float = arg(0.1, "peak learning rate")
     momentum: float = arg(0.9, "SGD momentum")
     weight_decay: float = arg(1e-4, "L2 weight decay")
@@ -61,7 +82,9 @@ class TrainConfig:
     eval_every: int = arg(1, "evaluate on validation and test every N epochs; 0 = at the end")
 
     def __post_init__(self):  # numbers torch would choke on, or silently misuse
+        check_model_options(self.model_options)
         check_fields(self, {
+            **engine.choice_rules(self),
             "batch_size": (lambda v: v >= 1, "must be at least 1 image"),
             "val_size": (lambda v: v >= 0, "must be 0 (none) or a number of images"),
             "lr": (lambda v: 0 < v < math.inf, "must be a positive number"),
@@ -91,11 +114,13 @@ def build_model(cfg: TrainConfig, num_classes: int, channels: int):
     """Random init from the seed, or the weights a reference names (fresh fc if asked)."""
     if not cfg.init:
         return create_model(cfg.model, num_classes=num_classes, width=cfg.width,
-                            in_channels=channels, seed=cfg.seed)
+                            in_channels=channels, seed=cfg.seed, **model_kwargs(cfg))
     from runs.refs import load_model
     model = check_finite(load_model(cfg.init, num_classes=num_classes, fc_seed=cfg.seed).model,
                          cfg.init)
-    wanted = {"name": cfg.model, "width": cfg.width, "in_channels": channels}
+    # --model-option values given must match the checkpoint's model (others come from it).
+    wanted = {"name": cfg.model, "width": cfg.width, "in_channels": channels,
+              **model_kwargs(cfg)}
     bad = [f"{k} {model.spec.get(k)!r}, not {v!r}" for k, v in wanted.items()
            if model.spec.get(k) != v]  # a silent width change would train another network
     if bad:
@@ -154,7 +179,8 @@ class Session:
 
 def load_data(cfg: TrainConfig) -> tuple:
     """(train, val or None, test); the split is fixed (seed 0) whatever the run's seeds."""
-    train, test = load_splits(cfg.dataset, cfg.data_root, cfg.subset, seed=0)
+    train, test = load_splits(cfg.dataset, cfg.data_root, cfg.subset, seed=0,
+                              stats=cfg.input_stats)
     train, val = holdout(train, cfg.val_size, seed=0)
     return train, val, test
 
@@ -164,12 +190,13 @@ def setup(cfg: TrainConfig, store: str, data: tuple = None, device="auto", preci
     """Load data, open the run, build or restore model/optimiser: ready to train."""
     if cfg.num_steps < 1:
         raise UserError(f"--steps must be at least 1 iteration (got {cfg.num_steps})")
+    check_start(cfg)
     world, device = distributed.start(resolve_device(device))
     train, val, test = data or load_data(cfg)
     model = build_model(cfg, train.info.num_classes, train.info.channels)
     check_input_size(model, train.info.channels, train.info.image_size)
     loader = engine.train_loader(train, cfg.batch_size, device, cfg.data_seed,
-                                 Augment(cfg.flip, cfg.crop_padding), world)
+                                 Augment(cfg.flip, cfg.crop_padding), world, cfg.drop_last)
     forward = engine.prepare(model, device, compile_model, world)
     optimizer, scheduler = make_optimizer(cfg, model, device)
     mask = Mask(model, load_mask(cfg.mask), cfg.mask) if cfg.mask else None  # on the device
@@ -209,7 +236,7 @@ def start_state(s: Session, rewind=None) -> int:
         if s.world.main:
             s.run.trim_metrics(step)
         return step
-    step = rewind_to(s, rewind) if rewind is not None else 0
+    step = rewind_to(s, rewind) if rewind is not None else schedule_at(s, s.cfg.start_step)
     if s.mask is not None:
         s.mask.apply_to_weights()
         s.mask.apply_to_optimizer(s.optimizer)
@@ -234,14 +261,40 @@ def load_rewind(cfg: TrainConfig, model):
 
 
 def rewind_to(s: Session, loaded) -> int:
-    """Copy the full training state of the --rewind checkpoint; returns its step."""
+    """Copy the training state of the --rewind checkpoint; returns its step.
+
+    Weights, BN buffers, lr schedule and (through the step) data position always; the
+    optimiser's state (momentum) under --rewind-optimizer restore only: reset leaves the
+    fresh SGD of `setup` (no momentum buffers, as open_lth's rewinding)."""
     payload = loaded.payload
+    step = int(payload.get("step", 0))
     s.model.load_state_dict(loaded.model.state_dict())
+    if s.cfg.rewind_optimizer == "reset":
+        return schedule_at(s, step)
     if payload.get("optimizer"):
         s.optimizer.load_state_dict(payload["optimizer"])
     if payload.get("scheduler"):
         s.scheduler.load_state_dict(payload["scheduler"])
-    return int(payload.get("step", 0))
+    return step
+
+
+def schedule_at(s: Session, step: int) -> int:
+    """Move the fresh lr schedule to `step` (as open_lth: step it `step` times); returns it."""
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": meant
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            s.scheduler.step()
+    return step
+
+
+def check_start(cfg: TrainConfig) -> None:
+    """--start-step and --rewind-optimizer against the start point, before any file."""
+    if cfg.start_step and (cfg.rewind or not 0 < cfg.start_step < cfg.num_steps):
+        raise UserError(f"--start-step {cfg.start_step}: must lie in [0, {cfg.num_steps}) "
+                        f"(the --steps) and --rewind sets its own step")
+    if cfg.rewind_optimizer == "reset" and not cfg.rewind:
+        raise UserError("--rewind-optimizer reset: only with --rewind (a fresh start has no "
+                        "optimiser state to reset)")
 
 
 def without_seed(spec: dict) -> dict:

@@ -13,9 +13,16 @@ returns a module with the Classifier protocol: `encoder` (images (B, C, H, W) ->
 
 Checkpoints record the name; a `module:factory` name imports its module only when the user
 allowed it (runs.usercode), so a checkpoint never runs code on its own.
+
+Options: a factory's other keyword parameters (`pool: Literal["max", "avg"] = "max"`) are its
+options. create_model checks them (a Literal annotation declares the choices) and records
+every one, default included, in model.spec; `parse_options` reads `--model-option key=value`;
+`@legacy(pool="avg")` names the value an option had before it existed, which `build` fills
+into older specs so their checkpoints rebuild the network they were trained with.
 """
 
 import inspect
+import typing
 from collections.abc import Callable, Sequence
 
 import torch
@@ -173,19 +180,129 @@ def create_model(name: str, num_classes: int = 10, width: float = 1.0, in_channe
                  seed: int = 0, **kwargs) -> Classifier:
     """Build a registered model with weights drawn from `seed` (CPU RNG, global RNG untouched).
 
+    `kwargs` are the factory's keyword options (e.g. pool="avg" for a VGG): checked against
+    its signature and declared choices, and recorded in `model.spec` with every option left
+    at its default, so a checkpoint rebuilds the same network after a default changes.
     The model lives on the CPU; move it with `.to(device)` (constructors never pick devices).
     """
     builder = MODELS.get(name)
     if num_classes < 1 or width <= 0 or in_channels < 1:
         raise UserError(f"model {name}: num_classes, width and in_channels must be positive "
                         f"(got {num_classes}, {width}, {in_channels})")
+    options = {**option_defaults(builder), **check_options(name, builder, kwargs)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = builder(num_classes=num_classes, width=width, in_channels=in_channels, **kwargs)
+        model = builder(num_classes=num_classes, width=width, in_channels=in_channels, **options)
     check_protocol(model, name)
     model.spec = dict(name=name, num_classes=num_classes, width=width,
-                      in_channels=in_channels, seed=seed, **kwargs)
+                      in_channels=in_channels, seed=seed, **options)
     return model
+
+
+CORE = ("num_classes", "width", "in_channels")  # every factory's arguments, set by own flags
+
+
+def _option_params(fn: Callable) -> dict[str, inspect.Parameter]:
+    """A factory's keyword options: its named parameters other than CORE (none if unreadable)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p for p in params if p.kind in kinds and p.name not in CORE}
+
+
+def _takes_any_keyword(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def option_defaults(fn: Callable) -> dict:
+    """option -> default of a factory's keyword options whose default is a plain value
+    (str, number, bool, None: what a spec can store in JSON; others stay unrecorded)."""
+    plain = (str, int, float, bool, type(None))
+    return {key: p.default for key, p in _option_params(fn).items()
+            if p.default is not inspect.Parameter.empty and isinstance(p.default, plain)}
+
+
+def option_choices(fn: Callable) -> dict[str, tuple]:
+    """option -> its valid values, for options annotated `typing.Literal[...]`."""
+    return {key: typing.get_args(p.annotation) for key, p in _option_params(fn).items()
+            if typing.get_origin(p.annotation) is typing.Literal}
+
+
+def check_options(name: str, fn: Callable, options: dict, flag: str = None) -> dict:
+    """`options` if the factory takes every key and each value is one of its choices, else a
+    UserError naming the key (and `flag`) with the valid keys or values."""
+    where = f"{flag} " if flag else ""
+    valid, choices = _option_params(fn), option_choices(fn)
+    for key, value in options.items():
+        if key not in valid and not _takes_any_keyword(fn):
+            raise UserError(f"{where}{key}: model {name} has no option {key!r}; valid: "
+                            f"{', '.join(valid) or 'none'}")
+        if key in choices and value not in choices[key]:
+            raise UserError(f"{where}{key}={value!r}: model {name} takes {key} in "
+                            f"{', '.join(map(str, choices[key]))}")
+    return dict(options)
+
+
+def legacy(**values):
+    """Declare the values a factory's options had before they existed (`@legacy(pool="avg")`).
+
+    `build` fills them into specs that lack the option (checkpoints written before it), so
+    an old checkpoint rebuilds the network it was trained with, not the new default.
+    """
+    def mark(fn):
+        fn.LEGACY = dict(values)
+        return fn
+    return mark
+
+
+def parse_options(model_name: str, items, flag: str = "--model-option") -> dict:
+    """("key=value", ...) -> typed keyword options of the model's factory.
+
+    Each value is read as its default's type (bool: true/false/1/0/yes/no; int; float; str)
+    and checked against the factory's keys and declared choices; a UserError names `flag`,
+    the key and what is valid.
+    """
+    fn = MODELS.get(model_name)
+    defaults = option_defaults(fn)
+    options = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"{flag} {item!r}: expected key=value; options of {model_name}: "
+                            f"{', '.join(_option_params(fn)) or 'none'}")
+        if key in CORE:
+            raise UserError(f"{flag} {key}: set {key} with --{key.replace('_', '-')}")
+        if key in options:
+            raise UserError(f"{flag} {key}: given twice")
+        value = _typed(text.strip(), defaults.get(key), f"{flag} {item}")
+        options.update(check_options(model_name, fn, {key: value}, flag))
+    return options
+
+
+def _typed(text: str, default, what: str):
+    """`text` as a value of `default`'s type (str when there is no default)."""
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"{what}: expected true or false")
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                raise UserError(f"{what}: expected {'an integer' if kind is int else 'a number'}"
+                                ) from None
+    return text
 
 
 # Builders by spec["registry"]: checkpoints rebuild any stored module from its spec alone.
@@ -195,14 +312,18 @@ BUILDERS = {"model": create_model}
 def build(spec: dict, source: str = None) -> nn.Module:
     """Rebuild a module from the spec that `create_model` (or another builder) recorded.
 
-    `source` (the file the spec came from) is named when the spec's model comes from a
-    module the user did not allow (`pkg.mod:factory` without --import pkg.mod).
+    Options the spec lacks take the factory's LEGACY values (see `legacy`): a checkpoint
+    written before an option existed rebuilds the network it was trained with. `source`
+    (the file the spec came from) is named when the spec's model comes from a module the
+    user did not allow (`pkg.mod:factory` without --import pkg.mod).
     """
     kwargs = dict(spec)
     registry = kwargs.pop("registry", "model")
     builder = BUILDERS[registry]
+    factory = builder
     if registry == "model":
-        MODELS.get(kwargs.get("name"), source)  # refuses, naming the file, before any import
+        factory = MODELS.get(kwargs.get("name"), source)  # refuses, naming the file, first
+    kwargs = {**getattr(factory, "LEGACY", {}), **kwargs}
     return builder(kwargs.pop("name"), **kwargs)
 
 
@@ -217,6 +338,14 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))
+
+
+class GlobalMaxPool(nn.Module):
+    """(B, C, H, W) -> (B, C) max over space: at a 2x2 map, the paper's VGG's last 2x2
+    max-pool and flatten. amax rather than adaptive pooling: it has a vmap batching rule."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3))
 
 
 def scaled(channels: int, width: float) -> int:

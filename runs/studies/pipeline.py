@@ -49,8 +49,13 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.json"))
 
 
-def load_preset(name: str) -> dict:
-    """A preset by name (runs/studies/presets/NAME.json) or by path to a JSON file."""
+def load_preset(name: str, _seen: tuple = ()) -> dict:
+    """A preset by name (runs/studies/presets/NAME.json) or by path to a JSON file.
+
+    `"base": "OTHER"` starts from preset OTHER: a stage given as an object updates the
+    base's object key by key (e.g. {"distill": {"model": "vgg11"}}), any other value
+    replaces the base's.
+    """
     path = Path(name) if name.endswith(".json") else PRESETS / f"{name}.json"
     if not path.is_file():
         raise UserError(f"--preset {name!r}: no such preset; valid: {', '.join(preset_names())}"
@@ -60,12 +65,27 @@ def load_preset(name: str) -> dict:
     except ValueError as err:
         raise UserError(f"--preset {path}: not valid JSON ({err})") from None
     valid = {*STAGES, "description", "seeds", "noise", "alphas", "alpha_seeds", "subsets",
-             "train"}
+             "train", "base"}
     unknown = sorted(set(preset) - valid)
     if unknown:
         raise UserError(f"--preset {path}: unknown key(s) {', '.join(unknown)}; valid: "
                         f"{', '.join(sorted(valid))}")
-    return preset
+    if "base" not in preset:
+        return preset
+    if preset["base"] in _seen:
+        raise UserError(f"--preset {path}: base {preset['base']!r} includes itself")
+    return based(load_preset(preset.pop("base"), (*_seen, name)), preset)
+
+
+def based(base: dict, preset: dict) -> dict:
+    """`preset` on top of `base`: objects merged key by key, other values replaced."""
+    out = dict(base)
+    for key, value in preset.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = {**base[key], **value}
+        else:
+            out[key] = value
+    return out
 
 
 def override(preset: dict, assignments: list[str]) -> dict:
@@ -160,9 +180,10 @@ def sized_config(cfg, full):
     epoch): 300 images make an epoch of one step, and a probe each 3 of those would embed
     the probe sets 95 times where the full-data student does 5."""
     from runs.engines.distill import load_data
+    from runs.engines.engine import epoch_steps
     if cfg.probe_every <= 0:
         return cfg
-    steps_per_epoch = max(1, len(load_data(cfg)[0].y) // cfg.batch_size)
+    steps_per_epoch = max(1, epoch_steps(cfg, load_data(cfg)[0]))
     every = cfg.probe_every * full.config()["steps_per_epoch"] // steps_per_epoch
     return dataclasses.replace(cfg, probe_every=max(1, every))
 

@@ -58,8 +58,9 @@ def pixel_knn(cfg: DistillConfig) -> float:
     from probes.nearest import knn_accuracy
     root = cfg.data_root or None
     train, test = (load_dataset(cfg.dataset, root=root, split=s) for s in ("train", "test"))
-    return knn_accuracy(pixel_features(train.x), train.y, pixel_features(test.x), test.y,
-                        k=cfg.probe_k)
+    stats = train.info.mean, train.info.std  # the paper's input row: normalised pixels
+    return knn_accuracy(pixel_features(train.x, *stats), train.y,
+                        pixel_features(test.x, *stats), test.y, k=cfg.probe_k)
 
 
 def collect(preset: str, seeds, store: str, device: str) -> dict[str, list[float]]:

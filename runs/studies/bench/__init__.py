@@ -10,8 +10,14 @@ Per path: items per second (images, points, queries), seconds per step, achieved
 model-FLOP utilisation (MFU) against the device's dense bf16 peak, and the ratio to the
 reference. FLOPs per item are counted, not estimated: torch.utils.flop_counter.FlopCounterMode
 over one forward + backward (forward only for inference) of the same network on the CPU, so
-the backward is what autograd really runs, not a 3x rule. MFU is n/a on CPUs and on GPUs
-missing from PEAK_BF16_TFLOPS (give --peak-tflops).
+the backward is what autograd really runs, not a 3x rule; a ViT's attention matmuls count
+(scaled_dot_product_attention runs on its math backend while counting). MFU is n/a on CPUs and
+on GPUs missing from PEAK_BF16_TFLOPS (give --peak-tflops).
+
+The train and distill sections also time the fast path alone for each variant network
+(BenchConfig.variants, --variants: vit_tiny, vit_small, vgg11_bn, resnet18:norm=group by
+default): MFU per architecture, recorded as `train_step[NAME options]` without a reference,
+so no speed-up goal judges them.
 
 Sections (SECTIONS, --sections; all by default): train, distill, eval, probes, landscape,
 tickets. A section whose package cannot be imported is recorded as skipped; one that fails

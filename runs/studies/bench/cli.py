@@ -17,9 +17,11 @@ from runs.studies.bench.common import (
     COMPILE,
     FULL,
     QUICK,
+    VARIANTS,
     Bench,
     BenchConfig,
     device_slug,
+    parse_variant,
     peak_tflops,
 )
 from runs.studies.bench.report import (
@@ -44,9 +46,9 @@ keeping the sections of earlier runs that this run did not measure."""
 
 EPILOG = r"""examples:
   python -m runs.bench --device cuda                 # full sizes (ResNet18, 50k x 512 probes)
-  python -m runs.bench --device cpu --quick          # a smoke run on a laptop
+  python -m runs.bench --device cpu --quick --sections landscape --threads 1  # a laptop
   python -m runs.bench --device cuda --sections train distill --compile max-autotune
-  python -m runs.bench --device cpu --quick --sections landscape --threads 1"""
+  python -m runs.bench --device cuda --sections train --variants vit_base resnet18:norm=layer"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,6 +64,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=COMPILE, default=None,
                    help="torch.compile the fast paths (default of the preset: auto = CUDA "
                         "only); a failed compile falls back to eager and says so")
+    p.add_argument("--variants", nargs="*", default=None, metavar="NAME[:K=V,...]",
+                   help="more networks the train and distill sections measure, fast path "
+                        "only (MFU per architecture); none given = none; default: "
+                        f"{' '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=0, help="timed steps per path; 0 = preset")
     p.add_argument("--warmup", type=int, default=-1, help="untimed steps; -1 = preset")
     p.add_argument("--threads", type=int, default=0,
@@ -81,6 +87,10 @@ def make_config(args) -> BenchConfig:
         changes["steps"] = args.steps
     if args.warmup >= 0:
         changes["warmup"] = args.warmup
+    if args.variants is not None:
+        changes["variants"] = tuple(args.variants)
+    for text in changes.get("variants", ()):
+        parse_variant(text)  # an unknown network or option stops the run before it starts
     return dataclasses.replace(cfg, **changes)
 
 

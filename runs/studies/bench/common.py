@@ -3,6 +3,7 @@ section gets, device facts (name, dense bf16 peak), measuring (Runner, measure, 
 counted FLOPs) and the synthetic images with both loaders (GPULoader and the DataLoader +
 torchvision reference)."""
 
+import dataclasses
 import itertools
 import os
 import platform
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,8 +22,9 @@ from runs.config import arg
 from runs.datasets.base import DatasetInfo, ImageData
 from runs.device import use_bf16
 from runs.engines.engine import COMPILE_MODES
+from runs.errors import UserError
 from runs.gpu_loader import Augment, GPULoader
-from runs.models import create_model
+from runs.models import MODELS, create_model, parse_options
 
 COMPILE = ("auto", "on", "off", *COMPILE_MODES[1:])
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity). Matched as whole
@@ -34,6 +37,9 @@ PEAK_BF16_TFLOPS = (
 )
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel statistics the synthetic images claim
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# Networks the train and distill sections also measure (fast path only: MFU across
+# architectures): NAME or NAME:key=value,key=value (factory options, as --model-option).
+VARIANTS = ("vit_tiny", "vit_small", "vgg11_bn", "resnet18:norm=group")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,9 @@ class BenchConfig:
     model: str = arg("resnet18", "network of the train, distill, eval, landscape, tickets "
                                  "sections")
     width: float = arg(1.0, "channel width multiplier")
+    model_options: tuple[str, ...] = arg((), "factory options of `model` (key=value)")
+    variants: tuple[str, ...] = arg(VARIANTS, "more networks of the train and distill "
+                                              "sections, fast path only: NAME[:key=value,...]")
     num_images: int = arg(50_000, "synthetic uint8 32x32 RGB training images (CIFAR10-sized)")
     eval_images: int = arg(10_000, "synthetic test images of the eval section")
     train_batch: int = arg(512, "images per supervised step")
@@ -212,15 +221,21 @@ def first_line(err: BaseException) -> str:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of `fn` as autograd runs it (matmuls and convolutions)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one call of `fn` as autograd runs it (matmuls and convolutions, attention too).
+
+    Attention written as matmuls is counted as such; F.scaled_dot_product_attention runs on
+    its math backend here, as matmuls: the CPU's fused kernel has no FLOP formula and would
+    count as 0. Elementwise work (softmax, norms, activations) is not counted, as in MFU.
+    """
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         fn()
     return counter.get_total_flops()
 
 
 def comparison(unit: str, paths: dict, bench: Bench, flops_per_item: float | None,
                checks: dict = None, fast: str = "fast", reference: str = "reference") -> dict:
-    """Rates, GFLOP/s, MFU and ratios of measured paths (see `measure`)."""
+    """Rates, GFLOP/s, MFU and ratios of measured paths (see `measure`); without a
+    `reference` path (a fast path measured alone) the ratios are None."""
     for record in paths.values():
         rate = record["items"] / max(record["seconds"], 1e-12)
         flops = flops_per_item * rate if flops_per_item else None
@@ -229,7 +244,8 @@ def comparison(unit: str, paths: dict, bench: Bench, flops_per_item: float | Non
                       mfu=flops / (bench.peak_tflops * 1e12) if flops and bench.peak_tflops
                       else None)
     for record in paths.values():
-        record["vs_reference"] = record["rate"] / paths[reference]["rate"]
+        record["vs_reference"] = (record["rate"] / paths[reference]["rate"]
+                                  if reference in paths else None)
     return {"unit": unit, "flops_per_item": flops_per_item, "paths": paths,
             "ratio": paths[fast]["vs_reference"], "checks": checks or {}}
 
@@ -303,8 +319,29 @@ def to_device(batch, device):
 
 
 def new_model(bench: Bench, info: DatasetInfo, seed: int = 0):
-    return create_model(bench.cfg.model, num_classes=info.num_classes, width=bench.cfg.width,
-                        in_channels=info.channels, seed=seed)
+    cfg = bench.cfg
+    return create_model(cfg.model, num_classes=info.num_classes, width=cfg.width,
+                        in_channels=info.channels, seed=seed,
+                        **parse_options(cfg.model, cfg.model_options))
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """'resnet18:norm=group,pool=avg' -> ('resnet18', ('norm=group', 'pool=avg')), checked:
+    an unknown network or option is a UserError naming --variants and the valid ones."""
+    name, _, rest = text.partition(":")
+    if name not in MODELS:
+        raise UserError(f"--variants {text}: unknown model {name!r}; valid: "
+                        f"{', '.join(MODELS.names())}")
+    options = tuple(item for item in rest.split(",") if item)
+    parse_options(name, options, flag="--variants")
+    return name, options
+
+
+def variant_bench(bench: Bench, text: str) -> Bench:
+    """The same sizes and device with another network (a variant of the sections)."""
+    name, options = parse_variant(text)
+    return dataclasses.replace(bench, cfg=dataclasses.replace(bench.cfg, model=name,
+                                                              model_options=options))
 
 
 def synthetic_info() -> DatasetInfo:

@@ -173,13 +173,14 @@ def goal_rows(sections: dict, judged: bool = True) -> list[dict]:
 
 
 def covered(goal: Goal, sections: dict):
-    """(section, comparison, record) that a goal speaks of, where measured."""
+    """(section, comparison, record) that a goal speaks of, where measured. A fast path
+    measured alone (a variant network: no reference) is no speed-up to judge."""
     for section, body in sections.items():
         if goal.section not in ("*", section):
             continue
         for name, comp in body.get("comparisons", {}).items():
-            if goal.comparison == name or (goal.comparison == "*" and
-                                           name not in NOT_SPEEDUPS):
+            if goal.comparison == name or (goal.comparison == "*" and name not in NOT_SPEEDUPS
+                                           and comp.get("ratio") is not None):
                 yield section, name, comp
 
 
@@ -234,6 +235,8 @@ def notes(sections: dict) -> str:
         for key in ("skipped", "error"):
             if key in body:
                 lines.append(f"{section}: {key}: {body[key]}")
+        for name, message in body.get("variant_errors", {}).items():
+            lines.append(f"{section}/{name}: error: {message}")
         for name, comp in body.get("comparisons", {}).items():
             if comp["checks"]:
                 text = ", ".join(f"{k}={fmt_check(v)}" for k, v in comp["checks"].items())

@@ -1,7 +1,10 @@
 """Sections train, distill and eval: the engines' steps (runs.engines.train.train_step,
 runs.engines.distill.distill_step) and evaluation (runs.engines.train.evaluate), each against
-a DataLoader + eager fp32 reference."""
+a DataLoader + eager fp32 reference. train and distill also measure the fast path alone for
+each of BenchConfig.variants (ViTs, BatchNorm VGG, GroupNorm ResNet: their MFU), recorded as
+comparisons `train_step[NAME options]` without a reference."""
 
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -17,12 +20,14 @@ from runs.studies.bench.common import (
     comparison,
     count_flops,
     fast_loader,
+    first_line,
     forever,
     measure,
     new_model,
     reference_loader,
     synthetic_images,
     to_device,
+    variant_bench,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -32,6 +37,7 @@ from runs.studies.bench.common import (
 def train_config(bench: Bench):
     from runs.engines.train import TrainConfig
     return TrainConfig(model=bench.cfg.model, width=bench.cfg.width,
+                       model_options=bench.cfg.model_options,
                        batch_size=bench.cfg.train_batch, num_steps=10**9)  # lr stays at peak
 
 
@@ -102,7 +108,26 @@ def section_train(bench: Bench) -> dict:
     for name, build in (("fast", fast_train), ("reference", reference_train)):
         paths[name], _ = measure(build(bench, data), cfg.warmup, cfg.steps, bench.device)
     step = comparison("images/s", paths, bench, train_flops(bench, data.info))
-    return {"comparisons": {"train_step": step}}
+    return with_variants({"comparisons": {"train_step": step}}, "train_step", bench, data,
+                         fast_train, train_flops)
+
+
+def with_variants(body: dict, base: str, bench: Bench, data: ImageData, fast, flops) -> dict:
+    """Add `base[NAME options]`: the fast path alone for each of the config's variants; a
+    variant that fails is recorded in body["variant_errors"] and the others still run."""
+    for text in bench.cfg.variants:
+        key = f"{base}[{text.replace(':', ' ').replace(',', ' ')}]"
+        print(f"  {key} ...", file=sys.stderr, flush=True)
+        try:
+            variant = variant_bench(bench, text)
+            paths = {"fast": measure(fast(variant, data), bench.cfg.warmup, bench.cfg.steps,
+                                     bench.device)[0]}
+            body["comparisons"][key] = comparison("images/s", paths, bench,
+                                                  flops(variant, data.info))
+        except Exception as err:  # noqa: BLE001 - one variant must not lose the others
+            errors = body.setdefault("variant_errors", {})
+            errors[key] = f"{type(err).__name__}: {first_line(err)}"
+    return body
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,9 +137,9 @@ def section_train(bench: Bench) -> dict:
 def distill_config(bench: Bench):
     from runs.engines.distill import DistillConfig
     cfg = bench.cfg
-    return DistillConfig(model=cfg.model, width=cfg.width, out_dim=cfg.out_dim,
-                         hidden_dim=cfg.hidden_dim, batch_size=cfg.distill_batch,
-                         num_steps=10**9)
+    return DistillConfig(model=cfg.model, width=cfg.width, model_options=cfg.model_options,
+                         out_dim=cfg.out_dim, hidden_dim=cfg.hidden_dim,
+                         batch_size=cfg.distill_batch, num_steps=10**9)
 
 
 def distill_nets(dcfg, info: DatasetInfo):
@@ -209,7 +234,8 @@ def section_distill(bench: Bench) -> dict:
     for name, build in (("fast", fast_distill), ("reference", reference_distill)):
         paths[name], _ = measure(build(bench, data), cfg.warmup, cfg.steps, bench.device)
     step = comparison("images/s", paths, bench, distill_flops(bench, data.info))
-    return {"comparisons": {"distill_step": step}}
+    return with_variants({"comparisons": {"distill_step": step}}, "distill_step", bench, data,
+                         fast_distill, distill_flops)
 
 
 # ---------------------------------------------------------------------------------------
