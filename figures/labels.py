@@ -111,7 +111,7 @@ def start_refs(result) -> tuple[list[str], bool]:
     name starts by labels and keep each reference in its `inputs` record; older ones use
     the references as coordinates."""
     coords = [str(s) for s in result.coords["start"]]
-    records = list(result.attrs.get("inputs") or [])
+    records = [r for r in result.attrs.get("inputs") or [] if r.get("kind") != "data"]
     named = len(records) == len(coords) and all("label" in r for r in records)
     return ([r.get("ref", "") for r in records] if named else coords), named
 

@@ -291,6 +291,8 @@ def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store:
     per_pass = points_per_pass or auto_points_per_pass(device)
     records = [{**start_record(s), "ref": ref, "label": s.label}  # + paths, sha256
                for s, ref in zip(starts, given)]
+    from runs.filehash import data_inputs  # data files by content: a resume checks them
+    records += data_inputs(template.dataset, template.data_root)
     with create_result(path, ANALYSIS, coords, metrics, ("start",), config, records,
                        str(device), attrs, overwrite, shard) as result:
         todo = result.missing()

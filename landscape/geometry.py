@@ -19,15 +19,20 @@ from runs.errors import UserError
 
 GRID_EXAMPLE = "start:stop:num with both ends included (e.g. 0:1:25) or a comma list " \
                "(e.g. 0,0.25,0.5,1)"
+MAX_GRID_POINTS = 10**7  # points on one axis; runs.results.MAX_POINTS bounds the whole grid
 _NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
 
 def parse_grid(spec: str, flag: str = "--grid") -> np.ndarray:
     """'0:1:25' -> 25 values from 0 to 1 inclusive; '0,0.25,1' -> those values (float64)."""
     text = str(spec).strip()
+    _check_range(text, flag)
     values = _parse_range(text) if ":" in text else _parse_list(text)
     if values is None:
         raise UserError(f"{flag}: cannot parse {spec!r}; use {GRID_EXAMPLE}")
+    if not np.isfinite(values).all():
+        raise UserError(f"{flag} {spec!r}: a coordinate is not a finite number (beyond "
+                        f"float64's 1.8e308); use finite coordinates, e.g. 0:1:25")
     if len(np.unique(values)) != len(values):
         raise UserError(f"{flag} {spec!r} repeats a coordinate; each point once, e.g. 0:1:25")
     return values
@@ -43,6 +48,22 @@ def join_negative(argv, flags=("--grid", "--beta-grid")) -> list[str]:
         else:
             out.append(item)
     return out
+
+
+def _check_range(text: str, flag: str) -> None:
+    """Refuse start:stop:num with a non-finite end or span, or more than MAX_GRID_POINTS
+    points, before numpy allocates the grid or warns about overflow."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(_NUMBER.match(p) for p in parts[:2]) or \
+            not parts[2].strip().isdigit():
+        return  # not a range: parse_grid says so
+    start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+    if not all(map(np.isfinite, (start, stop, stop - start))):
+        raise UserError(f"{flag} {text!r}: its ends or span are not finite numbers (beyond "
+                        f"float64's 1.8e308); use finite coordinates, e.g. 0:1:25")
+    if count > MAX_GRID_POINTS:
+        raise UserError(f"{flag} {text!r}: {count:,} points is beyond the limit of "
+                        f"{MAX_GRID_POINTS:,} (each point is a model evaluation); use fewer")
 
 
 def _parse_range(text: str) -> np.ndarray | None:

@@ -47,7 +47,13 @@ from landscape.points import (
     PointEvaluator,
     eval_data,
 )
-from runs.config import HelpFormatter, add_config_args, arg, config_from_args
+from runs.config import (
+    HelpFormatter,
+    add_config_args,
+    arg,
+    check_at_most,
+    config_from_args,
+)
 from runs.data import STATS, holdout, load_splits, parse_data_options
 from runs.device import PRECISIONS, resolve_device, use_bf16
 from runs.errors import UserError, cli, echo_command
@@ -207,7 +213,9 @@ def prepare(cfg: InterpolateConfig, device, batch_size: int = 512) -> Plan:
         inputs.append(_record(cfg.teacher))
     if cfg.fc and "supervised" in measures.metrics:
         inputs.append(_record(cfg.fc))
-    return make_plan(cfg, anchors, measures, data, teacher, labelled(inputs), device)
+    from runs.filehash import data_inputs  # data files by content: a resume checks them
+    files = data_inputs(cfg.dataset, cfg.data_root, cfg.data_options) if data else []
+    return make_plan(cfg, anchors, measures, data, teacher, labelled(inputs) + files, device)
 
 
 def labelled(inputs: list[dict]) -> list[dict]:
@@ -272,6 +280,9 @@ def make_plan(cfg: InterpolateConfig, anchors: list[Anchor], measures: Measures,
     coords = grids(cfg)
     if data is not None:
         check_images(anchors[0], data.image_shape)
+        if "knn" in measures.metrics:  # before the result file exists
+            check_at_most(measures.knn_k, len(data.splits["train"].y), "--knn-k",
+                          "the train images measured: --train-samples, or all of train")
     geometry = build_geometry(cfg, anchors).to(device)
     return Plan(cfg, anchors, geometry, coords, measures, data, teacher, inputs)
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from probes.api import FEATURES, PIXELS, PROBES, fill_probes, probe_all, probe_labels, probe_result
-from runs.config import HelpFormatter
+from runs.config import HelpFormatter, seed_arg
 from runs.data import PAPER_STATS, STATS, load_dataset
 from runs.device import resolve_device
 from runs.errors import UserError, cli, echo_command
@@ -178,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
                    "linear-lbfgs: logistic regression run to convergence, L2 strength by "
                    "5-fold CV on train, the honest measure of linear capacity")
     p.add_argument("--ks", nargs="+", type=int, default=[20], help="k of the k-NN probes")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+    p.add_argument("--seeds", nargs="+", type=seed_arg, default=[0, 1, 2],
                    help="seeds of the trained probes (k-NN is deterministic)")
     p.add_argument("--out", default="results/probe.h5", help="HDF5 result file; the printed "
                    "summary, where a run was probed at several epochs, gives each run's "
@@ -208,6 +208,8 @@ def open_probe_result(args, device, shard, rows: list[dict], labels: list[str], 
     path = shard_path(args.out, *shard) if shard else args.out
     inputs = [{**ref_record(ref), "label": label} for ref, label in zip(refs, labels)
               if ref != PIXELS]
+    from runs.filehash import data_inputs  # data files by content: a resume checks them
+    inputs += data_inputs(args.dataset, args.data_root)
     return probe_result(path, labels, args.probes, args.ks, args.seeds, config, inputs,
                         device, rows, overwrite=args.overwrite, shard=shard)
 

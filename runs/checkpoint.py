@@ -9,16 +9,28 @@ A checkpoint is a dict:
     optimizer, scheduler   their state_dicts, or None
     config     the run's config (dict), rng (torch CPU/CUDA states), extra (anything JSON-able)
                (numpy values in config and extra are stored as Python numbers)
+
+Reading runs no code from the file: `torch.load(weights_only=True)` rebuilds tensors,
+containers, numbers and strings only, plus the classes a caller allows by name (dinopl's
+Lightning allow-list). A file that needs anything else is refused in one line naming the
+Python object it pickles, unless the user named that file with --trust-pickle
+(runs.usercode). JSON, HDF5, .npz and empty files are recognised by their first bytes.
 """
 
+import contextlib
+import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
+import torch.torch_version
 from torch import nn
 
 from runs.errors import UserError
-from runs.models.base import build, model_spec
+from runs.models.base import BUILDERS, build, model_spec
 from runs.store import atomic_write
+from runs.usercode import TRUST_FLAG, is_trusted_file
 
 FORMAT = "runs/ckpt/1"
 SHOW = 4  # key names quoted in an error before "(+N more)"
@@ -86,20 +98,91 @@ def _plain(data):
     return data.tolist() if type(data).__module__ == "numpy" else data
 
 
-def read_checkpoint(path, trusted: bool = False) -> dict:
-    """Load a checkpoint file to CPU; any unreadable file is a UserError naming it.
+def read_checkpoint(path, allow=()) -> dict:
+    """Load a checkpoint file to CPU, running no code from it; any unreadable file is a
+    UserError naming it.
 
-    `trusted=True` allows arbitrary pickled objects (Lightning checkpoints need it).
+    `allow`: classes the file may also hold, as (stand-in, "pickled.module.Name") pairs for
+    torch.serialization.safe_globals (dinopl.lightning_globals()). A file the user named with
+    --trust-pickle is unpickled in full.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint file at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
+        foreign = foreign_format(path)
+    except OSError as err:  # unreadable: permissions, a folder of that name, ...
+        raise UserError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    if foreign:
+        raise UserError(f"cannot read checkpoint {path}: it is {foreign}, not a torch "
+                        f"checkpoint")
+    trusted = is_trusted_file(path)
+    try:
+        with warnings.catch_warnings(), _allowing(allow):
+            # a pickle of protocol > 2 makes the weights-only reader warn before it fails
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        first = (str(err).splitlines() or [type(err).__name__])[0][:160]
-        raise UserError(f"cannot read checkpoint {path}: truncated or not a torch "
-                        f"checkpoint ({first})") from None
+        raise UserError(load_error(path, err, trusted)) from None
+
+
+def _allowing(allow):
+    """torch's safe_globals context for (stand-in, "pickled.Name") pairs. torch before 2.6
+    cannot take a pickled name: there only plain data loads (a file holding more is refused,
+    naming what it holds)."""
+    if not allow or torch.torch_version.TorchVersion(torch.__version__) < (2, 6):
+        return contextlib.nullcontext()
+    return torch.serialization.safe_globals(list(allow))
+
+
+_HDF5 = b"\x89HDF\r\n\x1a\n"
+
+
+def foreign_format(path: Path) -> str:
+    """'an HDF5 file', 'a JSON file', ... when the first bytes say `path` is no torch file;
+    '' otherwise (torch then judges it)."""
+    with open(path, "rb") as file:
+        head = file.read(64)
+    if not head:
+        return "an empty file"
+    if head.startswith(_HDF5):
+        return "an HDF5 file (a result?)"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file"
+    if head.startswith(b"PK") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if not any(name.endswith("data.pkl") for name in names):
+            npz = any(name.endswith(".npy") for name in names)
+            return "a NumPy .npz archive" if npz else "a zip archive"
+    return ""
+
+
+# torch's weights-only refusals name the pickled global they met
+_GLOBAL = re.compile(r"GLOBAL (\S+?)\.? (?:was not an allowed global|whose module)")
+
+
+def load_error(path: Path, err: Exception, trusted: bool = False) -> str:
+    """One complete line for a failed torch.load of `path`: the Python object a weights-only
+    load refused (and the two ways on), or torch's first sentence."""
+    text = str(err)
+    found = _GLOBAL.search(text)
+    if found and not trusted:
+        name = found[1] if "." in found[1] else f"builtins.{found[1]}"  # torch drops builtins.
+        return (f"refused to read {path}: it pickles the Python object {name}, and "
+                f"unpickling it could run code (checkpoints are read as tensors and plain "
+                f"data only); if you trust the file, add {TRUST_FLAG} {path}, or convert it "
+                f"to plain tensors (README: Security)")
+    reason = text.partition("WeightsUnpickler error:")[2].strip() if not trusted else ""
+    if reason:
+        return (f"cannot read checkpoint {path}: not tensors and plain data (the weights-only "
+                f"reader stopped at: {reason.splitlines()[0].rstrip('.')}); if you trust the "
+                f"file, add {TRUST_FLAG} {path}")
+    first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)
+    sentence = first.split(". ")[0].rstrip(".")
+    if trusted:  # unpickled in full: the file's own objects failed (a module not installed)
+        return f"cannot unpickle checkpoint {path} (given with {TRUST_FLAG}): {sentence}"
+    return f"cannot read checkpoint {path}: truncated or not a torch checkpoint ({sentence})"
 
 
 def _listing(keys) -> str:
@@ -155,12 +238,53 @@ def check_finite(module: nn.Module, source: str) -> nn.Module:
     return module
 
 
-def rebuild(entry: dict, source: str) -> nn.Module:
-    """The module an entry ({"spec", "state"}) describes, weights loaded strictly."""
-    if not entry.get("spec"):
+def check_entry(entry, source: str) -> dict:
+    """`entry` if it is {"spec": {"name": str, [registry], options...}, "state": ...} as
+    save_checkpoint writes it; else a UserError naming `source` and what is wrong, so that a
+    damaged or foreign file fails here in one line, not as a TypeError inside a factory."""
+    where = f"{source}: not a checkpoint of this toolkit (or a damaged one):"
+    if not isinstance(entry, dict):
+        raise UserError(f"{where} its model entry is a {type(entry).__name__}, not a dict "
+                        f"with spec and state")
+    spec = entry.get("spec")
+    if not spec:
         raise UserError(f"{source} has no model spec; load it with NAME=FILE (e.g. "
                         f"resnet18=weights.pt)")
-    module = build(entry["spec"], source)  # a user's module:factory only if allowed
-    if entry.get("state") is not None:
+    if not isinstance(spec, dict):
+        raise UserError(f"{where} its model spec is a {type(spec).__name__}, not a dict of "
+                        f"name and options")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise UserError(f"{where} its model spec has no name (a string); it has "
+                        f"{_listing(map(str, spec)) or 'no keys'}")
+    registry = spec.get("registry", "model")
+    if not isinstance(registry, str) or registry not in BUILDERS:
+        raise UserError(f"{where} its model spec names registry {registry!r}; valid: "
+                        f"{', '.join(sorted(BUILDERS))}")
+    if "state" not in entry:
+        raise UserError(f"{where} its model entry has no state (the weights)")
+    state = entry["state"]
+    if state is not None and not (isinstance(state, dict) and all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
+        raise UserError(f"{where} its model state is not a dict of name -> tensor")
+    return entry
+
+
+def rebuild(entry: dict, source: str) -> nn.Module:
+    """The module an entry ({"spec", "state"}) describes, weights loaded strictly; a state
+    of None rebuilds the module from the spec's seed."""
+    spec = check_entry(entry, source)["spec"]
+    try:
+        module = build(spec, source)  # a user's module:factory only if allowed
+    except (TypeError, ValueError, OverflowError) as err:  # options of the wrong type
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        options = {k: v for k, v in spec.items() if k not in ("name", "registry")}
+        raise UserError(f"{source}: model {spec['name']} cannot be built from the options "
+                        f"the file records ({_listing(f'{k}={v!r}' for k, v in options.items())}"
+                        f"): {first}") from None
+    except UserError as err:  # an unknown option or name: say which file recorded it
+        if source and source not in str(err):
+            raise UserError(f"{source}: {err}") from None
+        raise
+    if entry["state"] is not None:
         load_state_strict(module, entry["state"], source)
     return module

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import operator
 import re
 import types
 import typing
@@ -22,6 +23,11 @@ from runs.errors import UserError
 # Fields that name a member of a family of runs rather than the family itself:
 # seeds of one config share `<kind>_<hash>/` and differ in `seed_<s>/`.
 IDENTITY_EXCLUDE = ("seed",)
+# Seeds reach torch.manual_seed and numpy's SeedSequence, which take a signed 64-bit value:
+# a larger one fails deep inside ("Overflow when unpacking long long").
+SEED_MAX = 2 ** 63 - 1
+# A LABEL of LABEL:=REF names a row of tables, a legend entry and an HDF5 string.
+LABEL_MAX = 200
 
 
 def arg(default, help: str, **metadata):  # noqa: A002 - mirrors argparse's name
@@ -58,11 +64,84 @@ def check_fields(cfg, rules: dict) -> None:
         {"lr": (lambda v: 0 < v < math.inf, "must be a positive number")}
     Comparisons are False for NaN, so a range test refuses `--lr nan` too.
     """
+    seeds = seed_rules(type(cfg)) if dataclasses.is_dataclass(cfg) else {}
+    _check(lambda name: getattr(cfg, name), {**seeds, **rules})
+
+
+def _check(value_of, rules: dict) -> None:
     for name, (test, must) in rules.items():
-        value = getattr(cfg, name)
+        value = value_of(name)
         if not test(value):
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
             raise UserError(f"--{name.replace('_', '-')} {shown}: {must}")
+
+
+def is_seed(name: str) -> bool:
+    """Whether a config field is a seed (`seed`, `data_seed`, `teacher_seed`, ...)."""
+    return name == "seed" or name.endswith("_seed")
+
+
+def seed_rules(cls) -> dict:
+    """check_fields rules for every seed field of a config class: a whole number in
+    [0, SEED_MAX], or [-1, SEED_MAX] where the default is the sentinel -1 (teacher_seed)."""
+    rules = {}
+    for f in dataclasses.fields(cls):
+        if is_seed(f.name) and isinstance(f.default, int):
+            lowest = min(0, f.default)
+            rules[f.name] = (lambda v, lo=lowest: _whole(v) and lo <= v <= SEED_MAX,
+                             f"seeds must be whole numbers in [{lowest}, {SEED_MAX}] (2**63 - 1)")
+    return rules
+
+
+def _whole(value) -> bool:
+    """An int (numpy's too), not a bool or a float."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def check_seed(value, flag: str = "--seed") -> int:
+    """`value` if it is a seed torch and numpy take (a whole number in [0, SEED_MAX]), else a
+    UserError naming `flag`: for seeds outside a config (`--seeds 0 1 2`)."""
+    if not (_whole(value) and 0 <= value <= SEED_MAX):
+        raise UserError(f"{flag} {value}: seeds must be whole numbers in [0, {SEED_MAX}] "
+                        f"(2**63 - 1)")
+    return value
+
+
+def seed_arg(text: str) -> int:
+    """argparse `type=` of seed flags outside a config (`--seeds 0 1 2`): argparse's one-line
+    `argument --seeds: ...` error, exit 2, for a seed torch and numpy cannot take."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be whole numbers in "
+                                         f"[0, {SEED_MAX}] (2**63 - 1)")
+    return value
+
+
+def check_at_most(value, limit, flag: str, what: str) -> None:
+    """A UserError `--knn-k 100000: must be at most 600 (the train images measured)` when
+    `value` exceeds `limit`: a size checked against the data before any result exists."""
+    if value > limit:
+        raise UserError(f"{flag} {value}: must be at most {limit} ({what})")
+
+
+def check_label(label: str, text: str) -> str:
+    """The LABEL of LABEL:=REF if it is one line of at most LABEL_MAX characters, else a
+    UserError quoting the reference's start (a label of megabytes is not echoed whole)."""
+    if len(label) > LABEL_MAX or not label.isprintable():
+        start = text[:40] + ("..." if len(text) > 40 else "")
+        why = (f"is {len(label)} characters long; at most {LABEL_MAX}"
+               if len(label) > LABEL_MAX else "holds a line break or control character")
+        raise UserError(f"checkpoint reference {start!r}: its LABEL before ':=' {why}")
+    return label
 
 
 def from_dict(cls, data: dict):
@@ -73,7 +152,10 @@ def from_dict(cls, data: dict):
         raise UserError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
                         f"valid: {', '.join(sorted(names))}")
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k]) for k, v in data.items()})
+    values = {k: _coerce(v, hints[k]) for k, v in data.items()}
+    # Seeds first: a class's own checks (or torch) would fail on them less clearly.
+    _check(values.get, {k: rule for k, rule in seed_rules(cls).items() if k in values})
+    return cls(**values)
 
 
 def _coerce(value, hint):

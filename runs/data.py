@@ -14,6 +14,9 @@ cifar10/cifar100/cifar5m and ImageNet's for tinyimagenet; "dataset" = the datase
 the data as returned; `info.stats` records where its mean/std come from.
 Splits for the commands: `load_splits` (train and test), `holdout` (a stratified validation
 part of train), `parse_data_options` (--data-options key=value strings -> keyword options).
+Every split is checked as it loads (`check_loaded`: images in it, labels below num_classes,
+test images labelled, train images that vary), so bad data stops a command with one line
+naming the file before any run folder or result exists.
 """
 
 import inspect
@@ -89,10 +92,47 @@ def load_dataset(name: str, root=None, split: str = "train", download: bool = Fa
     if loader.takes_subset:
         options = {**options, "subset": subset}
     data = loader(_as_path(root), split, download, seed, **options)
+    check_loaded(data, _where(name, root, split), split)
     data = ImageData(x=data.x, y=data.y, info=with_stats(data.info, stats))
     data = convert_channels(data, channels)
     data = resize(data, image_size)
     return take_subset(data, subset, seed, split)
+
+
+def _where(name: str, root, split: str) -> str:
+    """How errors name a loaded split: `npz: data.npz (test split)`, `cifar10: the test
+    split at ~/data`."""
+    if name == "npz":
+        return f"npz: {root} ({split} split)"
+    return f"{name}: the {split} split" + (f" at {root}" if root else "")
+
+
+def check_loaded(data: ImageData, where: str, split: str) -> None:
+    """What every command relies on, checked for every loader as it returns (the npz loader
+    names the array first): images in the split, labels below num_classes, every test
+    image labelled, train images that vary (their std normalises the inputs)."""
+    if len(data) == 0:
+        raise UserError(f"{where} holds 0 images; each split needs at least one")
+    top = int(data.y.max())
+    if top >= data.info.num_classes:
+        raise UserError(f"{where} holds label {top} but the dataset has "
+                        f"{data.info.num_classes} classes (labels 0..{data.info.num_classes - 1})")
+    if split == "test":
+        check_labelled(data, where)
+    for channel, spread in enumerate(data.info.std):
+        if not spread > 0:
+            raise UserError(f"{where}: the train images are constant in channel {channel} "
+                            f"(std {spread}): nothing to learn from")
+
+
+def check_labelled(data: ImageData, where: str) -> None:
+    """Every image has its class (no -1 = unlabeled): what accuracy and training need."""
+    unlabeled = (data.y < 0).nonzero()
+    if len(unlabeled):
+        first = int(unlabeled[0])
+        raise UserError(f"{where} holds label {int(data.y[first])} (image {first}); labels "
+                        f"must lie in [0, {data.info.num_classes}) here (-1 = unlabeled: "
+                        f"only distillation trains without labels)")
 
 
 def dataset_info(name: str, root=None, download: bool = False, size=None,
@@ -242,9 +282,11 @@ def holdout(data: ImageData, size: int, seed: int) -> tuple[ImageData, ImageData
 
 
 def load_splits(dataset: str, root: str, subset: int, seed: int, **options):
-    """(train, test) of a dataset, train subset per class when `subset` > 0."""
+    """(train, test) of a dataset, train subset per class when `subset` > 0; both fully
+    labelled (the commands that load both train or measure with the train labels)."""
     kwargs = dict(root=root or None, seed=seed, **options)
     train = load_dataset(dataset, split="train", subset=subset or None, **kwargs)
+    check_labelled(train, _where(dataset, root or None, "train"))
     test = load_dataset(dataset, split="test", **kwargs)
     return train, test
 
@@ -348,6 +390,9 @@ def _wrap(images, labels, what: str, like: DatasetInfo | None, name: str) -> Ima
         mean, std = like.mean, like.std
     elif images.dtype == torch.uint8:
         mean, std = pixel_stats(images)
+        if len(images) and min(std) == 0:
+            raise UserError(f"{what}: the images are constant in channel {std.index(0)} (std "
+                            f"0): nothing to learn from, and normalising would divide by 0")
     else:  # float images arrive normalised: leave them as they are
         mean, std = (0.0,) * channels, (1.0,) * channels
     num_classes = max(int(labels.max()) + 1 if len(labels) else 1,

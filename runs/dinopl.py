@@ -58,14 +58,27 @@ and 200 and keep their number in the payload).
 
 Head: see import_dinopl_head (last="raw" for the L2-bottleneck layout, "normed" for torch's
 weight norm).
+
+Reading runs no code from the file: weights-only torch.load plus lightning_globals(), the
+classes a Lightning checkpoint legitimately pickles besides tensors and plain data (their
+hyper_parameters' AttributeDict, argparse.Namespace, pathlib paths, numpy scalars, dtypes and
+arrays, torch's TorchVersion), each rebuilt as inert data. Anything else (a custom callback's
+class, an OmegaConf config, functools.partial) is refused naming it; `--trust-pickle FILE`
+or the conversion in README ("Security") are the ways on.
 """
 
+import argparse
+import functools
+import importlib
 import json
+import pathlib
 import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.torch_version
 
 from runs.checkpoint import SHOW, load_state_strict, read_checkpoint
 from runs.errors import UserError
@@ -93,6 +106,45 @@ HEAD_CFGS = tuple(f"-/{lin}/{fn}/{wn}/l/-" for lin in ("lb", "l") for fn in ("fn
                   for wn in ("wn", "-"))
 
 
+class AttributeDictStandIn:
+    """Lightning's AttributeDict (their hyper_parameters: a dict with attribute access),
+    unpickled as a plain dict: the weights-only reader fills plain dicts only."""
+
+    def __new__(cls, *args):
+        return {}
+
+
+@functools.cache
+def lightning_globals() -> tuple:
+    """(stand-in, pickled name) pairs for torch.serialization.safe_globals: what a Lightning
+    checkpoint holds besides tensors and plain data, each rebuilt as inert data (a pure path,
+    a dict, a number), under the names old and new library versions pickle them with."""
+    attribute_dicts = ("pytorch_lightning.utilities.parsing", "lightning.pytorch.utilities"
+                       ".parsing", "lightning.fabric.utilities.data",
+                       "lightning_fabric.utilities.data")
+    paths = [(pure, f"{module}.{prefix}{kind}Path")
+             for kind, pure in (("Posix", pathlib.PurePosixPath),
+                                ("Windows", pathlib.PureWindowsPath))
+             for module in ("pathlib", "pathlib._local") for prefix in ("", "Pure")]
+    return (*[(AttributeDictStandIn, f"{m}.AttributeDict") for m in attribute_dicts],
+            (argparse.Namespace, "argparse.Namespace"), *paths,
+            (torch.torch_version.TorchVersion, "torch.torch_version.TorchVersion"),
+            *numpy_globals())
+
+
+def numpy_globals() -> list:
+    """numpy scalars, dtypes and arrays under numpy 1's and 2's module names."""
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy 1
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    out = [(getattr(multiarray, fn), f"{module}.{fn}") for fn in ("scalar", "_reconstruct")
+           for module in ("numpy.core.multiarray", "numpy._core.multiarray")]
+    dtypes = [getattr(np.dtypes, n) for n in getattr(getattr(np, "dtypes", None), "__all__", ())]
+    return [*out, (np.dtype, "numpy.dtype"), (np.ndarray, "numpy.ndarray"),
+            *[(cls, f"numpy.dtypes.{cls.__name__}") for cls in dtypes]]
+
+
 def listing(keys) -> str:
     """At most SHOW key names, then "(+N more)"."""
     keys = list(keys)
@@ -102,7 +154,7 @@ def listing(keys) -> str:
 
 def read_lightning(path) -> dict:
     """The checkpoint dict, or a UserError naming the file if it is not a Lightning one."""
-    ckpt = read_checkpoint(path, trusted=True)
+    ckpt = read_checkpoint(path, allow=lightning_globals())
     is_lightning = isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) and (
         "pytorch-lightning_version" in ckpt or "global_step" in ckpt)
     if not is_lightning:
@@ -135,6 +187,8 @@ def run_config(ckpt: dict, path) -> tuple[dict, str]:
     happens to lie beside the file is ignored.
     """
     hparams = ckpt.get("hyper_parameters")
+    if isinstance(hparams, argparse.Namespace):
+        hparams = vars(hparams)
     if isinstance(hparams, dict) and "enc" in hparams:
         return dict(hparams), "hyper_parameters"
     beside = Path(path).with_name("config.json")

@@ -158,8 +158,9 @@ def job_specs(argv, n: int) -> list[list[str]]:
             raise UserError(f"{name}: write launcher flags in full ({', '.join(full)})")
     cut = base.index("--") if "--" in base else len(base)
     # --import was taken off argv by the cli wrapper: every task must import the same modules
-    from runs.usercode import allowed_modules
+    from runs.usercode import allowed_modules, trusted_files
     imports = [item for module in allowed_modules() for item in ("--import", module)]
+    imports += [item for path in trusted_files() for item in ("--trust-pickle", path)]
     return [[*imports, *base[:cut], "--shard", f"{i}/{n}", *base[cut:]] for i in range(n)]
 
 

@@ -2,7 +2,8 @@
 
     runs/ckpt/step_0001000.pt     a checkpoint file written by this toolkit
     store/train_ab12cd34/seed_0@last   a run directory at its latest step
-    RUN@1000  RUN@2ep  RUN@init   a step in iterations or epochs; init = the run's first state
+    RUN@1000  RUN@2ep  RUN@init   a step in iterations or epochs; init = the state the run
+                                  started from (step 0, or the step a --rewind run began at)
     RUN@epochs  RUN@every         every saved checkpoint at a whole epoch (from epoch 1), or
                                   every saved checkpoint: one row each (probes.evaluate only)
     RUN@last:encoder              the encoder only, with a fresh fc (probing, fine-tuning)
@@ -24,7 +25,7 @@ from pathlib import Path
 from torch import nn
 
 from runs.checkpoint import read_checkpoint, rebuild
-from runs.config import parse_steps
+from runs.config import check_label, parse_steps
 from runs.errors import UserError
 from runs.store import Run, find_run
 
@@ -100,7 +101,7 @@ def split_label(text: str) -> tuple[str | None, str]:
     if not label.strip():
         raise UserError(f"checkpoint reference {text!r}: empty LABEL before ':='; e.g. "
                         f"teacher:=store/distill_x/seed_0@last:teacher")
-    return label.strip(), ref.strip()
+    return check_label(label.strip(), text), ref.strip()
 
 
 # ---------------------------------------------------------------------------- labels
@@ -298,17 +299,18 @@ def parse_ref(text: str) -> Ref:
 
 
 def run_step(run: Run, step: str) -> int:
-    """Resolve 'last', 'init', iterations or 'Nep' to a saved step of `run`."""
+    """Resolve 'last', 'init', iterations or 'Nep' to a step of `run` ('init': the step
+    of its starting state, whether or not its file is still there; see `resolve_file`)."""
     if step in SEVERAL:
         raise UserError(f"@{step} names several checkpoints ({SEVERAL[step]}); only "
                         f"probes.evaluate takes it: give one @STEP here (e.g. @last)")
+    if step == "init":
+        return init_step(run)
     steps = run.steps()
-    if not steps and step != "init":
+    if not steps:
         raise UserError(f"run {run.path} has no checkpoints yet")
     if step in (None, "last"):
         return steps[-1]
-    if step == "init":
-        return 0
     per_epoch = run.config().get("steps_per_epoch", 0)
     if step.endswith("ep") and not per_epoch:
         raise UserError(f"run {run.path} records no steps_per_epoch; give @STEP in iterations")
@@ -319,8 +321,22 @@ def run_step(run: Run, step: str) -> int:
     return value
 
 
-def resolve_file(ref: Ref) -> tuple[Path | None, int | None, Run | None]:
-    """The checkpoint file a reference names (None for an init rebuilt from a seed)."""
+def init_step(run: Run) -> int:
+    """The step of the state `run` started from: 0, the --rewind checkpoint's step, or
+    --start-step. config.json records it (`init_step`); a run made before it did tells it
+    by its config: --start-step, or for --rewind its first kept checkpoint (written first)."""
+    record = run.config()
+    if isinstance(record.get("init_step"), int):
+        return record["init_step"]
+    config = record.get("config") or {}
+    if config.get("rewind"):
+        steps = run.steps()
+        return steps[0] if steps else 0
+    return int(config.get("start_step") or 0)
+
+
+def resolve_file(ref: Ref) -> tuple[Path, int | None, Run | None]:
+    """The checkpoint file a reference names, its step and run (None for a file)."""
     source = Path(ref.source)
     if source.is_file():
         if ref.step is not None:
@@ -331,15 +347,109 @@ def resolve_file(ref: Ref) -> tuple[Path | None, int | None, Run | None]:
     run = find_run(source)
     step = run_step(run, ref.step)
     path = run.ckpt_path(step)
-    if not path.exists():  # only @init without a step-0 checkpoint gets here
-        return None, 0, run
+    if not path.exists():  # only @init gets here: its starting state's file is gone
+        return _missing_init(ref, run, step)
     return path, step, run
+
+
+def _missing_init(ref: Ref, run: Run, step: int) -> tuple[Path, int, Run]:
+    """RUN@init whose starting-state file is gone: a distillation teacher is the same in
+    every checkpoint (built from its seed by design, stored without weights), so any other
+    gives it; anything else fails naming the file, never rebuilt from a seed."""
+    saved = run.steps()
+    if "teacher" in ref.parts and saved and run.config().get("kind") == "distill":
+        return run.ckpt_path(saved[-1]), saved[-1], run
+    what = f"ckpt/{run.ckpt_path(step).name}"
+    listed = f"saved steps: {', '.join(map(str, saved))}" if saved else "no checkpoint saved"
+    raise UserError(f"{ref.text}: run {run.path} lacks its starting state {what} (step "
+                    f"{step}; deleted, or the run never started): @init is the state it began "
+                    f"training from and is never rebuilt from a seed; {listed}")
+
+
+def with_source(text: str, change) -> str | None:
+    """The reference `text` with its file or run path replaced by `change(path)`; None
+    where `change` returns None (or `text` is no reference). Keeps the rest as written."""
+    label, body = split_label(text)
+    match = _REF.match(body.strip())
+    new = change(match["source"]) if match else None
+    if new is None:
+        return None
+    arch = f"{match['arch']}=" if match["arch"] else ""
+    step = f"@{match['step']}" if match["step"] else ""
+    head = f"{label}{LABEL_SEP}" if label else ""
+    return f"{head}{arch}{new}{step}{match['parts']}"
+
+
+# Checkpoint entries that are the state a run starts from (--init takes model, --rewind
+# model, optimizer and scheduler); not the RNG state (random in every process), the config
+# (it spells paths) nor the bookkeeping in extra.
+STATE_KEYS = ("format", "step", "model", "modules", "optimizer", "scheduler")
+
+
+def content_ref(text: str) -> str:
+    """The reference with its file replaced by a hash of what it holds: "sha256:<hex>" of
+    a foreign file's bytes (NAME=FILE), "state:<hex>" of a toolkit checkpoint's STATE_KEYS
+    (its bytes also hold the process's RNG state), parts kept ("state:<hex>:encoder"), the
+    LABEL dropped. A run's identity takes this, so the same weights reached by any spelling
+    of their path (relative, absolute, a copied store) name the same run."""
+    ref = parse_ref(text)
+    path, _, _ = resolve_file(ref)
+    if ref.arch:
+        from runs.store import file_digest
+        digest = f"sha256:{file_digest(path)}"
+    else:
+        from runs.store import cached_digest
+        digest = f"state:{cached_digest(path, state_digest)}"
+    arch = f"{ref.arch}=" if ref.arch else ""
+    return f"{arch}{digest}{''.join(f':{part}' for part in ref.parts)}"
+
+
+def state_digest(path) -> str:
+    """Hex sha256 of a toolkit checkpoint's STATE_KEYS (tensors by dtype, shape, bytes)."""
+    import hashlib
+    payload = read_checkpoint(path)
+    _check_format(payload, Path(path))
+    digest = hashlib.sha256()
+    _feed(digest, {key: payload.get(key) for key in STATE_KEYS})
+    return digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    """Add a nested payload to `digest`: dict keys in sorted order, tensors by their bytes."""
+    import torch
+    if torch.is_tensor(value):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            _feed(digest, value[key])
+        digest.update(b"}")
+    elif isinstance(value, list | tuple):
+        digest.update(b"[")
+        for item in value:
+            _feed(digest, item)
+        digest.update(b"]")
+    else:
+        digest.update(repr(value).encode())
+
+
+def checked_modules(payload: dict, source) -> dict:
+    """The checkpoint's extra modules ({} when none); a damaged entry is one line."""
+    modules = payload.get("modules") or {}
+    if not isinstance(modules, dict):
+        raise UserError(f"{source}: not a checkpoint of this toolkit (or a damaged one): its "
+                        f"modules are a {type(modules).__name__}, not a dict")
+    return modules
 
 
 def select_entry(payload: dict, parts: tuple[str, ...], source: str) -> dict:
     """The {"spec", "state"} entry a part names: the main model or an extra module."""
     role = next((p for p in parts if p in ("student", "teacher")), None)
-    modules = payload.get("modules") or {}
+    modules = checked_modules(payload, source)
     if role is None or (role == "student" and "student" not in modules):
         return payload["model"]
     if role not in modules:
@@ -367,9 +477,7 @@ def load_model(ref: str, num_classes: int = None, fc_seed: int = None) -> Loaded
     parsed = parse_ref(ref)
     path, step, run = resolve_file(parsed)
     config = run.config().get("config", {}) if run else {}
-    if path is None:  # RUN@init with no step-0 checkpoint: rebuild from the recorded spec
-        model, payload = _rebuild_init(run), {}
-    elif parsed.arch == "dinopl":
+    if parsed.arch == "dinopl":
         from runs.dinopl import import_dinopl
         model, payload = import_dinopl(path, parsed.parts)
     elif parsed.arch:
@@ -380,17 +488,24 @@ def load_model(ref: str, num_classes: int = None, fc_seed: int = None) -> Loaded
         _check_format(payload, path)
         model = rebuild(select_entry(payload, parsed.parts, str(path)), str(path))
         step = payload.get("step", step)
-        config = _filled(payload) or config
+        config = _filled(payload, path) or config
     if "encoder" in parsed.parts or (num_classes and num_classes != model.fc.out_features):
         model = with_fresh_fc(model, num_classes, fc_seed)
     return Loaded(model, ref, path, step, config, payload)
 
 
-def _filled(payload: dict) -> dict:
-    """A checkpoint's config, keys it predates set as its run was made (runs.recipe)."""
+def _filled(payload: dict, path: Path) -> dict:
+    """A checkpoint's config, keys it predates set as its run was made (runs.recipe), paths
+    it keeps relative to its store (`store_relative` in extra) joined to where the store is
+    (ROOT/<kind>_<hash>/seed_<s>/ckpt/FILE)."""
     from runs.recipe import fill_legacy
-    kind = (payload.get("extra") or {}).get("kind", "")
-    return fill_legacy(kind, payload.get("config") or {})
+    from runs.store import from_store
+    extra = payload.get("extra") or {}
+    config = fill_legacy(extra.get("kind", ""), payload.get("config") or {})
+    names = extra.get("store_relative") or ()
+    if names and isinstance(config, dict) and Path(path).parent.name == "ckpt":
+        config = from_store(config, names, Path(path).parents[3])
+    return config
 
 
 def load_head(ref: str, payload: dict = None) -> nn.Module:
@@ -407,24 +522,16 @@ def load_head(ref: str, payload: dict = None) -> nn.Module:
     if parsed.arch == "dinopl":
         from runs.dinopl import import_dinopl_head
         return import_dinopl_head(path, "teacher" if teacher else "student")
-    if path is None or parsed.arch:
+    if parsed.arch:
         raise UserError(f"{ref} holds no DINO head: only distillation checkpoints (RUN@STEP, "
                         f"RUN@STEP:teacher) and dinopl=FILE carry one")
     payload = payload if payload and "modules" in payload else read_checkpoint(path)
     role = "teacher_head" if teacher else "head"
-    modules = payload.get("modules") or {}
+    modules = checked_modules(payload, path)
     if role not in modules:
         raise UserError(f"{ref}: {path} holds no DINO head ({role!r}); only distillation "
                         f"checkpoints carry one (modules here: {', '.join(modules) or 'none'})")
     return rebuild(modules[role], str(path))
-
-
-def _rebuild_init(run: Run) -> nn.Module:
-    from runs.models.base import build
-    spec = run.config().get("model_spec")
-    if not spec:
-        raise UserError(f"run {run.path} has no step-0 checkpoint and records no model_spec")
-    return build(spec, str(run.path))
 
 
 def _check_format(payload, path: Path) -> None:

@@ -5,7 +5,8 @@ labelled dataset (see DESIGN.md, "One HDF5 result schema"):
 
 - root attributes: `schema` ("results/1"), `analysis`, `created_utc`, `package_version`,
   `git_sha`, `git_dirty`, `torch_version`, `device`, `config` (JSON), `inputs` (JSON list of
-  {"path", "sha256"}), `shard` ("i/n", shard files only), plus the analysis' own (`bn_mode`);
+  {"path", "sha256", ...}: checkpoints, and data files with "kind": "data", size and mtime,
+  see runs.filehash), `shard` ("i/n", shard files only), plus the analysis' own (`bn_mode`);
 - coordinates: 1-D datasets made HDF5 dimension scales (numbers or strings);
 - metrics: N-D float datasets, every axis attached to its scale, attrs `units`, `long_name`;
   NaN until written;
@@ -18,6 +19,10 @@ labelled dataset (see DESIGN.md, "One HDF5 result schema"):
         for cell in result.missing():
             result.write(cell, loss=evaluate(**result.labels(cell)))
 
+Only this toolkit's own result of the same analysis is ever resumed or replaced (--overwrite
+included); a resume whose data files changed is refused, naming the file. Sizes beyond
+MAX_POINTS / MAX_RESULT_BYTES are refused before a file exists.
+
 Writes are crash-safe: the skeleton is written to a temp file and renamed into place, data
 sets are allocated up front (so a cell write never touches HDF5 metadata), and every cell is
 flushed as it finishes. A killed scan re-run with the same arguments resumes from `done`.
@@ -26,15 +31,19 @@ This module must not import torch: figures read results on machines without it.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import re
 import secrets
+import struct
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -44,8 +53,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from runs import __version__
-from runs.errors import UserError, cli, disk_full, unknown, with_filename
+from runs import __version__, filehash
+from runs.errors import DISK_FULL, UserError, cli, unknown
 
 SCHEMA = "results/1"
 # Provenance attrs that may differ between shards; a merge joins their distinct values.
@@ -54,6 +63,10 @@ PROVENANCE = ("package_version", "git_sha", "git_dirty", "torch_version", "devic
 STANDARD_ATTRS = ("schema", "analysis", "created_utc", *PROVENANCE, "config", "inputs",
                   "shard", "merged_from")
 DONE = "done"
+# Sizes refused before a file is made: beyond these a grid is a typo (`--grid 0:1:100000000`),
+# not a study. Point cells are model evaluations; bytes are the file's estimated size.
+MAX_POINTS = 10**7
+MAX_RESULT_BYTES = 4 * 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,31 +217,44 @@ def _cells(flat: np.ndarray, shape) -> list[tuple]:
 
 
 class WriteLock:
-    """An exclusive flock on `path + ".lock"`, held while a result file is open for writing.
+    """Exclusive locks held while a result file is open for writing, keyed by what the file
+    is, not how its path is spelled: a flock on `<real path>.lock` (symlinks and relative
+    spellings resolved) and, while the file exists, an OFD lock on the file's own inode (a
+    hard link or another mount of it). A second writer by any name is refused.
 
-    Readers take no lock, so `show` and figures can peek at a running scan.
+    Readers take no lock, so `show` and figures can peek at a running scan; `merge` reads its
+    shards without writing anything beside them (see `being_written`).
     """
 
     def __init__(self, path):
-        self.path = f"{path}.lock"
+        self.shown = str(path)  # as the user wrote it, for messages
+        self.target = os.path.realpath(path)
+        self.path = f"{self.target}.lock"
         self.fd = None
+        self.inode_fd = None
 
     def acquire(self) -> "WriteLock":
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            with _writing(self.shown):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise UserError(f"{self.path[:-5]} is being written by another process "
-                                f"(pid {pid}); wait for it to finish or stop it") from None
+                raise _busy(self.shown, pid) from None
             # The last holder unlinks the lock file on release; if that happened between our
             # open and flock we hold an orphan inode and must retry on the fresh file.
             if self._still_linked(fd):
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
                 self.fd = fd
+                try:
+                    with _writing(self.shown):  # the pid: what a refused writer is told
+                        os.ftruncate(fd, 0)
+                        os.write(fd, f"{os.getpid()}\n".encode())
+                    self.lock_inode()
+                except BaseException:
+                    self.release()
+                    raise
                 return self
             os.close(fd)
         raise UserError(f"could not lock {self.path}: it keeps being replaced")
@@ -239,7 +265,35 @@ class WriteLock:
         except FileNotFoundError:
             return False
 
+    def lock_inode(self) -> None:
+        """Lock the result file's inode (again, after a new file took the name): one byte far
+        past any data, an OFD lock, which neither HDF5's own flock nor a reader meets. A
+        no-op while the file does not exist, and where OFD locks do not (not Linux)."""
+        self._unlock_inode()
+        if not hasattr(fcntl, "F_OFD_SETLK") or not sys.platform.startswith("linux"):
+            return
+        try:
+            with _writing(self.shown):
+                fd = os.open(self.target, os.O_RDWR)
+        except (FileNotFoundError, IsADirectoryError):  # not yet made; a run's folder
+            return
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _ofd_lock(fcntl.F_WRLCK))
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise _busy(self.shown, "unknown; it writes the same file by another name") \
+                    from None
+            return  # a file system without byte-range locks: the path lock stands alone
+        self.inode_fd = fd
+
+    def _unlock_inode(self) -> None:
+        if self.inode_fd is not None:
+            os.close(self.inode_fd)  # closing the description drops its OFD lock
+            self.inode_fd = None
+
     def release(self) -> None:
+        self._unlock_inode()
         if self.fd is None:
             return
         # Unlink while still holding the lock, so no one can lock the name we remove.
@@ -249,6 +303,76 @@ class WriteLock:
             pass
         os.close(self.fd)
         self.fd = None
+
+
+_INODE_LOCK_AT = 1 << 62  # the byte an inode lock covers: beyond any file this writes
+
+
+def _ofd_lock(kind: int) -> bytes:
+    """A Linux `struct flock` (short type, short whence, off_t start, off_t len, pid_t pid)
+    for one byte at _INODE_LOCK_AT; OFD locks need pid 0."""
+    return struct.pack("hhxxxxqqixxxx", kind, os.SEEK_SET, _INODE_LOCK_AT, 1, 0)
+
+
+def _busy(path, pid) -> UserError:
+    return UserError(f"{path} is being written by another process (pid {pid}); wait for it "
+                     f"to finish or stop it")
+
+
+def being_written(path) -> str | None:
+    """The pid (as text) of a process writing the result at `path`, None if none is; looks
+    without creating or locking anything (a read-only folder stays untouched)."""
+    lock = f"{os.path.realpath(path)}.lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: no writer
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- OS errors
+
+_ERRNO_TEXT = re.compile(r"errno = (\d+)")
+READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _errno_of(err: BaseException) -> int | None:
+    """The OS error number behind `err` or the errors it was raised from: an OSError's own,
+    or the "errno = N" that HDF5 writes into its RuntimeError messages."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno:
+            return err.errno
+        if isinstance(err, (OSError, RuntimeError)) and (match := _ERRNO_TEXT.search(str(err))):
+            return int(match[1])
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """Report OS failures while writing `path` the way the CLIs print them in one line: a full
+    disk as OSError(ENOSPC) naming `path` (runs.errors.cli says "No space left on device while
+    writing PATH"), no permission or a read-only file system as a UserError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        code = _errno_of(err)
+        if code in DISK_FULL:
+            raise OSError(code, os.strerror(code), str(path)) from None
+        if code in READ_ONLY:
+            why = "read-only file system" if code == errno.EROFS else "permission denied"
+            raise UserError(f"cannot write {path}: {why}; choose a writable output folder "
+                            f"(--out) or change its permissions") from None
+        raise
 
 
 # ---------------------------------------------------------------------------- create / resume
@@ -293,6 +417,7 @@ def new_result(path, analysis: str, coords: Mapping, metrics: Mapping,
                              device, attrs, overwrite, shard)
     coords, specs = _normalize_coords(coords), _normalize_specs(metrics)
     _check_layout(coords, specs, tuple(point_dims))
+    _check_size(None, coords, specs, tuple(point_dims))  # memory is bounded as files are
     root = _root_attrs(analysis, config, inputs, device, attrs or {}, None)
     return MemoryResult(root, coords, specs, point_dims)
 
@@ -359,22 +484,84 @@ def _root_attrs(analysis, config, inputs, device, attrs, shard) -> dict:
 
 
 def _open_writer(path, root, coords, specs, point_dims, overwrite, resume) -> "Result":
-    """Lock `path`, then resume the file there or write a fresh skeleton; return it open."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Lock `path`, then resume the file there or write a fresh skeleton; return it open.
+
+    Everything a user can get wrong is checked before anything is written: the path (empty,
+    a folder, under a file), the size, and what an existing file is (`--overwrite` replaces
+    only a result of the same analysis that this toolkit wrote).
+    """
+    analysis = root["analysis"]
+    real = _check_out_path(path, analysis)
+    _check_size(path, coords, specs, point_dims)
+    with _writing(path):
+        Path(real).parent.mkdir(parents=True, exist_ok=True)
     lock = WriteLock(path).acquire()
     try:
-        if os.path.exists(path) and not overwrite:
-            if not resume:
+        if os.path.exists(real):
+            if why := _not_ours(real, analysis):
+                raise UserError(f"{path} {why}; --overwrite replaces only "
+                                f"this toolkit's own {analysis!r} result files: choose another "
+                                f"output path (or move the file away yourself)")
+            if not overwrite and not resume:
                 raise UserError(f"{path} already exists; pass --overwrite to replace it")
-            planned = ResultData(str(path), root["analysis"], _parse_attrs(root, path), coords,
-                                 point_dims, specs, {}, None)
-            _check_resumable(path, planned)
-        else:
-            _write_skeleton(path, root, coords, specs, point_dims)
+            if not overwrite:
+                planned = ResultData(str(path), analysis, _parse_attrs(root, path), coords,
+                                     point_dims, specs, {}, None)
+                _check_resumable(path, planned)
+                return Result(path, lock)
+        with _writing(path):
+            _write_skeleton(real, root, coords, specs, point_dims)
+        lock.lock_inode()  # the new file is a new inode
         return Result(path, lock)
     except BaseException:
         lock.release()
         raise
+
+
+def _check_out_path(path, analysis: str) -> str:
+    """The real path (symlinks resolved) a result is written to; a one-line UserError for an
+    empty path, a folder, or a path below a file."""
+    text = "" if path is None else os.fspath(path)
+    if not str(text).strip():
+        raise UserError(f"the result path is empty (--out ''); give a file such as "
+                        f"out/{analysis}.h5")
+    real = os.path.realpath(text)
+    if os.path.isdir(real) or str(text).endswith(os.sep):
+        raise UserError(f"{path} is a folder, not a result file; give a file path such as "
+                        f"{os.path.join(text, analysis + '.h5')}")
+    for folder in Path(real).parents:
+        if os.path.exists(folder):
+            if not os.path.isdir(folder):
+                raise UserError(f"cannot write {path}: {folder} is a file, not a folder")
+            break
+    return real
+
+
+def _not_ours(path, analysis: str) -> str | None:
+    """Why the existing file at `path` may not be replaced or resumed (None if it may): it is
+    a result of `analysis` with this toolkit's schema attribute. A damaged one (cut short by
+    a full disk or a copy) still counts as ours when its bytes hold both names."""
+    if not os.path.isfile(path):
+        return "exists and is not a regular file"
+    if not h5py.is_hdf5(path):
+        return "exists and is not an HDF5 result file (a checkpoint, an .npz or another file?)"
+    try:
+        with h5py.File(path, "r", locking=False) as file:
+            schema, found = file.attrs.get("schema"), file.attrs.get("analysis")
+    except (OSError, RuntimeError, ValueError, KeyError):
+        return None if _names_in_bytes(path, analysis) else "exists and is an unreadable HDF5 file"
+    schema, found = (v.decode() if isinstance(v, bytes) else v for v in (schema, found))
+    if schema != SCHEMA:
+        return f"exists and is an HDF5 file without this toolkit's schema attribute ({SCHEMA!r})"
+    if found != analysis:
+        return f"already exists and holds a different analysis ({found!r}, not {analysis!r})"
+    return None
+
+
+def _names_in_bytes(path, analysis: str, limit: int = 1 << 20) -> bool:
+    with open(path, "rb") as file:
+        head = file.read(limit)
+    return SCHEMA.encode() in head and analysis.encode() in head
 
 
 def _check_resumable(path, planned: "ResultData") -> None:
@@ -383,9 +570,28 @@ def _check_resumable(path, planned: "ResultData") -> None:
     except UserError as err:
         raise UserError(f"{path} exists but cannot be resumed ({err}); "
                         "pass --overwrite to replace it") from None
+    if changed := filehash.changed_data(existing.attrs.get("inputs", []),
+                                        planned.attrs.get("inputs", [])):
+        raise UserError(f"{changed[0]} changed since the result {path} was started "
+                        f"({changed[1]}); re-run with --overwrite or restore the file")
     if what := _difference(existing, planned):
         raise UserError(f"{path} already exists and holds a different {what}; "
                         "pass --overwrite to replace it, or choose another output path")
+
+
+def _check_size(path, coords, specs, point_dims) -> None:
+    """Refuse a result beyond MAX_POINTS point cells or MAX_RESULT_BYTES before it exists."""
+    length = {name: len(labels) for name, labels in coords.items()}
+    points = math.prod(length[d] for d in point_dims)
+    nbytes = points + sum(labels.nbytes for labels in coords.values()) + sum(
+        math.prod(length[d] for d in spec.dims) * np.dtype(spec.dtype).itemsize
+        for spec in specs.values())
+    if points > MAX_POINTS or nbytes > MAX_RESULT_BYTES:
+        shape = " x ".join(f"{length[d]:,} {d}" for d in point_dims)
+        raise UserError(f"{path or 'the in-memory result'}: {shape} is {points:,} points and about "
+                        f"{nbytes / 2**30:.3g} GiB, beyond the limit of {MAX_POINTS:,} points "
+                        f"or {MAX_RESULT_BYTES / 2**30:g} GiB; use fewer points (a coarser "
+                        f"--grid, fewer seeds or checkpoints)")
 
 
 def _write_skeleton(path, root, coords, specs, point_dims) -> None:
@@ -393,23 +599,34 @@ def _write_skeleton(path, root, coords, specs, point_dims) -> None:
 
     Data are written in full here, so space is allocated now and later cell writes change
     only raw bytes, never HDF5 metadata: a kill mid-write cannot break the file's structure.
+    The file is laid out in memory (HDF5's core driver) and written with plain Python I/O:
+    a full disk is then an OSError here, never an HDF5 handle half-flushed to a full disk
+    (which crashed the process as it exited).
     """
-    folder, name = os.path.split(os.path.abspath(path))
+    image = _skeleton_image(root, coords, specs, point_dims)
+    folder, name = os.path.split(path)
     # Not mkstemp: its 0600 mode would stick to the result; "x" mode honours the umask.
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with h5py.File(tmp, "x", track_order=True, locking=False) as file:
-            file.attrs.update(root)
-            _write_datasets(file, coords, specs, point_dims)
-        with open(tmp, "rb+") as handle:  # durable before it takes the real name
-            os.fsync(handle.fileno())
+        with open(tmp, "xb") as handle:
+            handle.write(image)
+            handle.flush()
+            os.fsync(handle.fileno())  # durable before it takes the real name
         os.replace(tmp, path)
-    except BaseException as err:
+    except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if disk_full(err) is None:
-            raise
-        raise with_filename(err, path) from None  # a full disk: name the result, not tmp
+        raise
+
+
+def _skeleton_image(root, coords, specs, point_dims) -> bytes:
+    """The bytes of a fresh result file, laid out in memory."""
+    name = f"skeleton-{os.getpid()}-{secrets.token_hex(8)}.h5"  # a name only, never a file
+    with h5py.File(name, "w", driver="core", backing_store=False, track_order=True) as file:
+        file.attrs.update(root)
+        _write_datasets(file, coords, specs, point_dims)
+        file.flush()
+        return file.id.get_file_image()
 
 
 def _write_datasets(file, coords, specs, point_dims) -> None:
@@ -536,33 +753,37 @@ class Result(Grid):
         self.point_dims, self.specs, self.shard = layout.point_dims, layout.specs, layout.shard
         self.shape = layout.shape
         self._lock = lock
-        self._file = h5py.File(path, "r+", locking=False)
+        self._file = None
+        with _writing(path):
+            self._file = h5py.File(path, "r+", locking=False)
         self._done = self._file[DONE][()]  # in-memory copy; the file's is updated per cell
 
     def _store(self, index, arrays) -> None:
-        try:
+        # A full disk: the cell stays not done and the file opens (its space is allocated).
+        with _writing(self.path):
             for name, array in arrays.items():
                 self._file[name][self._selection(name, index)] = array
             self._file[DONE][index] = True
             self._file.flush()
-        except Exception as err:  # a full disk: the cell stays not done, the file opens
-            if disk_full(err) is None:
-                raise
-            raise with_filename(err, self.path) from None
 
     def _write_all(self, metrics: Mapping, done: np.ndarray) -> None:
         """Write whole arrays at once (merge, save)."""
-        for name, array in metrics.items():
-            self._file[name][...] = array
-        self._file[DONE][...] = done
-        self._file.flush()
+        with _writing(self.path):
+            for name, array in metrics.items():
+                self._file[name][...] = array
+            self._file[DONE][...] = done
+            self._file.flush()
         self._done = done.copy()
 
     def close(self) -> None:
+        """Close the file, then release the locks. A close that fails (HDF5 flushing to a
+        full disk) still drops every handle now: one left to the interpreter's exit crashed
+        the process there."""
+        file, self._file = self._file, None
         try:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if file is not None:
+                with _writing(self.path):
+                    _close_hard(file)
         finally:
             self._lock.release()
 
@@ -574,6 +795,24 @@ class Result(Grid):
             self.close()  # disk) HDF5's close can fail too, and would replace it
         except Exception:
             pass
+
+
+def _close_hard(file) -> None:
+    """`file.close()`; if that fails, close every HDF5 object of the file that is still open
+    (each failure ignored) and raise the first error."""
+    try:
+        file.close()
+    except Exception:
+        for kind in (h5py.h5f.OBJ_DATASET | h5py.h5f.OBJ_GROUP | h5py.h5f.OBJ_DATATYPE |
+                     h5py.h5f.OBJ_ATTR, h5py.h5f.OBJ_FILE):
+            try:
+                ids = h5py.h5f.get_obj_ids(file.id, kind)
+            except Exception:
+                ids = []
+            for obj in ids:
+                with contextlib.suppress(Exception):
+                    obj._close()
+        raise
 
 
 class MemoryResult(Grid):
@@ -679,15 +918,46 @@ def _dims_of(dataset, coords, path) -> tuple[str, ...]:
 
 
 def _parse_attrs(raw: Mapping, path) -> dict:
-    """Numpy scalars to Python, `config` and `inputs` from JSON."""
+    """Numpy scalars to Python, `config` and `inputs` from JSON, checked to be what every
+    reader relies on: `config` an object, `inputs` a list of records with a path and sha256
+    (a file written elsewhere may hold anything)."""
     attrs = {k: v.item() if isinstance(v, np.generic) else v for k, v in raw.items()}
-    for key in ("config", "inputs"):
+    attrs = {k: v.decode(errors="replace") if isinstance(v, bytes) else v
+             for k, v in attrs.items()}
+    for key, kind in (("config", dict), ("inputs", list)):
         if key in attrs:
             try:
                 attrs[key] = json.loads(attrs[key])
             except (TypeError, ValueError):
                 raise UserError(f"{path}: root attribute {key!r} is not JSON") from None
+            if not isinstance(attrs[key], kind):
+                raise UserError(f"{path}: root attribute {key!r} is not a JSON "
+                                f"{'object' if kind is dict else 'list'} (got "
+                                f"{type(attrs[key]).__name__}); not a result of this toolkit?")
+    for record in attrs.get("inputs", []):
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str) or \
+                not isinstance(record.get("sha256"), str):
+            raise UserError(f"{path}: root attribute 'inputs' holds {str(record)[:60]!r}, not a "
+                            f"record with a 'path' and a 'sha256'")
     return attrs
+
+
+def json_attr(data: ResultData, key: str, kind: type = list, default=None):
+    """A root attribute that an analysis stored as JSON (probe's `checkpoints`, border's
+    `children`), parsed and type-checked: a one-line UserError naming the file and the
+    attribute when it is not JSON or not a `kind`. default: returned when the file has none."""
+    if key not in data.attrs:
+        return default
+    value = data.attrs[key]
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise UserError(f"{data.path}: root attribute {key!r} is not JSON") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{data.path}: root attribute {key!r} is not a JSON "
+                        f"{'object' if kind is dict else kind.__name__}")
+    return value
 
 
 def _difference(a: ResultData, b: ResultData, check_shard: bool = True) -> str | None:
@@ -701,6 +971,8 @@ def _difference(a: ResultData, b: ResultData, check_shard: bool = True) -> str |
         return f"config ({_config_difference(a.attrs.get('config'), b.attrs.get('config'))})"
     if _shas(a) != _shas(b):
         return "inputs (checkpoint sha256)"
+    if changed := filehash.changed_data(a.attrs.get("inputs", []), b.attrs.get("inputs", [])):
+        return f"data file ({changed[0]}: {changed[1]})"
     if list(a.coords) != list(b.coords):
         return f"coords ({list(a.coords)} vs {list(b.coords)})"
     for name in a.coords:
@@ -735,7 +1007,9 @@ def _config_value(value, absent) -> str:
 
 
 def _shas(data: ResultData) -> list[str]:
-    return [record["sha256"] for record in data.attrs.get("inputs", [])]
+    """The sha256 of every checkpoint input (data files are compared by changed_data)."""
+    return [record["sha256"] for record in data.attrs.get("inputs", [])
+            if not filehash.is_data(record)]
 
 
 def _extra_attrs(data: ResultData) -> dict:
@@ -809,7 +1083,7 @@ def merge_results(out_path, shard_paths: Sequence, overwrite: bool = False) -> R
     """
     if not shard_paths:
         raise UserError("merge needs at least one shard file")
-    if any(os.path.abspath(out_path) == os.path.abspath(p) for p in shard_paths):
+    if any(os.path.realpath(out_path) == os.path.realpath(p) for p in shard_paths):
         raise UserError(f"merge output {out_path} is also one of its inputs; pick another path")
     parts = [_read_unlocked(p) for p in shard_paths]
     first = parts[0]
@@ -826,14 +1100,13 @@ def merge_results(out_path, shard_paths: Sequence, overwrite: bool = False) -> R
 
 
 def _read_unlocked(path) -> ResultData:
-    """Read a shard, refusing one that a scan is still writing (its lock is held)."""
+    """Read a shard, refusing one that a scan is still writing (its lock is held). Nothing
+    is written beside it, so shards in a read-only folder merge."""
     if not os.path.exists(path):
         raise UserError(f"no such result file: {path}")
-    lock = WriteLock(path).acquire()
-    try:
-        return open_result(path)
-    finally:
-        lock.release()
+    if (pid := being_written(path)) is not None:
+        raise _busy(path, pid)
+    return open_result(path)
 
 
 def _union(parts: Sequence[ResultData]) -> tuple[dict, np.ndarray]:
@@ -894,7 +1167,7 @@ def describe(data: ResultData) -> str:
     lines = [f"file: {data.path}", "attributes:"]
     for key, value in data.attrs.items():
         if key == "inputs":
-            value = "".join(f"\n    {r['path']}  sha256={r['sha256'][:12]}"
+            value = "".join(f"\n    {r['path']}  sha256={r['sha256'][:12]}{_data_note(r)}"
                             for r in value) or "(none)"
         elif not isinstance(value, str):
             value = json.dumps(value, sort_keys=True)
@@ -911,6 +1184,18 @@ def describe(data: ResultData) -> str:
                      f"[{spec.units}] {spec.long_name}: {progress}")
     lines.append(f"done: {progress}")
     return "\n".join(lines)
+
+
+def _data_note(record: dict) -> str:
+    """"  (data, 12.3 MB)" for a data file's record, "" for a checkpoint's."""
+    if not filehash.is_data(record):
+        return ""
+    files = f", {record['files']} files" if "files" in record else ""
+    size = record.get("size")
+    if not isinstance(size, (int, float)):
+        return f"  (data{files})"
+    return f"  (data{files}, " + (f"{size / 1e6:.1f} MB)" if size >= 1e6 else
+                                  f"{size / 1e3:.1f} kB)")
 
 
 def _fmt(label) -> str:
@@ -1050,7 +1335,8 @@ def _store_row(run, saved: dict, store: Path) -> dict:
 def _locked(run_path: Path) -> bool:
     """Whether a process holds a write lock on the run (training: `<run>.lock`; a run's
     own result files: `<run>/*.lock`). Peeks with a shared, non-blocking flock."""
-    for lock in [run_path.with_name(run_path.name + ".lock"), *run_path.glob("*.lock")]:
+    own = Path(f"{os.path.realpath(run_path)}.lock")  # WriteLock's name for the run
+    for lock in [own, *run_path.glob("*.lock")]:
         try:
             fd = os.open(lock, os.O_RDONLY)
         except OSError:

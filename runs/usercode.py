@@ -12,9 +12,15 @@ only modules the user named in this process are imported, through
 
 Anything else is refused with one line saying which flag allows it. This module imports no
 torch: every CLI runs through it, `python -m figures` too.
+
+The same holds for pickles: checkpoints are read weights-only (runs.checkpoint), and a file
+holding other Python objects is unpickled in full only if the user named that very file with
+`--trust-pickle FILE` (any CLI, repeatable; `trust_file` from Python). Presets cannot name it
+(runs.studies.preset_schema refuses the key and flag-like values).
 """
 
 import importlib
+import os
 import re
 
 from runs.errors import UserError
@@ -22,6 +28,8 @@ from runs.errors import UserError
 _NAME = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 _QUALIFIED = re.compile(rf"^(?P<module>{_NAME}):(?P<attr>{_NAME})$")
 _allowed: set[str] = set()  # modules the user named in this process
+_trusted: set[str] = set()  # resolved paths of files named with --trust-pickle
+TRUST_FLAG = "--trust-pickle"
 
 
 def is_qualified(name: str) -> bool:
@@ -52,6 +60,21 @@ def is_allowed(module: str) -> bool:
 def allowed_modules() -> list[str]:
     """The modules allowed so far, sorted: what a launcher passes on as `--import` flags."""
     return sorted(_allowed)
+
+
+def trust_file(path) -> None:
+    """Let `path` be unpickled in full (it may run code): the user vouched for this file."""
+    _trusted.add(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def is_trusted_file(path) -> bool:
+    """True if `path` (through symlinks) was named with --trust-pickle in this process."""
+    return os.path.realpath(os.path.expanduser(str(path))) in _trusted
+
+
+def trusted_files() -> list[str]:
+    """The trusted files, sorted: what a launcher passes on as `--trust-pickle` flags."""
+    return sorted(_trusted)
 
 
 def import_module(module: str, what: str = None):
@@ -92,6 +115,8 @@ def take_argv(argv: list[str]) -> list[str]:
     imported and allowed; `--model pkg.mod:factory` values are imported and registered
     (they stay on the command line: the command's parser reads them as model names).
 
+    `--trust-pickle FILE` pairs are taken off too, each file trusted (`trust_file`).
+
     Scanning stops at `--` (what follows is positional). Called by `runs.errors.cli` before
     the command's parser sees argv, so every CLI takes --import without a flag of its own.
     """
@@ -104,6 +129,10 @@ def take_argv(argv: list[str]) -> list[str]:
         if item == "--import" or item.startswith("--import="):
             module = item.partition("=")[2] if "=" in item else _value(argv, i)
             import_module(module)
+            i += 1 if "=" in item else 2
+            continue
+        if item == TRUST_FLAG or item.startswith(TRUST_FLAG + "="):
+            trust_file(item.partition("=")[2] if "=" in item else _value(argv, i, TRUST_FLAG))
             i += 1 if "=" in item else 2
             continue
         if item == "--model" or item.startswith("--model="):
@@ -120,8 +149,10 @@ def take_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _value(argv: list[str], i: int) -> str:
-    if i + 1 >= len(argv) or str(argv[i + 1]).startswith("-"):
-        raise UserError("--import needs a module name (e.g. --import my_package.my_models)")
+def _value(argv: list[str], i: int, flag: str = "--import") -> str:
+    if i + 1 >= len(argv) or str(argv[i + 1]).startswith("-") or not str(argv[i + 1]):
+        what = ("a checkpoint file you trust (e.g. --trust-pickle old.ckpt)" if flag == TRUST_FLAG
+                else "a module name (e.g. --import my_package.my_models)")
+        raise UserError(f"{flag} needs {what}")
     return str(argv[i + 1])
 

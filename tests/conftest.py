@@ -19,13 +19,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_user_modules():
-    """Modules a test allows (--import, @register) stay that test's: the allow-list is
-    process-wide, and xdist runs many tests in one process."""
+    """Modules a test allows (--import, @register) and files it trusts (--trust-pickle) stay
+    that test's: the lists are process-wide, and xdist runs many tests in one process."""
     from runs import usercode
-    before = set(usercode._allowed)
+    before, trusted = set(usercode._allowed), set(usercode._trusted)
     yield
     usercode._allowed.clear()
     usercode._allowed.update(before)
+    usercode._trusted.clear()
+    usercode._trusted.update(trusted)
 
 
 @pytest.fixture

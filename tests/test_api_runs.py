@@ -129,8 +129,9 @@ def test_load_every_reference_form(run_with_teacher):
     assert_same_state(runs.load(Run(run.path)), tiny(seed=120))  # a Run
     encoder = runs.load(f"{run.path}@10", part="encoder")
     assert_same_state(encoder.encoder, tiny(seed=110).encoder)
-    run.ckpt_path(0).unlink()  # @init rebuilt from the recorded spec
-    assert_same_state(runs.load(f"{run.path}@init"), tiny(seed=0))
+    run.ckpt_path(0).unlink()  # @init is the state the run began from: never rebuilt
+    with pytest.raises(UserError, match="lacks its starting state"):
+        runs.load(f"{run.path}@init")
     with pytest.raises(UserError, match="part 'head'; valid: encoder, student, teacher"):
         runs.load(run.path, part="head")
     with pytest.raises(UserError, match="holds no DINO head"):
@@ -400,8 +401,9 @@ def test_checkpoint_naming_a_module_is_refused_and_imports_nothing(fresh, tmp_pa
         runs.load(path)
     assert str(err.value).startswith(message)
     run = open_run(tmp_path / "store", "train", Cfg(), seed=0, extra={"model_spec": model.spec})
-    with pytest.raises(UserError, match=f"{run.path}: model '{name}' comes from module"):
-        runs.load(f"{run.path}@init")  # rebuilt from config.json's spec: refused too
+    save_checkpoint(run.ckpt_path(0), model, 0)
+    with pytest.raises(UserError, match=f"{run.ckpt_path(0)}: model '{name}' comes from"):
+        runs.load(f"{run.path}@init")  # a run's checkpoint naming it: refused too
     assert not (tmp_path / "IMPORTED").exists()
     assert not {m for m in set(sys.modules) - before if "evil" in m or m == module}
     assert name not in MODELS and not usercode.allowed_modules()

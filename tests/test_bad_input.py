@@ -133,8 +133,31 @@ def world(tmp_path_factory) -> dict:
     (root / "preset.json").write_text(json.dumps({"distill": {"model": "convnet"},
                                                   "bogus": 1}))
     files["preset"] = str(root / "preset.json")
+    for name, change in BROKEN_NPZ.items():
+        files[name] = write_npz(root / f"{name}.npz", **change)
     files["root"] = root
     return files
+
+
+def write_npz(path: Path, **change) -> str:
+    """A small valid npz (4 classes of grey 8x8 images, 32 train, 8 test), `change` applied."""
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (32, 8, 8), dtype=np.uint8),
+              "y_train": np.arange(32) % 4,
+              "x_test": rng.integers(0, 256, (8, 8, 8), dtype=np.uint8),
+              "y_test": np.arange(8) % 4}
+    np.savez(path, **{**arrays, **change})
+    return str(path)
+
+
+# npz files each broken in one way that only shows once the arrays are read.
+BROKEN_NPZ = {
+    "npz_no_test": dict(x_test=np.zeros((0, 8, 8), np.uint8), y_test=np.zeros(0, np.int64)),
+    "npz_no_train": dict(x_train=np.zeros((0, 8, 8), np.uint8), y_train=np.zeros(0, np.int64)),
+    "npz_test_label_-1": dict(y_test=np.array([0, 1, 2, 3, -1, 1, 2, 3])),
+    "npz_train_label_-1": dict(y_train=np.r_[np.arange(31) % 4, -1]),
+    "npz_constant": dict(x_train=np.full((32, 8, 8), 17, np.uint8)),
+}
 
 
 def snapshot(*roots) -> dict:
@@ -306,6 +329,63 @@ ROWS = {
                                                   "--data-root", "{empty}"], "{empty}"),
     "interpolate corrupt npz": (INTERPOLATE, ["--dataset", "npz", "--data-root",
                                               "{corrupt_npz}"], "{corrupt_npz}"),
+    # data problems, named with the file and the array (issue 19): refused as the data loads
+    **{f"{cmd} npz with 0 {split} images": (
+        command, ["--dataset", "npz", "--data-root", f"{{npz_no_{split}}}"],
+        f"{{npz_no_{split}}}:x_{split} holds 0 images")
+       for cmd, command in (("train", TRAIN), ("distill", DISTILL))
+       for split in ("train", "test")},
+    **{f"{cmd} npz with label -1 in y_test": (
+        command, ["--dataset", "npz", "--data-root", "{npz_test_label_-1}"],
+        "{npz_test_label_-1}:y_test holds label -1 (image 4)")
+       for cmd, command in (("train", TRAIN), ("distill", DISTILL),
+                            ("interpolate", INTERPOLATE))},
+    "train npz with label -1 in y_train": (
+        TRAIN, ["--dataset", "npz", "--data-root", "{npz_train_label_-1}"],
+        "{npz_train_label_-1} (train split) holds label -1 (image 31)"),
+    **{f"{cmd} npz with constant images": (
+        command, ["--dataset", "npz", "--data-root", "{npz_constant}"],
+        "{npz_constant}:x_train is constant (every pixel of channel 0 is 17)")
+       for cmd, command in (("train", TRAIN), ("distill", DISTILL))},
+    "distill data option not a number": (DISTILL, ["--dataset", "noise", "--data-options",
+                                                   "count=abc"], "--data-options count=abc"),
+    "distill data option empty": (DISTILL, ["--dataset", "noise", "--data-options", "count="],
+                                  "--data-options count=:"),
+    "distill malformed noise shape": (DISTILL, ["--dataset", "noise", "--data-options",
+                                                "shape=3,,32"], "--data-options shape=3,,32"),
+    "distill digits fraction not a number": (DISTILL, ["--dataset", "digits", "--data-options",
+                                                       "test_fraction=x"], "test_fraction=x"),
+    "interpolate data option not a number": (INTERPOLATE, ["--dataset", "toy", "--data-options",
+                                                           "side=x"], "--data-options side=x"),
+    # sizes beyond a sane bound: refused with the number before anything is allocated
+    "train width 1e5": (TRAIN, ["--width", "1e5"],
+                        "--width 100000.0 (4 classes) would have 9.22e+14 parameters"),
+    "distill width 1e5": (DISTILL, ["--width", "1e5"], "--width 100000.0"),
+    "distill out dim 1e11": (DISTILL, ["--out-dim", "100000000000"],
+                             "--out-dim 100000000000, --hidden-dim 32"),
+    "distill hidden dim 1e10": (DISTILL, ["--hidden-dim", "10000000000"],
+                                "--hidden-dim 10000000000"),
+    "distill noise shape 1,30000,30000": (
+        DISTILL, ["--dataset", "noise", "--data-options", "shape=1,30000,30000"],
+        "noise: 50000 images of shape (1, 30000, 30000) would take 4.19e+04 GiB"),
+    "distill toy side 100000": (DISTILL, ["--data-options", "side=100000"],
+                                "lower --data-options side= or per_class="),
+    "interpolate label of 300 characters": (
+        INTERPOLATE[:1] + ("x" * 300 + ":={A}",) + INTERPOLATE[2:], [],
+        "its LABEL before ':=' is 300 characters long; at most 200"),
+    "interpolate knn k above the train set": (
+        INTERPOLATE, ["--metrics", "knn", "--knn-k", "100000"],
+        "--knn-k 100000: must be at most 256"),
+    # seeds that torch and numpy cannot take (signed 64 bits)
+    "train seed 2**64": (TRAIN, ["--seed", str(2 ** 64)],
+                         f"--seed {2 ** 64}: seeds must be whole numbers in [0, {2 ** 63 - 1}]"),
+    "train data seed -1": (TRAIN, ["--data-seed", "-1"], "--data-seed -1"),
+    "distill seed 2**64": (DISTILL, ["--seed", str(2 ** 64)], f"--seed {2 ** 64}"),
+    "distill teacher seed 2**64": (DISTILL, ["--teacher-seed", str(2 ** 64)],
+                                   f"--teacher-seed {2 ** 64}"),
+    "interpolate seed 2**64": (INTERPOLATE, ["--seed", str(2 ** 64)], f"--seed {2 ** 64}"),
+    "border sample seed 2**64": (BORDER, ["--sample-seed", str(2 ** 64)],
+                                 f"--sample-seed {2 ** 64}"),
 }
 
 
@@ -460,6 +540,130 @@ def test_a_real_full_disk_stops_training_with_one_line_and_files_that_open(tmp_p
                                                      "writing store/train_"), errors
     assert "Traceback" not in out.stderr
     assert lines[-1].startswith("opened ") and int(lines[-1].split()[1]) >= 2
+
+
+# ------------------------------------------------------------------- the machine refuses
+
+
+def _hdf5_message(path, code: int, error: str) -> str:
+    return (f"Unable to synchronously create file (unable to open file: name = '{path}', "
+            f"errno = {code}, error message = '{error}', flags = 13, o_flags = 242)")
+
+
+def _numpy_out_of_memory(path):
+    try:
+        np.empty((10 ** 7, 10 ** 7))  # 728 TiB: refused at once, nothing is touched
+    except MemoryError as err:
+        return err
+    raise AssertionError("numpy allocated 728 TiB")
+
+
+# What the OS or an allocator raised -> what the one line must say ({p}: the path named).
+REFUSALS = {
+    "disk full": (lambda p: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), p),
+                  "No space left on device while writing {p}"),
+    "disk full in an HDF5 message": (
+        lambda p: RuntimeError(f"Can't write data (file write failed: time = x, filename = "
+                               f"'{p}', file descriptor = 5, errno = 28, error message = "
+                               f"'No space left on device')"),
+        "No space left on device while writing {p}"),
+    "permission denied": (lambda p: PermissionError(errno.EACCES, "Permission denied", p),
+                          "cannot write {p}: permission denied"),
+    "permission denied in an HDF5 message": (
+        lambda p: OSError(_hdf5_message(p, errno.EACCES, "Permission denied")),
+        "cannot write {p}: permission denied"),
+    "read-only file system": (lambda p: OSError(errno.EROFS, os.strerror(errno.EROFS), p),
+                              "cannot write {p}: read-only file system"),
+    "a file where a folder should be": (
+        lambda p: NotADirectoryError(errno.ENOTDIR, "Not a directory", p),
+        "{p}: Not a directory (a part of the path is a file, not a folder)"),
+    "a folder deleted mid-run": (
+        lambda p: FileNotFoundError(errno.ENOENT, "No such file or directory", p),
+        "{p}: No such file or directory"),
+    "numpy out of memory": (_numpy_out_of_memory, "out of memory (asked for 728 TiB)"),
+    "torch CPU allocator": (
+        lambda p: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                               "DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 3200000000000 bytes. Error code 12"),
+        "out of memory (asked for 2.91 TiB)"),
+    "CUDA out of memory": (lambda p: torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 8 GiB total capacity)"),
+        "out of memory (asked for 20.00 GiB)"),
+    "a bare MemoryError": (lambda p: MemoryError(), "out of memory; lower the sizes"),
+}
+# A CLI and the function its main calls first: replaced by one that raises.
+BODIES = {"runs.train": (TRAIN, "runs.engines.train", "load_data"),
+          "runs.distill": (DISTILL, "runs.engines.distill", "load_data"),
+          "landscape.interpolate": (INTERPOLATE, "landscape.interpolate", "prepare")}
+
+
+@pytest.mark.parametrize("module", BODIES)
+@pytest.mark.parametrize("refusal", REFUSALS)
+def test_what_the_machine_refuses_is_one_line_and_exit_2(world, tmp_path, monkeypatch,
+                                                         refusal, module):
+    """A full disk, a forbidden or read-only path, a path in the way, memory running out:
+    one `error:` line naming the file or the size asked for, exit 2, no traceback."""
+    command, owner, body = BODIES[module]
+    make, culprit = REFUSALS[refusal]
+    path = str(tmp_path / "out" / "file.h5")
+
+    def refused(*args, **kwargs):
+        raise make(path)
+
+    monkeypatch.setattr(importlib.import_module(owner), body, refused)
+    before = snapshot(world["root"], tmp_path)
+    code, lines = call(module, [fill(a, world, tmp_path) for a in command[1:]])
+    assert_one_line_error(code, lines, culprit.format(p=path))
+    assert not any("Traceback" in line for line in lines)
+    assert snapshot(world["root"], tmp_path) == before
+
+
+def test_anything_else_keeps_its_traceback(monkeypatch, tmp_path):
+    """A bug is not dressed as bad input: an OSError naming no file, a ValueError, escape."""
+    import runs.engines.train as engine
+    for error in (ValueError("a bug"), OSError(errno.ENOENT, "No such file or directory")):
+        def broken(cfg, error=error):
+            raise error
+
+        monkeypatch.setattr(engine, "load_data", broken)
+        with pytest.raises(type(error)):
+            call("runs.train", [*TINY, "--steps", "2", "--store", str(tmp_path)])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not unshare_available(), reason="needs unshare -rm to mount a tmpfs")
+@pytest.mark.parametrize("command", ["runs.train", "runs.distill"])
+def test_a_real_read_only_store_is_one_line(tmp_path, command):
+    """--store on a read-only file system (a tmpfs mounted ro in a user namespace): one line
+    naming the folder, exit 2, no traceback."""
+    argv = [*TINY, *(HEAD if command == "runs.distill" else []), "--steps", "2"]
+    script = (f"mount -t tmpfs -o ro,size=64k none {tmp_path} && {sys.executable} -m "
+              f"{command} {' '.join(argv)} --store {tmp_path}/store; echo \"exit $?\"")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
+                         text=True, env=env, timeout=300, cwd=REPO)
+    errors = [line for line in out.stderr.splitlines() if "error: " in line]
+    assert out.stdout.strip().splitlines()[-1] == "exit 2", out.stderr[-2000:]
+    assert errors == [f"error: cannot write {tmp_path}/store: read-only file system; choose a "
+                      f"folder on a writable disk (--out, --store)"], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_a_failing_pipeline_stage_prints_one_error_line(tmp_path, monkeypatch):
+    """A stage's bad input ends the pipeline with ONE `error:` line, naming the stage and
+    the stage's own complaint (not the stage's line, then `stage probe failed (exit 2)`)."""
+    from runs.errors import UserError, cli
+    from runs.studies import pipeline
+
+    @cli
+    def stage(argv=None):
+        raise UserError("--batch-size 0: must be at least 1 image")
+
+    monkeypatch.setattr(pipeline, "run_pipeline",
+                        lambda *args, **kwargs: pipeline.call(stage, [], "probe"))
+    code, lines = call("runs.pipeline", ["--preset", "demo", "--out", str(tmp_path / "out")])
+    last = assert_one_line_error(code, lines, "stage probe")
+    assert "--batch-size 0: must be at least 1 image" in last
 
 
 # ---------------------------------------------------------------------------- two writers

@@ -194,3 +194,63 @@ def test_unwrap(tmp_path):
     path = save_checkpoint(tmp_path / "c.pt", Wrapper(Compiled(model)), 3)
     entry = read_checkpoint(path)["model"]
     assert entry["spec"] == model.spec and "encoder.0.weight" in entry["state"]
+
+
+# ---- damaged or foreign files: one complete line naming the file --------------------------
+
+def _spec(change):
+    def edit(payload):
+        change(payload["model"]["spec"])
+    return edit
+
+
+MALFORMED = {
+    "spec not a dict": (lambda p: p["model"].update(spec=["convnet"]), "spec is a list"),
+    "name missing": (_spec(lambda s: s.pop("name")), "spec has no name"),
+    "name not a str": (_spec(lambda s: s.update(name=5)), "spec has no name"),
+    "unknown registry": (_spec(lambda s: s.update(registry="zoo")), "registry 'zoo'; valid"),
+    "option of the wrong type": (_spec(lambda s: s.update(width="wide")), "width='wide'"),
+    "state missing": (lambda p: p["model"].pop("state"), "has no state"),
+    "model entry not a dict": (lambda p: p.update(model="convnet"), "entry is a str"),
+    "state not tensors": (lambda p: p["model"].update(state={"w": 1}), "not a dict of name"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_checkpoint_is_one_line_naming_the_file(tmp_path, case):
+    from runs.refs import load_model
+    change, words = MALFORMED[case]
+    payload = read_checkpoint(save_checkpoint(tmp_path / "c.pt", tiny(), 0))
+    change(payload)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(UserError) as err:
+        load_model(str(tmp_path / "bad.pt"))
+    message = str(err.value)
+    assert str(tmp_path / "bad.pt") in message and words in message and "\n" not in message
+
+
+def _foreign(path):
+    import h5py
+    kind = path.suffix
+    if kind == ".json":
+        path.write_text('{"model": {"spec": {"name": "convnet"}}}')
+    elif kind == ".h5":
+        with h5py.File(path, "w") as file:
+            file["x"] = np.zeros(3)
+    elif kind == ".npz":
+        np.savez(path, x=np.zeros(3))
+    else:
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("name, words", [("x.json", "a JSON file"), ("x.h5", "an HDF5 file"),
+                                         ("x.npz", "a NumPy .npz archive"),
+                                         ("x.pt", "an empty file")])
+def test_foreign_file_as_checkpoint_is_named_whole(tmp_path, name, words):
+    """A JSON, HDF5, npz or empty file: said in full (the old message was cut mid-sentence)."""
+    path = tmp_path / name
+    _foreign(path)
+    with pytest.raises(UserError) as err:
+        read_checkpoint(path)
+    assert str(err.value) == f"cannot read checkpoint {path}: it is {words}" + \
+        (" (a result?)" if name == "x.h5" else "") + ", not a torch checkpoint"

@@ -71,6 +71,40 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_resumes(harness, reports,
     assert report.stops[sig.name] == 128 + int(sig)
 
 
+# ---------------------------------------------------------------------------- relocation
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["train", "imp"])
+def test_a_killed_command_moved_elsewhere_resumes_there_with_the_same_bits(harness, reports,
+                                                                           name):
+    """Killed part-way, its folder moved and renamed, re-run with --store and --out spelled
+    absolute in the new place: the clean run's files (config.json byte for byte)."""
+    command = harness.commands()[name]
+    report = reports.get(name) or harness.clean_run(command)
+    reports[name] = report
+    harness.moved_test(command, report)
+    assert report.ok, explain(report)
+    assert "moved store resumed" in report.rows
+
+
+@pytest.mark.slow
+def test_a_scan_resumed_on_rewritten_data_is_refused_touching_nothing(harness):
+    command = crashtest.data_command(harness.inputs)
+    report = harness.clean_run(command)
+    harness.changed_data_test(command, report)
+    assert report.ok, explain(report)
+    assert report.rows == ["changed data refused"]
+
+
+def test_the_moved_row_spells_store_and_out_absolute(tmp_path):
+    argv = ("--steps", "3", "--store", "store", "--out", "results/x.h5", "--device", "cpu")
+    assert crashtest.spelled_in(argv, tmp_path) == (
+        "--steps", "3", "--store", str(tmp_path / "store"), "--out",
+        str(tmp_path / "results/x.h5"), "--device", "cpu")
+    assert crashtest.out_file(argv) == "results/x.h5" and crashtest.out_file(()) == ""
+
+
 # ---------------------------------------------------------------------------- the CLI wrapper
 
 

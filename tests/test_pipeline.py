@@ -1,6 +1,8 @@
 """runs.pipeline end to end on a reduced demo preset: every stage, every figure, resumable."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +91,38 @@ def test_rerun_trains_nothing(demo, monkeypatch):
     monkeypatch.setattr("runs.engines.distill.fit", refuse)
     assert main(["--preset", str(preset), "--out", str(root / "out")]) == 0
     assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
+
+
+@pytest.mark.slow
+def test_another_spelling_of_out_resumes_and_trains_nothing(demo, monkeypatch):
+    """The demo was made with an absolute --out; `--out out` from its parent is the same
+    folder: every stage resumes (no "different config"), nothing trains again."""
+    root, preset = demo
+    ckpts = {p: p.stat().st_mtime_ns for p in (root / "out" / "store").rglob("*.pt")}
+    monkeypatch.setattr("runs.engines.train.fit", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr("runs.engines.distill.fit", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.chdir(root)
+    assert main(["--preset", str(preset), "--out", "./out/"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
+
+
+def test_out_is_spelled_as_the_study_was_made(tmp_path, monkeypatch):
+    """A new --out inside the working folder is spelled relative to it (so a copy run from
+    its new parent resumes); a recorded spelling wins for the same folder; a folder with
+    results but no record (made before the record) keeps the spelling given."""
+    from runs.studies.pipeline import Layout, out_folder, record_out
+    monkeypatch.chdir(tmp_path)
+    assert out_folder(str(tmp_path / "out")) == Path("out") == out_folder("./out/")
+    assert out_folder("/") == Path("/")
+    (tmp_path / "abs").mkdir()
+    record_out(Layout(tmp_path / "abs"))
+    assert out_folder("abs") == tmp_path / "abs"  # recorded absolute: kept
+    (tmp_path / "old" / "results").mkdir(parents=True)
+    assert out_folder(str(tmp_path / "old")) == tmp_path / "old"
+    copy = tmp_path / "elsewhere" / "abs"
+    copy.parent.mkdir()
+    shutil.copytree(tmp_path / "abs", copy)  # the record names the original: not this one
+    assert out_folder(str(copy)) == Path("elsewhere/abs")
 
 
 def test_alpha_groups_take_their_own_seeds():

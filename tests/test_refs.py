@@ -196,23 +196,55 @@ def test_missing_teacher_lists_parts(run_dir):
 
 # --- @init -----------------------------------------------------------------------------------
 
-def test_init_without_step0_checkpoint_rebuilds_from_model_spec(run_dir):
+def test_init_without_its_starting_state_fails_naming_the_file(run_dir):
+    """RUN@init is the state the run began from: with that file gone it fails naming it,
+    never rebuilt from a seed (which a run started from --init or --rewind never was)."""
     run = run_dir(steps=(10,))
-    loaded = load_model(f"{run.path}@init")
-    assert loaded.path is None and loaded.step == 0
-    assert loaded.config == {"lr": 0.2, "seed": 0}
-    assert_same_state(loaded.model, tiny(seed=0))
+    with pytest.raises(UserError, match=r"lacks its starting state ckpt/step_0000000\.pt "
+                                        r"\(step 0.*never rebuilt from a seed; saved steps: 10"):
+        load_model(f"{run.path}@init")
     assert load_model(f"{run.path}@last").step == 10
 
 
-def test_init_before_any_checkpoint(run_dir):
+def test_init_before_any_checkpoint_fails(run_dir):
     run = run_dir(steps=())
-    assert_same_state(load_model(f"{run.path}@init").model, tiny(seed=0))
+    with pytest.raises(UserError, match="lacks its starting state.*no checkpoint saved"):
+        load_model(f"{run.path}@init")
 
 
-def test_init_without_model_spec_is_an_error(run_dir):
-    run = run_dir(steps=(10,), extra={"steps_per_epoch": STEPS_PER_EPOCH})
-    with pytest.raises(UserError, match="no step-0 checkpoint and records no model_spec"):
+def test_init_is_the_recorded_starting_step(run_dir):
+    """A --rewind run starts at the rewound step K: RUN@init names its checkpoint there."""
+    run = run_dir(steps=(10, 20), extra={"steps_per_epoch": STEPS_PER_EPOCH, "init_step": 10})
+    loaded = load_model(f"{run.path}@init")
+    assert loaded.step == 10 and loaded.path == run.ckpt_path(10)
+    assert_same_state(loaded.model, tiny(seed=110))
+    run.ckpt_path(10).unlink()
+    with pytest.raises(UserError, match=r"step_0000010\.pt \(step 10"):
+        load_model(f"{run.path}@init")
+
+
+def test_init_of_a_rewind_run_made_before_init_step_is_its_first_checkpoint(tmp_path):
+    @dataclass(frozen=True)
+    class Old:
+        rewind: str = arg("", "rewind reference")
+        seed: int = arg(0, "init seed")
+    run = open_run(tmp_path, "train", Old(rewind="elsewhere@10"))
+    for step in (10, 20):
+        save_checkpoint(run.ckpt_path(step), tiny(seed=100 + step), step)
+    assert load_model(f"{run.path}@init").step == 10
+
+
+def test_a_distill_teacher_at_init_comes_from_any_checkpoint(tmp_path):
+    """The teacher is built from its seed by design (stored without weights): RUN@init:teacher
+    stays valid when the step-0 file is gone; the student's init does not."""
+    teacher = create_model("convnet", width=0.125, num_classes=4, seed=42)
+    run = open_run(tmp_path, "distill", Cfg(), extra={"init_step": 0})
+    for step in (0, 10):
+        save_checkpoint(run.ckpt_path(step), tiny(seed=100 + step), step,
+                        modules={"teacher": module_entry(teacher, with_state=False)})
+    run.ckpt_path(0).unlink()
+    assert_same_state(load_model(f"{run.path}@init:teacher").model, teacher)
+    with pytest.raises(UserError, match="lacks its starting state"):
         load_model(f"{run.path}@init")
 
 
@@ -228,10 +260,9 @@ def test_input_record(run_dir):
                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                       "run": {"kind": "train"}}  # the run's kind, from its config.json
     assert ref_record(f"{run.path}@10") == record  # the same, without loading weights
-    run.ckpt_path(0).unlink()
-    rebuilt = {"ref": f"{run.path}@init", "path": "", "sha256": "", "step": 0}
-    assert load_model(f"{run.path}@init").input_record() == rebuilt  # from the seed alone
-    assert ref_record(f"{run.path}@init") == rebuilt
+    init = run.ckpt_path(0)
+    assert ref_record(f"{run.path}@init")["sha256"] == hashlib.sha256(
+        init.read_bytes()).hexdigest()
 
 
 def test_input_record_names_the_runs_data_and_alpha(tmp_path):

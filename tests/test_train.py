@@ -251,6 +251,94 @@ def test_bad_rewind_leaves_no_run_directory(reference, tmp_path):
     assert not list(tmp_path.rglob("config.json"))
 
 
+def test_rewind_at_or_past_the_end_is_refused_naming_both_steps(reference, tmp_path):
+    """`--steps 2 --rewind RUN@8` would end where it starts: refused before any file."""
+    for step in (8, 24):
+        cfg = dataclasses.replace(CFG, rewind=f"{reference.path}@{step}", num_steps=min(step, 2),
+                                  save_at=())
+        with pytest.raises(UserError, match=rf"at step {step}, not before the end of training "
+                                            rf"\(--steps 2\)"):
+            train(cfg, tmp_path, device="cpu")
+    assert not list(tmp_path.rglob("*"))
+
+
+def test_init_with_rewind_is_refused(reference, student, tmp_path):
+    cfg = dataclasses.replace(CFG, rewind=f"{reference.path}@8",
+                              init=f"{student.path}@last:encoder")
+    with pytest.raises(UserError, match="--init .* with --rewind .*give one of them"):
+        train(cfg, tmp_path, device="cpu")
+    assert not list(tmp_path.rglob("*"))
+
+
+def test_init_of_a_rewind_run_is_the_rewound_state(reference, tmp_path):
+    """RUN@init names the state the run began training from: for --rewind the checkpoint
+    it rewound to, at its step (recorded as init_step), not a model rebuilt from the seed."""
+    from runs.refs import load_model
+    cfg = dataclasses.replace(CFG, rewind=f"{reference.path}@8", num_steps=10, save_at=())
+    run = train(cfg, tmp_path, device="cpu")
+    assert run.config()["init_step"] == 8 and run.steps() == [8, 10]
+    loaded = load_model(f"{run.path}@init")
+    assert loaded.step == 8 and loaded.path == run.ckpt_path(8)
+    assert_same(loaded.model.state_dict(),
+                read_checkpoint(reference.ckpt_path(8))["model"]["state"], "rewound")
+
+
+def test_init_of_an_init_run_is_its_first_weights_or_fails_naming_why(student, tmp_path):
+    from runs.refs import load_model
+    cfg = dataclasses.replace(CFG, init=f"{student.path}@last:encoder", num_steps=2, save_at=())
+    run = train(cfg, tmp_path, device="cpu")
+    first = read_checkpoint(run.ckpt_path(0))["model"]["state"]
+    assert_same(load_model(f"{run.path}@init").model.state_dict(), first, "init")
+    run.ckpt_path(0).unlink()
+    with pytest.raises(UserError, match=r"lacks its starting state ckpt/step_0000000\.pt"):
+        load_model(f"{run.path}@init")
+
+
+def one_error(capsys) -> str:
+    """The only `error:` line on stderr (asserted to be the only one)."""
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def test_a_run_folder_deleted_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
+    real = train_module.train_step
+
+    def deleting(s, x, y):
+        if s.step == 3:
+            import shutil
+            shutil.rmtree(s.run.path.parent)
+        return real(s, x, y)
+
+    monkeypatch.setattr(train_module, "train_step", deleting)
+    assert main(["--store", str(tmp_path), *TINY, "--steps", "8"]) == 2
+    line = one_error(capsys)
+    assert "disappeared" in line and "re-run the same command" in line
+    assert not list(tmp_path.glob("train_*"))  # nothing half-made again
+
+
+def test_a_corrupt_config_json_is_one_line_naming_it(tmp_path, capsys):
+    from runs.refs import load_model
+    run = train(dataclasses.replace(CFG, num_steps=8, save_at=()), tmp_path, device="cpu",
+                stop_at=4)
+    (run.path / "config.json").write_text('{"kind": "train", ')
+    before = snapshot(tmp_path)
+    assert main(["--store", str(tmp_path), *TINY, "--val-size", "32", "--steps", "8",
+                 "--lr", "0.05", "--warmup-steps", "3"]) == 2
+    assert f"{run.path / 'config.json'} is not valid JSON" in one_error(capsys)
+    with pytest.raises(UserError, match="config.json is not valid JSON"):
+        load_model(f"{run.path}@last")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_file_as_store_is_one_line(tmp_path, capsys):
+    store = tmp_path / "store"
+    store.write_text("not a folder")
+    assert main(["--store", str(store), *TINY, "--steps", "2"]) == 2
+    assert f"--store {store}: a file, not a folder" in one_error(capsys)
+    assert store.read_text() == "not a folder" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_init_from_a_student_encoder(student, tmp_path):
     cfg = dataclasses.replace(CFG, init=f"{student.path}@last:encoder", seed=3, num_steps=2,
                               save_at=())

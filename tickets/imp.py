@@ -66,6 +66,7 @@ from runs.config import (
     config_from_args,
     non_default,
     parse_steps,
+    seed_arg,
 )
 from runs.device import resolve_device, use_bf16
 from runs.engines import engine
@@ -75,7 +76,7 @@ from runs.launch import add_launcher_args, launch, launching
 from runs.models import create_model
 from runs.progress import Progress
 from runs.registry import Registry
-from runs.store import Run, atomic_write_text, run_path
+from runs.store import Run, atomic_write_text, check_store, run_path
 from runs.store import identity as store_identity
 from tickets.mask import (
     PRUNE_OUTPUT,
@@ -178,24 +179,41 @@ class Plan:
         return ["ticket", *self.imp.baselines]
 
 
-def identity(plan: Plan) -> dict:
+def identity(plan: Plan, by_content: bool = True) -> dict:
     """What decides the masks (the folder hash covers exactly this).
 
     The output layer enters resolved, under the key sweeps before --prune-output used
-    (keep_output_dense: true when the fc stays dense), so their folders stay valid."""
+    (keep_output_dense: true when the fc stays dense), so their folders stay valid. A
+    reference to rewind to enters by what its checkpoint holds (runs.refs.content_ref), not
+    by its path's spelling, unless `by_content` is False (sweeps made before did)."""
+    from runs.refs import content_ref
     imp = {k: v for k, v in non_default(plan.imp, exclude=()).items() if k not in NOT_IN_HASH}
     if not plan.output_pruned:
         imp["keep_output_dense"] = True
     train_cfg = dataclasses.replace(plan.train, save_at=())
+    reference = content_ref(plan.reference) if plan.reference and by_content else \
+        plan.reference
     # the store's identity: the fields issue #18 added count against the values sweeps
     # made before them used, so a sweep under today's recipe never reopens an old one
     return {"imp": imp, "train": store_identity("train", train_cfg),
-            "rewind": plan.reference or f"init@{plan.rewind_step}"}
+            "rewind": reference or f"init@{plan.rewind_step}"}
+
+
+def _folder(plan: Plan, record: dict) -> Path:
+    text = json.dumps(record, sort_keys=True)
+    return plan.store / f"imp_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def imp_dir(plan: Plan) -> Path:
-    text = json.dumps(identity(plan), sort_keys=True)
-    return plan.store / f"imp_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    """STORE/imp_<hash>: the sweep's masks. A sweep rewinding to a reference made before
+    identities by content keeps its folder (named by the reference's spelling) if only
+    that one exists."""
+    path = _folder(plan, identity(plan))
+    if plan.reference and not path.exists():
+        old = _folder(plan, identity(plan, by_content=False))
+        if old.is_dir():
+            return old
+    return path
 
 
 # ---------------------------------------------------------------------------- level configs
@@ -438,14 +456,30 @@ def result_metrics(plan: Plan) -> dict:
     return metrics
 
 
-def result_config(plan: Plan) -> dict:
+def result_config(plan: Plan, path=None) -> dict:
     config = {"imp": dataclasses.asdict(plan.imp), "train": dataclasses.asdict(plan.train),
               "reference": plan.reference, "rewind_step": plan.rewind_step,
               "prunable": list(plan.shapes), "prunable_weights": plan.total,
-              "output_pruned": plan.output_pruned, "mask_dir": str(imp_dir(plan))}
+              "output_pruned": plan.output_pruned, "mask_dir": mask_dir_record(plan, path)}
     if plan.imp.instability:
         config["border"] = dataclasses.asdict(border_config(plan))
     return config
+
+
+def mask_dir_record(plan: Plan, path=None) -> str:
+    """The mask folder as the result's config names it: its name in the store ("imp_<hash>"),
+    so the same sweep over a store moved or spelled another way (`--store store`, `--store
+    /abs/store`) resumes its result. A result at `path` written before named the folder by
+    its path then: kept as it was, so that result resumes too."""
+    name = imp_dir(plan).name
+    if path is None or not Path(path).is_file():
+        return name
+    from runs.results import open_result
+    try:
+        before = open_result(path).config.get("mask_dir")
+    except UserError:
+        return name  # not a readable result: creating it reports that
+    return before if isinstance(before, str) and Path(before).name == name else name
 
 
 def open_imp_result(plan: Plan, seeds: list[int], path, device, overwrite=False, shard=None):
@@ -461,9 +495,11 @@ def open_imp_result(plan: Plan, seeds: list[int], path, device, overwrite=False,
         coords["split"] = list(SPLITS)
         attrs = {"bn_mode": border_config(plan).bn_mode}
     inputs = [ref_record(plan.reference)] if plan.reference else []
+    from runs.filehash import data_inputs  # data files by content: a resume checks them
+    inputs += data_inputs(plan.train.dataset, plan.train.data_root)
     path = shard_path(path, *shard) if shard and path is not None else path
     return new_result(path, "imp", coords, result_metrics(plan), POINT_DIMS,
-                      result_config(plan), inputs, str(resolve_device(device)),
+                      result_config(plan, path), inputs, str(resolve_device(device)),
                       attrs, overwrite=overwrite, shard=shard)
 
 
@@ -586,7 +622,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-at", nargs="*", default=[],
                    help="extra checkpoints of the dense run (step K is always kept); the "
                         "same list lets sweeps with other K share one dense run")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+    p.add_argument("--seeds", nargs="+", type=seed_arg, default=[0],
                    help="init seeds (fc seeds when rewinding to a reference): one IMP each")
     p.add_argument("--out", default="results/imp.h5", help="HDF5 result file")
     p.add_argument("--overwrite", action="store_true",
@@ -632,6 +668,7 @@ def build_sweep(imp: ImpConfig, cfg: TrainConfig, store, steps, save_at=(), seed
     steps, save_at: "160ep"-style lengths, resolved once the data is loaded.
     """
     check_options(imp, list(seeds))
+    check_store(store)  # masks go there too: a file in its place is one line, now
     use_bf16(resolve_device(device), precision)  # a bad device or precision
     data = load_data(cfg)
     plan = make_plan(imp, cfg, store, data, steps, save_at)

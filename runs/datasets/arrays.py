@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from runs.datasets.base import ROOT, DatasetInfo, dataset, pixel_stats, to_image_data
+from runs.datasets.base import (
+    MAX_CLASSES,
+    ROOT,
+    DatasetInfo,
+    dataset,
+    pixel_stats,
+    to_image_data,
+)
 from runs.errors import UserError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -19,8 +26,11 @@ def _digits_split(target: np.ndarray, test_fraction: float, seed: int):
     """Seeded stratified (train, test) indices, each sorted to keep the original order."""
     from sklearn.model_selection import train_test_split
 
-    if not 0 < test_fraction < 1:
-        raise UserError(f"digits: test_fraction must be in (0, 1), got {test_fraction}")
+    number = isinstance(test_fraction, int | float | np.number) and not isinstance(
+        test_fraction, bool)
+    if not (number and 0 < test_fraction < 1):
+        raise UserError(f"digits: --data-options test_fraction={test_fraction}: must be a "
+                        f"number in (0, 1)")
     train, test = train_test_split(np.arange(len(target)), test_size=test_fraction,
                                    stratify=target, random_state=seed)
     return np.sort(train), np.sort(test)
@@ -86,16 +96,48 @@ def _to_nchw(x: np.ndarray, where: str, layout: str) -> np.ndarray:
 
 
 def _num_classes(arrays, path: Path, class_names) -> tuple[int, tuple[str, ...]]:
-    labels = np.concatenate([arrays["y_train"].ravel(), arrays["y_test"].ravel()])
-    if labels.dtype.kind not in "iu" or labels.size == 0 or labels.min() < -1:
-        raise UserError(f"npz: {path} labels must be integers >= 0 (-1 = unlabeled)")
-    num_classes = int(labels.max()) + 1
+    """(num_classes, names): max label + 1, or len(class_names); labels checked by key."""
+    for key, lowest in (("y_train", -1), ("y_test", 0)):  # test images need their labels
+        y = arrays[key]
+        if y.dtype.kind not in "iu":
+            raise UserError(f"npz: {path}:{key} has dtype {y.dtype}; labels must be integers "
+                            f">= 0 (-1 = unlabeled, in y_train only)")
+        if y.size and y.min() < lowest:
+            first = int(np.argmax(y.ravel() < lowest))
+            raise UserError(f"npz: {path}:{key} holds label {y.ravel()[first]} (image "
+                            f"{first}); labels must be integers >= 0"
+                            + (" (-1 = unlabeled)" if lowest < 0 else
+                               " (every test image needs its class)"))
+    tops = {key: int(arrays[key].max()) if arrays[key].size else -1
+            for key in ("y_train", "y_test")}
+    key, top = max(tops.items(), key=lambda item: item[1])
+    if top + 1 > MAX_CLASSES:
+        raise UserError(f"npz: {path}:{key} holds label {top}; labels are class indices "
+                        f"0..num_classes-1, at most {MAX_CLASSES} classes")
+    num_classes = top + 1
     if class_names is None:
         return num_classes, tuple(str(label) for label in range(num_classes))
+    class_names = class_names if isinstance(class_names, tuple | list) else (class_names,)
     if len(class_names) < num_classes:
         raise UserError(f"npz: class_names has {len(class_names)} names but {path} has labels "
                         f"up to {num_classes - 1}")
     return len(class_names), tuple(str(name) for name in class_names)
+
+
+def _check_images(x: np.ndarray, where: str) -> None:
+    """At least one image in each split: an empty test split divides by zero later."""
+    if len(x) == 0:
+        raise UserError(f"npz: {where} holds 0 images; each split needs at least one")
+
+
+def _check_varies(x_train: np.ndarray, std, where: str) -> None:
+    """Refuse train images of one constant value in a channel: nothing to learn from, and
+    normalising by their std (0) turns every pixel into NaN or Inf (a NaN loss later)."""
+    for channel, spread in enumerate(std):
+        if spread == 0:
+            value = int(x_train[:, channel].flat[0])
+            raise UserError(f"npz: {where} is constant (every pixel of channel {channel} is "
+                            f"{value}): nothing to learn from; check the file's images")
 
 
 @dataset("train", "test")
@@ -103,18 +145,23 @@ def npz(root, split, download, seed, *, class_names=None, layout="auto"):
     """Arrays from a .npz file (root = its path): x_train, y_train, x_test, y_test.
 
     Images uint8 as NCHW, NHWC or grey NHW (`layout` "auto", "nchw" or "nhwc"); labels
-    integers. num_classes = max label + 1, or len(class_names) when given.
+    integers (-1 = unlabeled, in y_train only). num_classes = max label + 1, or
+    len(class_names) when given. Refused with a line naming the key: an empty split,
+    constant train images, a label below -1 (or -1 in y_test).
     """
     if layout not in ("auto", "nchw", "nhwc"):
         raise UserError(f"npz: unknown layout {layout!r}; valid: auto, nchw, nhwc")
     arrays = _open_npz(root)
-    num_classes, names = _num_classes(arrays, root, class_names)
     x_train = _to_nchw(arrays["x_train"], f"{root}:x_train", layout)
+    _check_images(x_train, f"{root}:x_train")
     x = x_train if split == "train" else _to_nchw(arrays["x_test"], f"{root}:x_test", layout)
+    _check_images(x, f"{root}:x_{split}")
+    num_classes, names = _num_classes(arrays, root, class_names)
     y = arrays[f"y_{split}"]
     if x.shape[1:] != x_train.shape[1:] or y.shape != (len(x),):
         raise UserError(f"npz: {root} has x_{split} {x.shape} and y_{split} {y.shape}; "
                         f"expected N images like x_train's {x_train.shape[1:]} and N labels")
     mean, std = pixel_stats(x_train)
+    _check_varies(x_train, std, f"{root}:x_train")
     info = DatasetInfo("npz", num_classes, mean, std, tuple(x.shape[2:]), x.shape[1], names)
     return to_image_data(x, y, info)

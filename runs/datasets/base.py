@@ -167,6 +167,42 @@ def pixel_stats(x: torch.Tensor | np.ndarray):
     return tuple(mean), tuple(std)
 
 
+# ------------------------------------------------------------------------- sizes and options
+
+# A generated split above this many bytes of uint8 pixels is refused before it is allocated
+# (CIFAR-10's train split is 0.15 GB: a bigger one is a typo in a shape or a count).
+MAX_DATA_BYTES = 16 * 2 ** 30
+MAX_CLASSES = 1_000_000  # labels are class indices: a label of 1e12 is not a class
+
+
+def whole_option(dataset: str, key: str, value, minimum: int = 1) -> int:
+    """A dataset option that must be a whole number >= minimum (an integral float such as
+    1e5 too), as an int; else a one-line error naming the option as --data-options gives it."""
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool) and np.isfinite(value) and int(value) == value and value >= minimum
+    if not ok:
+        raise UserError(f"{dataset}: --data-options {key}={_shown(value)}: must be a whole "
+                        f"number >= {minimum}")
+    return int(value)
+
+
+def _shown(value) -> str:
+    """An option's value as it was typed: `3,a,32` for a tuple."""
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def check_data_bytes(dataset: str, count: int, shape, option: str, factor: int = 1) -> None:
+    """Refuse `count` images of `shape` (C, H, W) whose uint8 pixels (times `factor`, the
+    temporaries of generating them) would exceed MAX_DATA_BYTES, naming the option to lower."""
+    total = int(count) * int(np.prod([int(n) for n in shape], dtype=object)) * factor
+    if total > MAX_DATA_BYTES:
+        raise UserError(f"{dataset}: {count} images of shape {tuple(shape)} would take "
+                        f"{total / 2 ** 30:.3g} GiB, above the limit of "
+                        f"{MAX_DATA_BYTES / 2 ** 30:.0f} GiB; lower {option}")
+
+
 # A loader cannot know whether a command line or Python called it: its messages name both
 # ways of giving the folder (the flag is --data-root on every command, --probe-root for
 # runs.distill's probe data).

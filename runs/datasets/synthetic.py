@@ -7,7 +7,15 @@ train and test never share an image. Their mean/std are computed from their trai
 import numpy as np
 import torch
 
-from runs.datasets.base import DatasetInfo, dataset, pixel_stats, to_image_data
+from runs.datasets.base import (
+    MAX_CLASSES,
+    DatasetInfo,
+    check_data_bytes,
+    dataset,
+    pixel_stats,
+    to_image_data,
+    whole_option,
+)
 from runs.errors import UserError
 
 _SPLIT_CODE = {"train": 0, "test": 1}  # mixed into the seed: train and test differ
@@ -17,8 +25,16 @@ TOY_CLASSES = ("red_rows", "green_columns", "blue_blob", "yellow_checker")
 _TOY_COLOURS = np.array([[0.9, 0.2, 0.2], [0.2, 0.85, 0.25], [0.2, 0.3, 0.95], [0.9, 0.85, 0.2]])
 
 
+# float32 values of one noise chunk: 16 GiB at most. Fewer images a chunk change the draws,
+# so only images of over 1e6 values (3 x 600 x 600), whose 4096-image chunk passed 16 GiB,
+# draw in smaller chunks; every shape that ran before draws the same pixels.
+_CHUNK_FLOATS = 2 ** 32
+
+
 def _noise_images(generator: torch.Generator, count: int, shape, chunk: int = 4096):
-    """N(0.5, 0.25^2) pixels on the [0, 1] scale, rounded and clipped to uint8 (N, C, H, W)."""
+    """N(0.5, 0.25^2) pixels on the [0, 1] scale, rounded and clipped to uint8 (N, C, H, W),
+    drawn `chunk` images at a time (fewer for huge images: see _CHUNK_FLOATS)."""
+    chunk = max(1, min(chunk, _CHUNK_FLOATS // int(np.prod(shape))))
     out = torch.empty((count, *shape), dtype=torch.uint8)
     for start in range(0, count, chunk):  # chunks bound the float32 temporary
         part = torch.randn((min(chunk, count - start), *shape), generator=generator)
@@ -32,15 +48,25 @@ def _generator(seed: int, split: str, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]))
 
 
-def _check_noise_options(shape, count, num_classes) -> tuple[int, ...]:
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1:
-        raise UserError(f"noise: shape must be (C, H, W) with C 1 or 3, got {shape}")
-    if count is not None and (int(count) != count or count < 1):
-        raise UserError(f"noise: count must be a positive integer, got {count}")
-    if int(num_classes) != num_classes or num_classes < 1:
-        raise UserError(f"noise: num_classes must be a positive integer, got {num_classes}")
-    return shape
+def _check_noise_options(shape, count, num_classes) -> tuple[tuple[int, ...], int | None, int]:
+    """(shape, count, num_classes) as ints, each checked; the pixels' size is bounded."""
+    parts = tuple(shape) if isinstance(shape, tuple | list) else (shape,)
+    try:
+        shape = tuple(whole_option("noise", "shape", n) for n in parts)
+    except UserError:
+        shape = ()
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise UserError(f"noise: --data-options shape={','.join(map(str, parts))}: must be "
+                        f"C,H,W, whole numbers with C 1 or 3 (e.g. shape=3,32,32)")
+    count = None if count is None else whole_option("noise", "count", count)
+    num_classes = whole_option("noise", "num_classes", num_classes)
+    if num_classes > MAX_CLASSES:
+        raise UserError(f"noise: --data-options num_classes={num_classes}: must be at most "
+                        f"{MAX_CLASSES}")
+    for part, default in _NOISE_COUNT.items():
+        check_data_bytes("noise", count or default, shape,
+                         f"--data-options shape= or count= ({part} split)")
+    return shape, count, num_classes
 
 
 def _noise_split(seed: int, split: str, shape, count, num_classes):
@@ -57,7 +83,7 @@ def noise(root, split, download, seed, *, shape=(3, 32, 32), count=None, num_cla
     `count` images per split (default 50000 train / 10000 test); num_classes=1 gives all-zero
     labels. Train and test come from different seeds.
     """
-    shape = _check_noise_options(shape, count, num_classes)
+    shape, count, num_classes = _check_noise_options(shape, count, num_classes)
     x, y = _noise_split(seed, split, shape, count, num_classes)
     train_x = x if split == "train" else _noise_split(seed, "train", shape, count, 1)[0]
     mean, std = pixel_stats(train_x)
@@ -104,11 +130,11 @@ def toy(root, split, download, seed, *, per_class=None, side=16):
 
     `per_class` images per class (default 64 train / 32 test). Made for fast tests.
     """
-    if per_class is not None and (int(per_class) != per_class or per_class < 1):
-        raise UserError(f"toy: per_class must be a positive integer, got {per_class}")
-    if int(side) != side or side < 4:
-        raise UserError(f"toy: side must be an integer >= 4, got {side}")
-    side = int(side)
+    per_class = None if per_class is None else whole_option("toy", "per_class", per_class)
+    side = whole_option("toy", "side", side, minimum=4)
+    for part, default in _TOY_PER_CLASS.items():  # float64 patterns while drawing: x 8
+        check_data_bytes("toy", len(TOY_CLASSES) * (per_class or default), (3, side, side),
+                         f"--data-options side= or per_class= ({part} split)", factor=8)
     x, y = _toy_split(seed, split, per_class or _TOY_PER_CLASS[split], side)
     train_per_class = per_class or _TOY_PER_CLASS["train"]
     train_x = x if split == "train" else _toy_split(seed, "train", train_per_class, side)[0]

@@ -292,7 +292,8 @@ def setup(cfg: DistillConfig, store: str, data=None, device="auto", precision="a
     loader = engine.train_loader(train, cfg.batch_size, device, cfg.seed,
                                  Augment(cfg.flip, cfg.crop_padding), world, cfg.drop_last)
     run = open_run(store, "distill", cfg, extra={"steps_per_epoch": len(loader),
-                                                 "model_spec": student.model.spec})
+                                                 "model_spec": student.model.spec,
+                                                 "init_step": 0})
     forward = engine.prepare(student, device, compile_model, world)
     params = [*student.model.encoder.parameters(), *student.head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999),
@@ -330,6 +331,7 @@ def start_state(s: Session) -> int:
 def save(s: Session, step: int, path) -> None:
     if not s.world.main:
         return
+    s.run.require()  # its folder deleted mid-run: one line, no record-less run folder
     modules = {"head": module_entry(s.student.head),
                # The teacher is rebuilt from its seed: it never changes (checked by tests).
                "teacher": module_entry(s.teacher.model, with_state=False),

@@ -54,10 +54,11 @@ def load_mask(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--mask: no mask file at {path}")
-    try:
-        masks = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"--mask: cannot read {path}: {str(err).splitlines()[0][:120]}") from None
+    from runs.checkpoint import read_checkpoint
+    try:  # weights only; a refusal is one whole line naming the file and what it holds
+        masks = read_checkpoint(path)
+    except UserError as err:
+        raise UserError(f"--mask: {err}") from None
     if not isinstance(masks, dict) or not all(torch.is_tensor(m) for m in masks.values()):
         raise UserError(f"--mask: {path} is not a dict of parameter name -> tensor")
     return {k: m.bool() for k, m in masks.items()}

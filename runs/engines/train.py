@@ -34,7 +34,7 @@ from runs.models import MODELS, create_model
 from runs.models.base import check_input_size
 from runs.progress import open_logger, run_label
 from runs.recipe import PAPER_TRAIN
-from runs.store import Run, open_run, run_path
+from runs.store import Run, content_fields, open_run, run_path, to_store
 
 SCHEDULES = ("multistep", "cosine", "constant")
 REWIND_OPTIMIZER = ("restore", "reset")  # --rewind-optimizer: the paper's code, open_lth
@@ -50,10 +50,13 @@ class TrainConfig:
     input_stats: str = arg(PAPER_TRAIN["input_stats"], INPUT_STATS_HELP, choices=INPUT_STATS)
     subset: int = arg(0, "train images per class, seeded stratified; 0 = all")
     val_size: int = arg(0, "images held out from train for model selection; 0 = none")
+    # init, rewind and mask name files: the run's identity takes what they hold, not their
+    # path (runs.store: a store moved or spelled another way holds the same runs)
     init: str = arg("", "start weights: a checkpoint reference (e.g. RUN@last:encoder); "
-                        "'' = random init from --seed")
+                        "'' = random init from --seed", content="ref")
     rewind: str = arg("", "start from this checkpoint's full training state (weights, "
-                          "optimiser, schedule, step); used by lottery-ticket rewinding")
+                          "optimiser, schedule, step); used by lottery-ticket rewinding; "
+                          "not with --init", content="ref")
     rewind_optimizer: str = arg("restore", "with --rewind: restore the checkpoint's optimiser "
                                            "state (momentum; the paper's code) or reset it "
                                            "(fresh SGD, momentum 0: open_lth); weights, BN "
@@ -61,7 +64,8 @@ class TrainConfig:
                                            "rewound either way", choices=REWIND_OPTIMIZER)
     start_step: int = arg(0, "fresh weights starting mid-schedule: lr schedule and data order "
                              "begin at this iteration (IMP's reinit control from K); 0 = start")
-    mask: str = arg("", "file of a fixed sparsity mask (name -> bool); masked weights stay 0")
+    mask: str = arg("", "file of a fixed sparsity mask (name -> bool); masked weights stay 0",
+                    content="file")
     seed: int = arg(0, "init seed (weights and fresh fc)")
     data_seed: int = arg(0, "data-order and augmentation seed")
     num_steps: int = arg(0, "iterations to train (set by --steps)")
@@ -201,9 +205,11 @@ def setup(cfg: TrainConfig, store: str, data: tuple = None, device="auto", preci
     optimizer, scheduler = make_optimizer(cfg, model, device)
     mask = Mask(model, load_mask(cfg.mask), cfg.mask) if cfg.mask else None  # on the device
     rewind = load_rewind(cfg, model) if cfg.rewind else None
-    # Only now, with every flag checked, does the run directory appear.
+    # Only now, with every flag checked, does the run directory appear. init_step: the
+    # step of the state it starts from, which RUN@init names (runs.refs.init_step).
+    first = int(rewind.payload.get("step", 0)) if rewind is not None else cfg.start_step
     run = open_run(store, "train", cfg, extra={"steps_per_epoch": len(loader),
-                                               "model_spec": model.spec})
+                                               "model_spec": model.spec, "init_step": first})
     evals = {name: eval_loader(data, device) for name, data in
              (("val", val), ("test", test)) if data is not None}
     s = Session(cfg, run, model, forward, optimizer, scheduler, mask, loader, evals, device,
@@ -253,6 +259,10 @@ def load_rewind(cfg: TrainConfig, model):
     if kind != "train":
         raise UserError(f"--rewind {cfg.rewind}: a {kind} checkpoint holds no SGD state; "
                         f"start from its weights with --init REF:encoder")
+    step = int(loaded.payload.get("step", 0))
+    if step >= cfg.num_steps:  # training would end where it starts: nothing to train
+        raise UserError(f"--rewind {cfg.rewind} is at step {step}, not before the end of "
+                        f"training (--steps {cfg.num_steps}); give --steps above {step}")
     # The seed is not compared: every weight comes from the checkpoint.
     if without_seed(loaded.model.spec) != without_seed(model.spec):
         raise UserError(f"--rewind {cfg.rewind} is a {loaded.model.spec.get('name')} "
@@ -289,6 +299,9 @@ def schedule_at(s: Session, step: int) -> int:
 
 def check_start(cfg: TrainConfig) -> None:
     """--start-step and --rewind-optimizer against the start point, before any file."""
+    if cfg.init and cfg.rewind:
+        raise UserError(f"--init {cfg.init} with --rewind {cfg.rewind}: --rewind restores "
+                        f"the weights too; give one of them")
     if cfg.start_step and (cfg.rewind or not 0 < cfg.start_step < cfg.num_steps):
         raise UserError(f"--start-step {cfg.start_step}: must lie in [0, {cfg.num_steps}) "
                         f"(the --steps) and --rewind sets its own step")
@@ -304,10 +317,15 @@ def without_seed(spec: dict) -> dict:
 def save(s: Session, step: int, path) -> None:
     if not s.world.main:
         return
+    s.run.require()  # its folder deleted mid-run: one line, no record-less run folder
     losses = torch.stack(s.losses).cpu() if s.losses else torch.empty(0)
-    save_checkpoint(path, unwrap(s.model), step, config=dataclasses.asdict(s.cfg),
-                    optimizer=s.optimizer, scheduler=s.scheduler,
-                    extra={"kind": "train", "steps_per_epoch": len(s.loader), "losses": losses})
+    # paths into the store (mask, rewind) relative to it, as in config.json: a checkpoint
+    # is the same bits wherever the store lies and however its path was spelled
+    config, moved = to_store(dataclasses.asdict(s.cfg), content_fields(s.cfg), s.run.root)
+    extra = {"kind": "train", "steps_per_epoch": len(s.loader), "losses": losses}
+    save_checkpoint(path, unwrap(s.model), step, config=config, optimizer=s.optimizer,
+                    scheduler=s.scheduler,
+                    extra={**extra, "store_relative": moved} if moved else extra)
 
 
 def train_step(s: Session, x, y) -> torch.Tensor:

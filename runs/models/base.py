@@ -22,6 +22,7 @@ into older specs so their checkpoints rebuild the network they were trained with
 """
 
 import inspect
+import math
 import typing
 from collections.abc import Callable, Sequence
 
@@ -33,6 +34,9 @@ from runs.errors import UserError
 from runs.registry import Registry
 
 PROTOCOL = ("encoder", "fc", "embed_dim")  # what every model of the store's CLIs has
+# Above this a model is refused before any weight exists: 2e9 fp32 parameters are 8 GB of
+# weights, about 32 GB with gradients and optimiser state (the paper's largest is 11e6).
+MAX_PARAMETERS = 2_000_000_000
 
 
 class LiveNames(Sequence):
@@ -190,6 +194,13 @@ def create_model(name: str, num_classes: int = 10, width: float = 1.0, in_channe
         raise UserError(f"model {name}: num_classes, width and in_channels must be positive "
                         f"(got {num_classes}, {width}, {in_channels})")
     options = {**option_defaults(builder), **check_options(name, builder, kwargs)}
+    if width > 2 or num_classes > 10_000:  # at most ~1e8 parameters below: skip the count
+        check_parameter_count(
+            lambda: builder(num_classes=num_classes, width=width, in_channels=in_channels,
+                            **options),
+            f"model {name} at --width {width} ({num_classes} classes)",
+            "--width (width= in Python)" + (" or the number of classes"
+                                            if num_classes > 10_000 else ""))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = builder(num_classes=num_classes, width=width, in_channels=in_channels, **options)
@@ -197,6 +208,31 @@ def create_model(name: str, num_classes: int = 10, width: float = 1.0, in_channe
     model.spec = dict(name=name, num_classes=num_classes, width=width,
                       in_channels=in_channels, seed=seed, **options)
     return model
+
+
+def check_parameter_count(make: Callable[[], nn.Module], what: str, lower: str) -> None:
+    """Refuse, before any weight is allocated, a module `make()` would build with more than
+    MAX_PARAMETERS parameters: counted on the meta device (shapes only, no memory, the RNG
+    untouched). A builder that cannot run there is not counted (it fails or not for real)."""
+    count = meta_parameter_count(make)
+    if count is not None and count > MAX_PARAMETERS:
+        size = ("more parameters than 64-bit sizes can count" if count == math.inf else
+                f"{count:.3g} parameters ({count * 4 / 2 ** 30:.3g} GiB in fp32)")
+        raise UserError(f"{what} would have {size}, above the limit of {MAX_PARAMETERS:.0e}; "
+                        f"lower {lower}")
+
+
+def meta_parameter_count(make: Callable[[], nn.Module]) -> float | None:
+    """The parameter count of `make()` built on the meta device; inf where a tensor's size
+    overflows 64 bits; None if it cannot be built there."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            module = make()
+    except Exception as err:  # noqa: BLE001 - a user's factory may do anything
+        return math.inf if "overflow" in str(err).lower() else None
+    if not isinstance(module, nn.Module):
+        return None
+    return sum(p.numel() for p in module.parameters())
 
 
 CORE = ("num_classes", "width", "in_channels")  # every factory's arguments, set by own flags

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runs.errors import UserError
-from runs.models.base import BUILDERS, legacy
+from runs.models.base import BUILDERS, check_parameter_count, legacy
 
 # The recipe's student init (App. E): theta_S(alpha) = ((1 - alpha) theta_T + alpha theta_fresh)
 # / delta, encoder and head. The paper's main figures use alpha = 0 exactly (the student starts
@@ -108,6 +108,11 @@ def create_head(name: Literal["dino_head", "linear"] = "dino_head", in_dim: int 
         raise UserError(f"head {name}: in_dim, out_dim and hidden_dim must be positive and "
                         f"bottleneck_dim >= 0 (got {in_dim}, {out_dim}, {hidden_dim}, "
                         f"{bottleneck_dim})")
+    check_parameter_count(  # before any weight exists: --out-dim 1e11 is refused, not tried
+        lambda: (DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim, last)
+                 if name == "dino_head" else LinearHead(in_dim, out_dim, last)),
+        f"head {name} (--out-dim {out_dim}, --hidden-dim {hidden_dim}, --bottleneck-dim "
+        f"{bottleneck_dim})", "--out-dim, --hidden-dim or --bottleneck-dim")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = (DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim, last)

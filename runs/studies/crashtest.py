@@ -22,7 +22,12 @@ landscape.border, tickets.imp and runs.pipeline) it
 
 With `--signals` it also stops each command with SIGINT and with SIGTERM: the command must
 exit 130 (143 for SIGTERM) with a line on stderr that says to re-run the same command, and
-the re-run must finish with the same results. tests/test_crash.py runs the same harness with
+the re-run must finish with the same results. With `--moved` (the commands that have a
+store: distill, train, imp, pipeline) it kills each one part-way, moves its folder elsewhere
+and re-runs it there with --store and --out spelled absolute: the same files as the clean
+run, bit for bit (checkpoints tensor by tensor). With `--changed-data` it kills a scan of a
+.npz file part-way, rewrites the file and re-runs: the command must refuse (exit 2, one line
+saying the file changed) and touch nothing. tests/test_crash.py runs the same harness with
 fewer kills. Every command runs with cwd = its folder and relative paths, so the paths that
 configs record (mask files, run references) are the same in both folders.
 """
@@ -110,6 +115,55 @@ def copy_inputs(folder: Path, inputs: Path) -> None:
 
 def write_preset(folder: Path, inputs: Path) -> None:
     (folder / "preset.json").write_text(json.dumps(PIPELINE_PRESET, indent=1) + "\n")
+
+
+DATA_FILE = "data.npz"  # the changed-data row's dataset: random toy-shaped images
+
+
+def write_data(path: Path, seed: int = 0) -> None:
+    """A .npz of the toy data's shapes (3 x 16 x 16, 4 classes), drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    arrays = {f"x_{split}": rng.integers(0, 256, (n, 3, 16, 16), dtype=np.uint8)
+              for split, n in (("train", 128), ("test", 64))}
+    arrays.update(y_train=np.arange(128) % 4, y_test=np.arange(64) % 4)
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+
+
+def copy_inputs_and_data(folder: Path, inputs: Path) -> None:
+    copy_inputs(folder, inputs)
+    write_data(folder / DATA_FILE)
+
+
+def data_command(inputs: Path) -> Command:
+    """The changed-data row's command: an interpolation scan that reads DATA_FILE."""
+    a, b = (base_run(inputs, name) for name in BASE_RUNS)
+    return Command("changed-data", "landscape.interpolate", (
+        f"{a}@last", f"{b}@last", "--grid", "0:1:25", "--points-per-pass", "2", *EVAL,
+        "--dataset", "npz", "--data-root", DATA_FILE, "--device", "cpu", "--out",
+        "results/interpolate.h5"), copy_inputs_and_data)
+
+
+# Commands whose every path into their folder is a flag value (--store, --out): the
+# moved-store row spells those absolute in the new place. landscape.border and
+# landscape.interpolate take run folders as positional references and record them by path.
+MOVABLE = ("distill", "train", "imp", "pipeline")
+PATH_FLAGS = ("--store", "--out")
+
+
+def spelled_in(argv, folder: Path) -> tuple[str, ...]:
+    """`argv` with the values of PATH_FLAGS made absolute paths under `folder`."""
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] in PATH_FLAGS:
+            out[i + 1] = str(folder / out[i + 1])
+    return tuple(out)
+
+
+def out_file(argv) -> str:
+    """The value of --out in `argv` ("" if none)."""
+    argv = list(argv)
+    return argv[argv.index("--out") + 1] if "--out" in argv[:-1] else ""
 
 
 def commands(inputs: Path) -> dict[str, Command]:
@@ -563,6 +617,7 @@ class Report:
     files_checked: int = 0
     problems: list[str] = field(default_factory=list)
     stops: dict = field(default_factory=dict)  # signal name -> exit code
+    rows: list[str] = field(default_factory=list)  # the relocation rows passed ("moved ...")
 
     @property
     def ok(self) -> bool:
@@ -571,6 +626,7 @@ class Report:
     def line(self) -> str:
         spread = ", ".join(f"{t / self.clean_s:.2f}" for t in sorted(self.kills))
         stops = "".join(f", {name} -> exit {code}" for name, code in self.stops.items())
+        stops += "".join(f", {row}" for row in self.rows)
         state = "ok" if self.ok else f"{len(self.problems)} problem(s)"
         return (f"{self.command}: {state}; clean run {self.clean_s:.2f} s of work (a re-run "
                 f"of it {self.skip_s:.2f} s), {len(self.kills)} kills in {self.attempts} "
@@ -679,6 +735,78 @@ class Harness:
         return report
 
 
+    def killed_part_way(self, command: Command, name: str, report: Report,
+                        started: Callable[[Path], bool] = None, fraction: float = 0.5,
+                        tries: int = 5) -> Runner | None:
+        """A folder ROOT/COMMAND/NAME<n> where `command` was SIGKILLed part-way, after
+        `started(folder)` holds (e.g. its result file exists): a run that finished first is
+        tried again sooner, one killed before `started` later. None (with a problem noted)
+        if no try lands."""
+        for number in range(1, tries + 1):
+            runner = self.runner(command, self.root / command.name / f"{name}{number}")
+            attempt = runner.run(stop_after=fraction * report.clean_s * report.pace)
+            if attempt.code == -signal.SIGKILL and (started is None or started(runner.folder)):
+                report.problems += [f"{name}: {p}" for p in Watch().check(runner.folder)]
+                return runner
+            if attempt.code not in (0, -signal.SIGKILL):
+                report.problems.append(f"{name}: exit {attempt.code}: {tail(attempt.stderr)}")
+                return None
+            fraction = fraction / 2 if attempt.code == 0 else min(0.95, fraction * 1.5)
+        report.problems.append(f"{name}: no kill landed part-way in {tries} tries")
+        return None
+
+    def moved_test(self, command: Command, report: Report) -> Report:
+        """Kill `command` part-way, move its folder (store, results) to another place under
+        another name, and re-run it from there with --store and --out spelled absolute: it
+        must resume (nothing of the kept work redone wrong) and end with the clean run's
+        files, bit for bit. Run identities and result configs must not depend on where the
+        store is nor on how its path is spelled."""
+        runner = self.killed_part_way(command, "moved_from", report)
+        if runner is None:
+            return report
+        target = self.root / command.name / "moved" / runner.folder.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(runner.folder, target)
+        moved = dataclasses.replace(command, argv=spelled_in(command.argv, target))
+        attempt = Runner(moved, target, runner.logs, self.server).run()
+        if attempt.code != 0:
+            report.problems.append(f"moved store: the re-run in the new place failed (exit "
+                                   f"{attempt.code}): {tail(attempt.stderr)}")
+            return report
+        problems = compare_folders(self.root / command.name / "clean", target)
+        report.problems += [f"moved store: {p}" for p in problems]
+        if not problems:
+            report.rows.append("moved store resumed")
+        return report
+
+    def changed_data_test(self, command: Command, report: Report) -> Report:
+        """Kill `command` (a scan of DATA_FILE) once its result exists, rewrite DATA_FILE
+        with other images, re-run: it must exit 2 with one `error:` line saying the file
+        changed, and leave every file of the folder as it was."""
+        result = out_file(command.argv)
+        runner = self.killed_part_way(command, "changed_data", report,
+                                      started=lambda folder: (folder / result).is_file())
+        if runner is None:
+            return report
+        write_data(runner.folder / DATA_FILE, seed=1)
+        before = file_hashes(runner.folder)
+        attempt = runner.run()
+        errors = [line for line in attempt.stderr.splitlines() if line.startswith("error")]
+        if attempt.code != 2 or len(errors) != 1 or "changed" not in errors[0] \
+                or DATA_FILE not in errors[0]:
+            report.problems.append(f"changed data: expected exit 2 and one error line naming "
+                                   f"{DATA_FILE} as changed; got exit {attempt.code}: "
+                                   f"{tail(attempt.stderr)}")
+        report.problems += [f"changed data: the refused re-run rewrote {rel}"
+                            for rel, digest_ in file_hashes(runner.folder).items()
+                            if before.get(rel) != digest_]
+        report.problems += [f"changed data: the refused re-run made {rel}"
+                            for rel in file_hashes(runner.folder) if rel not in before]
+        if report.ok:
+            report.rows.append("changed data refused")
+        return report
+
+
 def kill_targets(work_s: float, count: int, rng: random.Random) -> list[float]:
     """`count` moments of the clean run's timeline (seconds after its banner), one drawn
     uniformly in each of `count` equal slices of it: spread over the whole run, seeded."""
@@ -735,7 +863,16 @@ def finished(reference: Path, folder: Path) -> bool:
 CRASHTEST_EXAMPLES = r"""examples:
   python -m runs.crashtest                     # SIGKILL each long command 20 times, compare
   python -m runs.crashtest train --kills 50 --signals --fresh --keep /tmp/crash
-  python -m runs.crashtest interpolate imp --kills 5 --seed 1"""
+  python -m runs.crashtest interpolate imp --kills 5 --seed 1
+  python -m runs.crashtest train imp --kills 2 --moved --changed-data"""
+
+
+def show(report: Report, began: float) -> bool:
+    """Print a command's report line and its problems; whether it passed."""
+    print(f"{report.line()} ({time.monotonic() - began:.0f} s)", flush=True)
+    for problem in report.problems:
+        print(f"  {problem}", flush=True)
+    return report.ok
 
 
 def main(argv=None) -> int:
@@ -752,6 +889,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the kill delays")
     p.add_argument("--signals", action="store_true", help="also stop each command with "
                    "SIGINT and SIGTERM and check the exit code, message and resume")
+    p.add_argument("--moved", action="store_true", help="also kill each command that has a "
+                   f"store ({', '.join(MOVABLE)}) part-way, move its folder and resume it "
+                   "there with absolute paths: the clean run's files")
+    p.add_argument("--changed-data", action="store_true", help="also kill a scan of a .npz "
+                   "part-way, rewrite the file and check that the re-run refuses")
     p.add_argument("--fresh", action="store_true", help="start every run in a fresh "
                    "interpreter (slower) instead of forking it from a server that has "
                    "imported torch and the commands once")
@@ -777,17 +919,23 @@ def main(argv=None) -> int:
             if args.signals and report.ok:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     harness.signal_test(table[name], sig, report)
-            print(f"{report.line()} ({time.monotonic() - began:.0f} s)", flush=True)
-            for problem in report.problems:
-                print(f"  {problem}", flush=True)
-            failed += not report.ok
+            if args.moved and report.ok and name in MOVABLE:
+                harness.moved_test(table[name], report)
+            failed += not show(report, began)
+        if args.changed_data:
+            began, command = time.monotonic(), data_command(harness.inputs)
+            report = harness.clean_run(command)
+            if report.ok:
+                harness.changed_data_test(command, report)
+            failed += not show(report, began)
     finally:
         if server is not None:
             server.close()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"{len(args.commands) - failed} of {len(args.commands)} commands survived every "
-          f"kill" + (f"; folders kept in {root}" if args.keep else ""))
+    total = len(args.commands) + args.changed_data  # the changed-data scan: one more
+    print(f"{total - failed} of {total} commands survived every kill"
+          + (f"; folders kept in {root}" if args.keep else ""))
     return 1 if failed else 0
 
 

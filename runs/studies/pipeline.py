@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import os
 import re
 import sys
 import time
@@ -45,6 +46,55 @@ class Layout:
         return self.out / "figures"
 
 
+# In --out: the spelling of --out the study's results name their runs with ({"out": ...}).
+OUT_RECORD = "pipeline.json"
+
+
+def out_folder(out) -> Path:
+    """--out spelled the way the study in it was made, however it is given now.
+
+    The stages' results name the store's runs by path, so a re-run must spell the folder as
+    the first run did: the spelling recorded in OUT/pipeline.json when it names this same
+    folder (compared resolved: `out`, `./out/` and `/abs/cwd/out` are one folder). A new
+    study is spelled relative to the working folder when it lies inside it, else absolute,
+    so a copy run from its new parent (`--out out`) resumes too. A study made before the
+    record keeps the spelling it is given (its own, if the user gives the same)."""
+    given = Path(out).expanduser()
+    recorded = _recorded_out(given)
+    if recorded is not None and _same_folder(recorded, given):
+        return recorded
+    if (given / "results").is_dir():
+        return given
+    resolved = given.resolve()
+    try:
+        return resolved.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return resolved
+
+
+def _recorded_out(out: Path) -> Path | None:
+    try:
+        spelled = json.loads((out / OUT_RECORD).read_text())["out"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(spelled) if isinstance(spelled, str) and spelled else None
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def record_out(layout: "Layout") -> None:
+    """Write OUT/pipeline.json with the spelling in use (unless it already says so)."""
+    if _recorded_out(layout.out) == layout.out:
+        return
+    from runs.store import atomic_write_text
+    atomic_write_text(layout.out / OUT_RECORD, json.dumps({"out": str(layout.out)}) + "\n")
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.json"))
 
@@ -64,6 +114,8 @@ def load_preset(name: str, _seen: tuple = ()) -> dict:
         preset = json.loads(path.read_text())
     except ValueError as err:
         raise UserError(f"--preset {path}: not valid JSON ({err})") from None
+    from runs.studies.preset_schema import validate
+    validate(preset, path)  # data only: types, plain result names, no flags or code
     valid = {*STAGES, "description", "seeds", "noise", "alphas", "alpha_seeds", "subsets",
              "train", "base"}
     unknown = sorted(set(preset) - valid)
@@ -262,8 +314,16 @@ def figures_stage(layout: Layout) -> None:
 
 
 def call(main, argv: list[str], stage: str) -> None:
-    """Run a stage's command; a non-zero exit stops the pipeline naming the stage."""
-    code = main(argv)
+    """Run a stage's command; its bad input stops the pipeline with ONE line naming the
+    stage and the command's complaint. The command runs without its own `cli` reporting
+    (`__wrapped__`), so its error reaches this one line, and a full disk or Ctrl-C the
+    pipeline's own `cli` (argparse's refusal of a flag ends the pipeline on its own line,
+    which names the command). Any other non-zero exit stops the pipeline naming the stage."""
+    try:
+        code = getattr(main, "__wrapped__", main)(argv)
+    except UserError as err:
+        raise UserError(f"stage {stage}: {err}; fix it and re-run the same pipeline command "
+                        f"to resume") from None
     if code != 0:
         raise UserError(f"stage {stage} failed (exit {code}); fix it and re-run the same "
                         f"pipeline command to resume")
@@ -279,6 +339,7 @@ def timed(stage: str):
 
 
 def run_pipeline(preset: dict, layout: Layout, device: str, stages=STAGES) -> None:
+    record_out(layout)
     with timed("distill"):
         students = distill_stage(preset, layout, device)
     if "probe" in stages and "probe" in preset:
@@ -311,7 +372,8 @@ def main(argv=None) -> int:
                                 epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="demo", help=f"one of {', '.join(preset_names())}, "
                    f"or a path to a preset .json")
-    p.add_argument("--out", default=None, help="output folder (default: out/<preset>)")
+    p.add_argument("--out", default=None, help="output folder (default: out/<preset>); any "
+                   "spelling of one folder (relative, absolute) resumes the same study")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
                    help="stages to run (distill always runs: later stages need its runs)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -321,7 +383,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     echo_command("runs.pipeline", argv)
     preset = override(load_preset(args.preset), args.set)
-    layout = Layout(Path(args.out or Path("out") / Path(args.preset).stem))
+    layout = Layout(out_folder(args.out or Path("out") / Path(args.preset).stem))
     run_pipeline(preset, layout, args.device, args.stages)
     for table in sorted(layout.figures.glob("*.md")):
         print(f"\n{table.stem}:\n{table.read_text().rstrip()}")

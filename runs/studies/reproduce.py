@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import statistics
 
-from runs.config import HelpFormatter
+from runs.config import HelpFormatter, seed_arg
 from runs.data import cifar10_subset_path, load_dataset
 from runs.engines.distill import DistillConfig, distill_with_steps, load_data
 from runs.errors import UserError, cli, echo_command
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m runs.reproduce", description=__doc__,
                                 epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="cifar10-subset", help=f"one of {', '.join(PRESETS)}")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="run seeds")
+    p.add_argument("--seeds", nargs="+", type=seed_arg, default=[0, 1, 2], help="run seeds")
     p.add_argument("--store", default="store", help="root folder of the run store")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = p.parse_args(argv)
