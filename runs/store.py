@@ -348,10 +348,23 @@ def open_run(root, kind: str, cfg, seed: int = None, extra: dict = None) -> Run:
                 found.get("identity") not in known:
             raise UserError(f"{config_file} holds another config than this command's "
                             f"(hash collision or changed defaults); use another --store")
+        check_data(run, found.get("data_inputs") or [], (extra or {}).get("data_inputs", []))
         return run
     run.path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_file, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return run
+
+
+def check_data(run: Run, recorded: list, current: list) -> None:
+    """Refuse to resume a run whose data files changed since it started (by sha256, so a
+    moved data folder with the same bytes resumes): its checkpoints were trained on the old
+    bytes, and the rest of the run would train on the new ones."""
+    from runs.filehash import changed_data
+    changed = changed_data(recorded, current)
+    if changed:
+        path, how = changed
+        raise UserError(f"{path} changed since the run {run.path} was started ({how}); "
+                        f"restore the file, or train a new run (another --store)")
 
 
 def find_run(path) -> Run:

@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import sys
 
@@ -203,3 +204,36 @@ def test_a_partial_npz_scan_resumed_after_the_npz_changed_is_refused(tmp_path):
     with contextlib.redirect_stdout(shown):
         assert results_main(["show", str(out)]) == 0
     assert f"{data}  sha256={sha256(data)[:12]}  (data, " in shown.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["train", "distill"])
+def test_a_run_resumed_after_its_npz_changed_is_refused(tmp_path, capsys, kind):
+    """A train or distill run records its data files in config.json; killed, its npz
+    rewritten, the re-run is refused naming the file and the run, and no checkpoint changes;
+    with the bytes restored it resumes."""
+    from runs.engines import distill as distill_module
+    from runs.engines import train as train_module
+    main = {"train": train_module.main, "distill": distill_module.main}[kind]
+    data = write_npz(tmp_path / "d.npz")
+    argv = ["--store", str(tmp_path / "store"), "--model", "convnet", "--width", "0.125",
+            "--dataset", "npz", "--data-root", str(data), "--batch-size", "16",
+            "--device", "cpu", "--steps", "4"]
+    if kind == "distill":
+        argv += ["--out-dim", "16", "--hidden-dim", "8", "--bottleneck-dim", "4"]
+    assert main([*argv, "--save-at", "2"]) == 0
+    (run,) = (tmp_path / "store").glob(f"{kind}_*/seed_0")
+    recorded = json.loads((run / "config.json").read_text())["data_inputs"]
+    assert [r["sha256"] for r in recorded] == [sha256(data)]
+    (run / "DONE").unlink()  # as if killed after step 2
+    for late in sorted((run / "ckpt").glob("step_*.pt"))[2:]:
+        late.unlink()
+    kept = {p.name: p.read_bytes() for p in (run / "ckpt").iterdir()}
+    original = data.read_bytes()
+    write_npz(data, seed=1)
+    capsys.readouterr()
+    assert main([*argv, "--save-at", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and f"{data} changed since the run {run} was started" in errors[0]
+    assert {p.name: p.read_bytes() for p in (run / "ckpt").iterdir()} == kept
+    data.write_bytes(original)
+    assert main([*argv, "--save-at", "2"]) == 0 and (run / "DONE").exists()

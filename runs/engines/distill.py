@@ -293,7 +293,8 @@ def setup(cfg: DistillConfig, store: str, data=None, device="auto", precision="a
                                  Augment(cfg.flip, cfg.crop_padding), world, cfg.drop_last)
     run = open_run(store, "distill", cfg, extra={"steps_per_epoch": len(loader),
                                                  "model_spec": student.model.spec,
-                                                 "init_step": 0})
+                                                 "init_step": 0,
+                                                 "data_inputs": engine.run_data(cfg)})
     forward = engine.prepare(student, device, compile_model, world)
     params = [*student.model.encoder.parameters(), *student.head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999),

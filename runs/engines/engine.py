@@ -66,6 +66,18 @@ def choice_rules(cfg) -> dict:
     return rules
 
 
+def run_data(cfg) -> list[dict]:
+    """The data files a train or distill run reads (its dataset's, and the probe set's when
+    it is another), by size, mtime and sha256 (runs.filehash: hashed once, then cached):
+    recorded in config.json, so a resume on changed files is refused (runs.store)."""
+    from runs.filehash import data_inputs
+    records = data_inputs(cfg.dataset, cfg.data_root, getattr(cfg, "data_options", ()))
+    probe = getattr(cfg, "probe_dataset", "")
+    if probe and probe != cfg.dataset:
+        records += data_inputs(probe, getattr(cfg, "probe_root", "") or cfg.data_root)
+    return records
+
+
 def epoch_steps(cfg, train: ImageData) -> int:
     """Iterations per epoch of `cfg` on `train`: ceil(N / batch) (the last partial batch
     kept, as the paper's code: 196 at 50,000 / 256), N // batch with --drop-last.

@@ -209,7 +209,8 @@ def setup(cfg: TrainConfig, store: str, data: tuple = None, device="auto", preci
     # step of the state it starts from, which RUN@init names (runs.refs.init_step).
     first = int(rewind.payload.get("step", 0)) if rewind is not None else cfg.start_step
     run = open_run(store, "train", cfg, extra={"steps_per_epoch": len(loader),
-                                               "model_spec": model.spec, "init_step": first})
+                                               "model_spec": model.spec, "init_step": first,
+                                               "data_inputs": engine.run_data(cfg)})
     evals = {name: eval_loader(data, device) for name, data in
              (("val", val), ("test", test)) if data is not None}
     s = Session(cfg, run, model, forward, optimizer, scheduler, mask, loader, evals, device,
