@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -284,8 +285,10 @@ def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store:
     children = {s.label: child_configs(s, template, cfg.children) for s in starts}
     config = {"border": dataclasses.asdict(cfg), "train": dataclasses.asdict(template),
               "starts": [s.label for s in starts], "precision": "bf16" if bf16 else "fp32"}
-    attrs = {"bn_mode": cfg.bn_mode, "children": {label: [str(run_path(store, "train", c,
-             c.seed)) for c in configs] for label, configs in children.items()}}
+    # the children's run folders relative to the store: a moved or re-spelled store resumes
+    attrs = {"bn_mode": cfg.bn_mode, "children": {label: [
+        os.path.relpath(run_path(store, "train", c, c.seed), store) for c in configs]
+        for label, configs in children.items()}}
     coords, metrics = layout(starts, cfg.children, alphas)
     path = shard_path(out, *shard) if shard else out
     per_pass = points_per_pass or auto_points_per_pass(device)

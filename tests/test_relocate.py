@@ -208,3 +208,21 @@ def test_a_file_as_store_is_one_line(tmp_path, capsys, module, argv):
     assert errors == [f"error: --store {store}: a file, not a folder; give the run store's "
                       f"folder"]
     assert store.read_text() == "a file" and sorted(tmp_path.iterdir()) == [store]
+
+
+def test_a_border_scan_resumes_in_a_moved_store(tmp_path, monkeypatch):
+    """A border result, its folder moved and renamed, re-run there under the new --store:
+    the result is accepted as the same (its children are named relative to the store), its
+    children's runs are found and nothing trains again."""
+    argv = ["random", "--model", "convnet", "--width", "0.125", "--dataset", "digits",
+            "--batch-size", "128", "--children", "2", "--steps", "3", "--grid", "0:1:3",
+            "--bn-samples", "64", "--device", "cpu"]
+    first, moved = tmp_path / "a", tmp_path / "elsewhere"
+    assert run_main("landscape.border", [*argv, "--store", str(first / "store"), "--out",
+                                         str(first / "b.h5")]) == 0
+    shutil.move(first, moved)
+    before = checkpoints(moved / "store")
+    no_training(monkeypatch)
+    assert run_main("landscape.border", [*argv, "--store", str(moved / "store"), "--out",
+                                         str(moved / "b.h5")]) == 0
+    assert checkpoints(moved / "store") == before
