@@ -288,3 +288,35 @@ def rebuild(entry: dict, source: str) -> nn.Module:
     if entry["state"] is not None:
         load_state_strict(module, entry["state"], source)
     return module
+
+
+def payload_digest(value, into=None) -> str:
+    """Hex sha256 of a nested payload: tensors (and numpy arrays) by dtype, shape and bytes,
+    dict keys in sorted order, anything else by repr. What names a checkpoint's state
+    (runs.refs.state_digest) and what the crash harness compares."""
+    import hashlib
+
+    import numpy as np
+    digest = into or hashlib.sha256()
+    if torch.is_tensor(value):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"A{value.dtype}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            payload_digest(value[key], digest)
+        digest.update(b"}")
+    elif isinstance(value, list | tuple):
+        digest.update(b"[")
+        for item in value:
+            payload_digest(item, digest)
+        digest.update(b"]")
+    else:
+        digest.update(repr(value).encode())
+    return digest.hexdigest()

@@ -406,35 +406,10 @@ def content_ref(text: str) -> str:
 
 def state_digest(path) -> str:
     """Hex sha256 of a toolkit checkpoint's STATE_KEYS (tensors by dtype, shape, bytes)."""
-    import hashlib
     payload = read_checkpoint(path)
     _check_format(payload, Path(path))
-    digest = hashlib.sha256()
-    _feed(digest, {key: payload.get(key) for key in STATE_KEYS})
-    return digest.hexdigest()
-
-
-def _feed(digest, value) -> None:
-    """Add a nested payload to `digest`: dict keys in sorted order, tensors by their bytes."""
-    import torch
-    if torch.is_tensor(value):
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
-        if tensor.numel():
-            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, dict):
-        digest.update(b"{")
-        for key in sorted(value, key=repr):
-            digest.update(repr(key).encode())
-            _feed(digest, value[key])
-        digest.update(b"}")
-    elif isinstance(value, list | tuple):
-        digest.update(b"[")
-        for item in value:
-            _feed(digest, item)
-        digest.update(b"]")
-    else:
-        digest.update(repr(value).encode())
+    from runs.checkpoint import payload_digest
+    return payload_digest({key: payload.get(key) for key in STATE_KEYS})
 
 
 def checked_modules(payload: dict, source) -> dict:

@@ -413,30 +413,10 @@ def tracked_files(folder: Path) -> list[Path]:
                   if p.is_file() and not is_temp(p) and p.suffix != ".lock")
 
 
-def digest(value, into=None) -> str:
+def digest(value) -> str:
     """A hash of a nested payload: tensors and arrays by dtype, shape and bytes."""
-    import torch
-    h = into or hashlib.sha256()
-    if torch.is_tensor(value):
-        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if value.numel() else b"")
-    elif isinstance(value, np.ndarray):
-        h.update(f"A{value.dtype}{value.shape}".encode() + np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, dict):
-        h.update(b"{")
-        for key in value:
-            h.update(repr(key).encode())
-            digest(value[key], h)
-        h.update(b"}")
-    elif isinstance(value, list | tuple):
-        h.update(b"[")
-        for item in value:
-            digest(item, h)
-        h.update(b"]")
-    else:
-        h.update(repr(value).encode())
-    return h.hexdigest()
+    from runs.checkpoint import payload_digest
+    return payload_digest(value)
 
 
 def load_pt(path: Path):
