@@ -1,6 +1,9 @@
 """Assertions and data writers shared by several test modules."""
 
+import contextlib
 import hashlib
+import importlib
+import io
 import pickle
 
 import numpy as np
@@ -63,3 +66,17 @@ def patch_md5s(monkeypatch, cls, folder, train, test, meta):
     monkeypatch.setattr(cls, "train_list", [[n, _md5(folder / n)] for n in train])
     monkeypatch.setattr(cls, "test_list", [[n, _md5(folder / n)] for n in test])
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / meta)})
+
+
+def run_cli(main, argv: list[str]) -> tuple[int, list[str]]:
+    """Run a command's main (a callable, or a module name such as "runs.train") on argv with
+    stdout silenced: its exit status (argparse's SystemExit too) and its stderr lines."""
+    if isinstance(main, str):
+        main = importlib.import_module(main).main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, err.getvalue().strip().splitlines()

@@ -18,11 +18,9 @@ metrics), simulated by failing the write with ENOSPC and, where user namespaces 
 on a real 1 MiB tmpfs; and two processes writing one result file or one run.
 """
 
-import contextlib
 import dataclasses
 import errno
 import importlib
-import io
 import json
 import os
 import shutil
@@ -34,6 +32,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 
 from runs.checkpoint import read_checkpoint, save_checkpoint
 from runs.engines.distill import DistillConfig, distill
@@ -168,14 +167,7 @@ def snapshot(*roots) -> dict:
 
 def call(module: str, argv: list[str]) -> tuple[int, list[str]]:
     """main(argv) of a command: its exit status (argparse's SystemExit too), stderr lines."""
-    main = importlib.import_module(module).main
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, err.getvalue().strip().splitlines()
+    return run_cli(module, argv)
 
 
 def fill(text: str, world: dict, tmp_path: Path) -> str:

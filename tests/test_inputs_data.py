@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import write_cifar10
+from helpers import run_cli, write_cifar10
 
 from runs import filehash
 from runs.checkpoint import save_checkpoint
@@ -162,11 +162,7 @@ def test_stl10_records_the_split_files(tmp_path):
 
 
 def interpolate(argv) -> tuple[int, list[str]]:
-    from landscape.interpolate import main
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    lines = err.getvalue().strip().splitlines()
+    code, lines = run_cli("landscape.interpolate", argv)
     return code, [line for line in lines if line.startswith("error")]
 
 

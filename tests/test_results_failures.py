@@ -2,9 +2,7 @@
 namespaces allow), read-only folders, foreign or corrupt attributes, sizes beyond a sane
 bound. Each is one `error:` line and exit 2; nothing half-written is left (issue #19)."""
 
-import contextlib
 import errno
-import io
 import os
 import shutil
 import subprocess
@@ -15,6 +13,7 @@ import h5py
 import pytest
 from _results_cli import main as scan_main
 from _results_writer import fill, open_scan
+from helpers import run_cli
 
 import runs.results
 from runs.checkpoint import save_checkpoint
@@ -29,14 +28,8 @@ SCAN = Path(__file__).with_name("_results_cli.py")  # the test scan as a command
 
 def call(main, argv) -> tuple[int, list[str]]:
     """main(argv): exit status and the stderr lines that are not the command's echo."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, [line for line in err.getvalue().strip().splitlines()
-                  if not line.startswith("python -m ")]
+    code, lines = run_cli(main, argv)
+    return code, [line for line in lines if not line.startswith("python -m ")]
 
 
 def files(folder) -> dict:

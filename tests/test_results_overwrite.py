@@ -2,14 +2,13 @@
 bad --out paths (empty, a folder, below a file) are one line each. Every refusal leaves the
 file's bytes as they were, whatever the flags (issue #19)."""
 
-import contextlib
-import io
 
 import h5py
 import numpy as np
 import pytest
 import torch
 from _results_writer import fill, open_scan
+from helpers import run_cli
 
 from runs.checkpoint import save_checkpoint
 from runs.errors import UserError
@@ -20,10 +19,7 @@ from runs.results import merge_results, open_result, shard_path
 
 def call(main, argv) -> tuple[int, list[str]]:
     """main(argv): exit status and stderr lines."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    return code, err.getvalue().strip().splitlines()
+    return run_cli(main, argv)
 
 
 def interpolate(argv) -> tuple[int, list[str]]:

@@ -9,8 +9,6 @@ explicit allow-list (tested on a checkpoint pickled with a stand-in `lightning` 
 anything else needs `--trust-pickle FILE`.
 """
 
-import contextlib
-import io
 import json
 import pickle
 import subprocess
@@ -19,6 +17,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from helpers import run_cli
 
 from runs import usercode
 from runs.checkpoint import read_checkpoint, save_checkpoint
@@ -106,11 +105,7 @@ def fake_run(tmp_path, content: bytes) -> str:
 
 def call(module: str, argv: list[str]) -> tuple[int, list[str]]:
     """main(argv) of a command: its exit status and stderr lines."""
-    main = __import__(module, fromlist=["main"]).main
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    return code, err.getvalue().strip().splitlines()
+    return run_cli(module, argv)
 
 
 @pytest.mark.parametrize("command", ["probes.evaluate", "landscape.interpolate"])
