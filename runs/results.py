@@ -967,8 +967,8 @@ def _difference(a: ResultData, b: ResultData, check_shard: bool = True) -> str |
     """
     if a.analysis != b.analysis:
         return f"analysis ({a.analysis!r} vs {b.analysis!r})"
-    if a.attrs.get("config") != b.attrs.get("config"):
-        return f"config ({_config_difference(a.attrs.get('config'), b.attrs.get('config'))})"
+    if what := _config_change(a, b):
+        return f"config ({what})"
     if _shas(a) != _shas(b):
         return "inputs (checkpoint sha256)"
     if changed := filehash.changed_data(a.attrs.get("inputs", []), b.attrs.get("inputs", [])):
@@ -987,6 +987,43 @@ def _difference(a: ResultData, b: ResultData, check_shard: bool = True) -> str |
     if check_shard and a.attrs.get("shard") != b.attrs.get("shard"):
         return f"shard ({a.attrs.get('shard')} vs {b.attrs.get('shard')})"
     return None
+
+
+# config keys that say where files are, not what they hold: a result copied with its store
+# and data, or named through another spelling, is the same scan when the files' contents
+# (the sha256s in `inputs`) are the same
+LOCATION_KEYS = frozenset({"data_root", "probe_root", "refs", "store"})
+DATA_LOCATION_KEYS = frozenset({"data_root", "probe_root"})
+
+
+def _config_change(a: ResultData, b: ResultData) -> str | None:
+    """What differs between two results' configs, ignoring where their files are when the
+    files are compared by content: checkpoints always (by sha256), data folders only when
+    `a` recorded its data files (results written before that keep the path as identity)."""
+    config_a, config_b = a.attrs.get("config"), b.attrs.get("config")
+    if config_a == config_b:
+        return None
+    try:
+        parsed = [json.loads(c) if isinstance(c, str) else c for c in (config_a, config_b)]
+    except ValueError:
+        return _config_difference(config_a, config_b)
+    ignored = LOCATION_KEYS if _records_data(a) else LOCATION_KEYS - DATA_LOCATION_KEYS
+    if _strip_keys(parsed[0], ignored) == _strip_keys(parsed[1], ignored):
+        return None
+    return _config_difference(config_a, config_b)
+
+
+def _records_data(data: ResultData) -> bool:
+    return any(filehash.is_data(record) for record in data.attrs.get("inputs", []))
+
+
+def _strip_keys(value, keys: frozenset):
+    """`value` with every dict entry named in `keys` left out, at any depth."""
+    if isinstance(value, dict):
+        return {k: _strip_keys(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [_strip_keys(v, keys) for v in value]
+    return value
 
 
 def _config_difference(a, b, most: int = 3) -> str:

@@ -233,3 +233,65 @@ def test_a_run_resumed_after_its_npz_changed_is_refused(tmp_path, capsys, kind):
     assert {p.name: p.read_bytes() for p in (run / "ckpt").iterdir()} == kept
     data.write_bytes(original)
     assert main([*argv, "--save-at", "2"]) == 0 and (run / "DONE").exists()
+
+
+def test_a_result_copied_with_its_checkpoints_and_data_resumes_there(tmp_path):
+    """A partial npz scan, its checkpoints and its npz copied to another folder: the config
+    names other paths (refs, --data-root) but the files hold the same bytes, so the scan in
+    the copy resumes; a copy whose npz differs is refused naming the file."""
+    import shutil
+
+    from landscape.interpolate import InterpolateConfig, scan
+    first = tmp_path / "first"
+    first.mkdir()
+    for seed, name in enumerate("AB"):
+        model = create_model("convnet", num_classes=4, width=0.125, in_channels=1, seed=seed)
+        save_checkpoint(first / f"{name}.pt", model, 0)
+    write_npz(first / "d.npz")
+    cfg = InterpolateConfig(refs=(str(first / "A.pt"), str(first / "B.pt")), grid="0:1:4",
+                            dataset="npz", data_root=str(first / "d.npz"), bn_samples=16,
+                            bn_batch_size=16)
+    scan(cfg, str(first / "path.h5"), device="cpu", points_per_pass=1, stop_after=1)
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+
+    def resume(folder):
+        return interpolate([str(folder / "A.pt"), str(folder / "B.pt"), "--grid", "0:1:4",
+                            "--dataset", "npz", "--data-root", str(folder / "d.npz"),
+                            "--bn-samples", "16", "--bn-batch-size", "16", "--device", "cpu",
+                            "--out", str(folder / "path.h5")])
+    assert resume(copy) == (0, [])
+    assert open_result(copy / "path.h5").done.all()
+    other = tmp_path / "other"
+    shutil.copytree(first, other)
+    write_npz(other / "d.npz", seed=1)
+    code, errors = resume(other)
+    assert code == 2 and len(errors) == 1 and f"{other / 'd.npz'} changed" in errors[0], errors
+    assert open_result(other / "path.h5").done.sum() == 1
+
+
+def test_a_result_without_data_records_keeps_its_data_root_as_identity():
+    """Results written before data files were recorded cannot tell a moved folder from
+    other data: a different --data-root stays a different config for them."""
+    from runs.results import ResultData, _difference
+    old = ResultData(path="old.h5", analysis="interpolate", coords={}, point_dims=(),
+                     specs={}, metrics={}, done=None, attrs={
+                         "config": {"data_root": "/a", "refs": ["/a/A.pt"]},
+                         "inputs": [{"path": "/a/A.pt", "sha256": "1" * 64}]})
+    moved = dataclasses_replace(old, {"data_root": "/b", "refs": ["/b/A.pt"]},
+                                [{"path": "/b/A.pt", "sha256": "1" * 64}])
+    assert "data_root: '/a' vs '/b'" in _difference(old, moved)
+    refs_only = dataclasses_replace(old, {"data_root": "/a", "refs": ["/b/A.pt"]},
+                                    moved.attrs["inputs"])
+    assert _difference(old, refs_only) is None  # checkpoints are compared by sha256
+    with_data = [*old.attrs["inputs"], {"kind": "data", "path": "/a/d.npz", "sha256": "2" * 64}]
+    recorded = dataclasses_replace(old, old.attrs["config"], with_data)
+    assert _difference(recorded, dataclasses_replace(
+        old, {"data_root": "/b", "refs": ["/b/A.pt"]},
+        [moved.attrs["inputs"][0], {**with_data[1], "path": "/b/d.npz"}])) is None
+
+
+def dataclasses_replace(data, config: dict, inputs: list):
+    import dataclasses
+    return dataclasses.replace(data, attrs={**data.attrs, "config": config,
+                                            "inputs": inputs})
