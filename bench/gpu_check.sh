@@ -14,7 +14,7 @@ out=${OUT:-bench}
 py=${PYTHON:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(train distill eval probes landscape tickets)
+[ ${#sections[@]} -gt 0 ] || sections=(train distill eval probes landscape tickets curvature)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
@@ -23,8 +23,13 @@ $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_na
 # The CUDA-only tests (bf16 autocast, channels_last, vmap on CUDA, kthvalue on the device).
 timeout 180 $py -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/gpu-tests.log"
 
-# The benchmark, one section per call so a slow one cannot starve the others.
+# The benchmark, one section per call so a slow one cannot starve the others. curvature
+# times Hessian-vector products (jvp vs double backward, fp32 and bf16) and the top-5
+# eigenvalues of ResNet18 on 10k images (the goal: < 60 s on one H100); `bash
+# bench/gpu_check.sh curvature` measures it alone.
 for section in "${sections[@]}"; do
-  timeout 300 $py -m runs.bench --device cuda --sections "$section" --out "$out" 2>&1 \
+  limit=300
+  [ "$section" = curvature ] && limit=420  # the eigensolve alone may take minutes if slow
+  timeout $limit $py -m runs.bench --device cuda --sections "$section" --out "$out" 2>&1 \
     | tee -a "$out/bench.log"
 done

@@ -12,6 +12,7 @@ from pathlib import Path
 from figures import (
     alpha_locality,
     border_barriers,
+    curvature,
     data_size,
     distill_curves,
     imp_curves,
@@ -23,7 +24,7 @@ from figures import (
 from runs.errors import UserError, cli, unknown
 
 FIGURES = {m.NAME: m for m in (probe_table, distill_curves, alpha_locality, data_size, plane,
-                                path_curves, lmc, border_barriers, imp_curves)}
+                                path_curves, lmc, border_barriers, imp_curves, curvature)}
 
 
 def register(module) -> None:
@@ -54,7 +55,8 @@ def draw_all(results, out, **options) -> tuple[list[Path], list[str]]:
 EPILOG = r"""examples:
   python -m figures all --results out/demo --out out/demo/figures
   python -m figures probe-table --results results/probe.h5 --probe knn@20 --paper
-  python -m figures plane --results results --out figures_out"""
+  python -m figures plane --results results --out figures_out
+  python -m figures curvature --results results/hessian.h5 --per-parameter"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
                         "distillation runs (STORE/distill_<hash>/seed_<s>/distill.h5) when "
                         "they are not under --results (default: the results folder's "
                         "sibling store/, if there is one)")
+    p.add_argument("--per-parameter", action="store_true",
+                   help="curvature: divide each layer's Hessian trace by its parameter count "
+                        "(the mean diagonal entry of H; curvature-layers-pp_*)")
     return p
 
 
@@ -86,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     options = {"probes": args.probes, "paper": args.paper, "store": args.store,
-               "protocol": args.protocol}
+               "protocol": args.protocol, "per_parameter": args.per_parameter}
     if args.name == "all":
         paths, skipped = draw_all(args.results, args.out, **options)
         for reason in skipped:

@@ -35,7 +35,8 @@ POOLED_KEYS = ("reference", "rewind_step", "mask_dir", "prunable", "prunable_wei
                "imp.rewind", "imp.levels", "imp.baselines", "imp.instability", "seeds",
                "train.init", "train.rewind", "train.mask", "train.seed", "train.data_seed",
                "train.save_at", "train.eval_every", "train.model", "train.dataset",
-               "train.data_root", "train.width", "shard", "imp.seeds")
+               "train.data_root", "train.width", "shard", "imp.seeds", "imp.curvature",
+               "imp.curvature_samples", "imp.curvature_tol", "curvature")
 
 
 def rewind_label(result) -> str:

@@ -18,6 +18,7 @@ PRODUCERS = {
     "interpolate": "interpolate (python -m landscape.interpolate)",
     "border": "border (python -m landscape.border)",
     "imp": "imp (python -m tickets.imp)",
+    "hessian": "curvature (python -m landscape.hessian)",
 }
 
 

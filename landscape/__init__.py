@@ -6,6 +6,7 @@ The Python API (any `nn.Module`; each returns the xarray.Dataset the CLI writes)
     landscape.plane(a, b, c, data, alphas, betas, basis="lstsq" | "orthonormal")
     landscape.directions(model, data, grid, n=1 | 2, seed=0)
     landscape.barriers(ds)          # error and loss barriers of a path result
+    landscape.spectrum(model, data, loss="supervised" | "distill", teacher=None, k=5)
 
 Modules:
     api.py        the functions above
@@ -15,13 +16,14 @@ Modules:
     network.py    the network a scan moves (encoder + fc and/or DINO head, or any module)
     points.py     metrics at many points: one at a time (reference) or P per vmapped pass
     barrier.py    barriers along a path and t-intervals (pure numpy)
-    interpolate.py, border.py   the CLIs (python -m landscape.interpolate / .border)
+    curvature.py  Hessian-vector products, top eigenvalues, trace, spectral density
+    interpolate.py, border.py, hessian.py   the CLIs (python -m landscape.interpolate, ...)
 
 Imports `runs` and `probes`; `runs` never imports this package. The API is imported on
 first use, so `python -m landscape.interpolate` does not load its own module twice.
 """
 
-API = ("path", "plane", "directions", "barriers")
+API = ("path", "plane", "directions", "barriers", "spectrum")
 __all__ = list(API)
 
 

@@ -4,10 +4,12 @@
     ds = landscape.plane(a, b, c, "digits", alphas=grid, betas=grid, basis="orthonormal")
     ds = landscape.directions(model, data, grid, n=2, seed=0)
     landscape.barriers(ds)                  # error and loss barriers of a path result
+    ds = landscape.spectrum(model, "digits", k=5, params="fc")   # curvature at the model
 
 Each returns the `xarray.Dataset` that `python -m landscape.interpolate` writes for the same
 inputs (variables, coordinates, attributes): both doors build one `interpolate.Plan` and
-fill its result through `interpolate.run`; `runs.save(ds, path)` writes the file.
+fill its result through `interpolate.run` (`spectrum`: `landscape.hessian`'s plan and run);
+`runs.save(ds, path)` writes the file.
 
 Models: any `nn.Module`. Registry-protocol modules (`encoder`, `fc`, `embed_dim`) move
 encoder + fc, as the CLI does (with `head`, as `runs.load(ref, head=True)` gives, encoder +
@@ -18,6 +20,7 @@ labels), a torch Dataset or ImageData; `test=` the test split (default: a name's
 split, else the same data).
 """
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -35,7 +38,8 @@ from runs.errors import UserError, unknown
 # Options of every scan: InterpolateConfig's fields a caller may set, and how it runs.
 SCAN_FIELDS = ("bn_samples", "bn_batch_size", "train_samples", "test_samples", "knn_k",
                "teacher_temp", "student_temp", "data_root", "linear_l2", "linear_features",
-               "input_stats")
+               "input_stats", "hessian_k", "hessian_tol", "hessian_probes", "hessian_eigen_tol",
+               "hessian_samples", "hessian_split", "hessian_at", "hessian_beta_at")
 RUNTIME = {"device": "auto", "precision": "auto", "points_per_pass": 0, "batch_size": 512}
 
 
@@ -112,6 +116,87 @@ def barriers(ds: xr.Dataset) -> xr.Dataset:
                           "analysis", ""), "bn_mode": ds.attrs.get("bn_mode", "")})
 
 
+def spectrum(model, data, *, loss: str = "supervised", teacher=None, k: int = 5,
+            test=None, split: str = "train", samples: int = 1000, params: str = "all",
+            measures=("top", "trace", "density", "layer-top"), names=None,
+            **options) -> xr.Dataset:
+    """Curvature of the loss at `model` (or at each of several): what `python -m
+    landscape.hessian` writes, one `checkpoint` row per model.
+
+    model: an nn.Module, a list of them (rows named by `names`, default "model 0", ...) or
+    a dict label -> module. loss: "supervised" (cross-entropy with the labels; a registry
+    model's encoder + fc, any other classifier whole) or "distill" (encoder + DINO head, as
+    runs.load(ref, head=True) gives, against `teacher`'s head probabilities). data: a
+    dataset name, (images, labels), a Dataset or ImageData; split "train" measures on it,
+    "test" on `test` (a name's own test split). samples: a seeded draw (0 = all).
+    params: all, encoder or fc. k: top eigenvalues. measures: top, trace, density,
+    layer-top. options: eigen_tol, eigen_steps, trace_tol, trace_probes ("MIN:MAX"),
+    slq_runs, slq_steps, density_grid ("auto" or "LO:HI:N"), hvp, seed, teacher_temp,
+    student_temp, data_root and input_stats (with a dataset name), device, precision,
+    batch_size, as the CLI's flags. The models passed are never changed.
+    """
+    from landscape import hessian as H
+    labels, models = _named_models(model, names)
+    cfg, runtime = _hessian_config(labels, loss, teacher, k, split, samples, params,
+                                   measures, options)
+    H.check_options(cfg)
+    device = resolve_device(runtime["device"])
+    bf16 = H.hvp_bf16(device, runtime["precision"])
+    cfg = dataclasses.replace(cfg, precision="bf16" if bf16 else "fp32")
+    supervised = cfg.loss == "supervised"
+    anchors = [module_anchor(copy.deepcopy(m), label, supervised, not supervised)
+               for m, label in zip(models, labels)]
+    train, test = as_splits(data, test, root=cfg.data_root or None, stats=cfg.input_stats)
+    cfg = dataclasses.replace(cfg, dataset=train.info.name)
+    images = H.take_samples(train if cfg.split == "train" else test, cfg)
+    inputs = [anchor.record for anchor in anchors]
+    subject = None if supervised else _teacher(copy.deepcopy(teacher), anchors[0], inputs)
+    plan = H.make_plan(cfg, anchors, labels, images, subject, inputs, device,
+                       runtime["batch_size"])
+    return H.run(plan, None, device, bf16).dataset()
+
+
+def _named_models(model, names) -> tuple[list[str], list[nn.Module]]:
+    """(labels, modules) of spectrum's `model`: one module, a list or a dict."""
+    if isinstance(model, nn.Module):
+        models = [model]
+        names = names or ["model"]
+    elif isinstance(model, dict):
+        names, models = [str(n) for n in model], list(model.values())
+    else:
+        models = list(model)
+        names = names or [f"model {i}" for i in range(len(models))]
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise UserError("model: give an nn.Module, a list of them or a dict label -> module")
+    if len(names) != len(models) or len(set(names)) != len(names):
+        raise UserError(f"names: give {len(models)} distinct labels, got {list(names)}")
+    return list(names), models
+
+
+HESSIAN_FIELDS = ("eigen_tol", "eigen_steps", "trace_tol", "trace_probes", "slq_runs",
+                  "slq_steps", "density_grid", "hvp", "seed", "teacher_temp", "student_temp",
+                  "data_root", "input_stats")
+HESSIAN_RUNTIME = {"device": "auto", "precision": "auto", "batch_size": 256}
+
+
+def _hessian_config(labels, loss, teacher, k, split, samples, params, measures,
+                    options) -> tuple:
+    """(HessianConfig, runtime options) of an API call; unknown options named."""
+    from landscape.hessian import HessianConfig
+    valid = (*HESSIAN_FIELDS, *HESSIAN_RUNTIME)
+    for key in options:
+        if key not in valid:
+            raise unknown("option", key, sorted(valid))
+    runtime = {key: options.pop(key, value) for key, value in HESSIAN_RUNTIME.items()}
+    if loss == "distill" and teacher is None:
+        raise UserError("loss distill needs teacher= (e.g. runs.load('RUN@init:teacher', "
+                        "head=True))")
+    cfg = HessianConfig(refs=tuple(labels), loss=loss, teacher="teacher" if teacher is not None
+                        else "", top_k=k, split=split, samples=samples, params=params,
+                        measures=tuple(measures), **options)
+    return cfg, runtime
+
+
 # ---------------------------------------------------------------------------- shared
 
 
@@ -161,7 +246,7 @@ def _scan(models, names, grid, data, test, metrics, bn_mode, teacher, embed, opt
     measures = I.measures_of(cfg)
     if measures.needs_embeddings:
         _check_embedding(models, embed, measures.metrics)
-    with_fc, with_head = "supervised" in measures.metrics, "distill" in measures.metrics
+    with_fc, with_head = measures.with_fc, measures.with_head  # hessian-* need fc or head
     anchors = [module_anchor(m, label, with_fc, with_head, embed)
                for m, label in zip(models, cfg.refs)]
     check_same_architecture(anchors)

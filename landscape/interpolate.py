@@ -13,14 +13,24 @@ DINO head), k-NN accuracy of the embeddings, linear-probe accuracy (a probe fitt
 point's train embeddings and scored on its test embeddings: `linear` = L-BFGS logistic
 regression at one L2 strength for the whole scan, chosen by 5-fold CV at the first
 checkpoint unless `--linear-l2` fixes it; `linear-adamw` = the paper's AdamW probe), and
-the parameter norm. BatchNorm statistics per point by `--bn-mode` keep | interpolate |
-recalibrate (default). Writes one HDF5 result (analysis `interpolate`; the linear probe's L2
-strength in its attrs); a killed scan re-run with the same arguments resumes, and `--shard
-i/n` splits it across processes (join with `python -m runs.results merge`).
+the parameter norm; and curvature (expensive, see below). BatchNorm statistics per point by
+`--bn-mode` keep | interpolate | recalibrate (default). Writes one HDF5 result (analysis
+`interpolate`; the linear probe's L2 strength in its attrs); a killed scan re-run with the
+same arguments resumes, and `--shard i/n` splits it across processes (join with
+`python -m runs.results merge`).
+
+Curvature: `hessian-top` (the `--hessian-k` largest Hessian eigenvalues, Lanczos) and
+`hessian-trace` (Hutchinson's trace and its standard error, to `--hessian-tol`) of the
+supervised loss, or of the distillation loss when --teacher is given and supervised is not
+measured, on `--hessian-samples` seeded images of `--hessian-split`, w.r.t. the parameters
+the scan moves, BN in eval mode with the point's statistics after `--bn-mode`. EXPENSIVE:
+tens to hundreds of Hessian-vector products (each ~ 3 passes over those images) per point;
+`--hessian-at` (and `--hessian-beta-at`) pick the points evaluated, the others get NaN.
 """
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from dataclasses import dataclass
 
@@ -38,6 +48,8 @@ from landscape.network import (
     load_teacher,
 )
 from landscape.params import BASES
+from landscape.point_curvature import HESSIAN_SPLITS, Curvature
+from landscape.point_curvature import check_k as check_hessian_k
 from landscape.points import (
     LINEAR_FEATURES,
     METRICS,
@@ -77,7 +89,9 @@ class InterpolateConfig:
     metrics: tuple[str, ...] = arg(("supervised", "norm"), "what to measure per point: "
                                    "supervised (loss, error), distill (CE, KL to --teacher), "
                                    "knn, linear (L-BFGS probe), linear-adamw (the paper's "
-                                   "AdamW probe), norm")
+                                   "AdamW probe), norm, hessian-top and hessian-trace "
+                                   "(curvature: expensive, many Hessian-vector products "
+                                   "per point; see --hessian-at)")
     bn_mode: str = arg("recalibrate", "BatchNorm statistics per point", choices=MODES)
     bn_samples: int = arg(2048, "fixed training images for BN recalibration (all of "
                                  "train when it has fewer); 0 = all")
@@ -107,7 +121,25 @@ class InterpolateConfig:
     linear_features: str = arg("raw", "features the linear probes see: raw or standardized "
                                       "(z-scored with each point's train statistics)",
                                choices=LINEAR_FEATURES)
-    seed: int = arg(0, "seed of the random directions and of the image draws")
+    hessian_k: int = arg(1, "hessian-top: the number of largest Hessian eigenvalues per point")
+    hessian_tol: float = arg(0.05, "hessian-trace: Hutchinson stops at a standard error of "
+                                   "this fraction of the trace (or at --hessian-probes)")
+    hessian_probes: int = arg(100, "hessian-trace: most Rademacher probes (Hessian-vector "
+                                   "products) per point")
+    hessian_eigen_tol: float = arg(1e-4, "hessian-top: Lanczos stops at Ritz residuals of "
+                                         "this fraction of each eigenvalue (or after "
+                                         "max(60, 3k + 30) products)")
+    hessian_samples: int = arg(256, "images the Hessian's loss averages over (a seeded draw "
+                                    "of --hessian-split; all when it has fewer); 0 = all")
+    hessian_split: str = arg("train", "split the Hessian's images come from",
+                             choices=HESSIAN_SPLITS)
+    hessian_at: str = arg("", "alpha coordinates (points of --grid, as --grid's syntax) "
+                              "where hessian-* metrics are evaluated; '' = every one; other "
+                              "points get NaN")
+    hessian_beta_at: str = arg("", "beta coordinates (points of the beta grid) where "
+                                   "hessian-* metrics are evaluated; '' = every one")
+    seed: int = arg(0, "seed of the random directions, of the image draws and of the "
+                       "Hessian's Lanczos start and probes")
     precision: str = arg("", "fp32 or bf16 as resolved on the device (set by --precision)")
 
 
@@ -122,6 +154,7 @@ class Plan:
     data: EvalData | None
     teacher: object
     inputs: list[dict]
+    curvature_at: set | None = None  # coordinate tuples of hessian-* metrics; None = all
 
 
 def axes(cfg: InterpolateConfig) -> tuple[str, ...]:
@@ -179,7 +212,7 @@ def load_data(cfg: InterpolateConfig, device, batch_size: int) -> EvalData:
 
 
 def load_anchors(cfg: InterpolateConfig, measures: Measures, num_classes) -> list[Anchor]:
-    with_fc, with_head = "supervised" in measures.metrics, "distill" in measures.metrics
+    with_fc, with_head = measures.with_fc, measures.with_head
     fc = load_fc(cfg.fc, num_classes) if cfg.fc and with_fc else None
     anchors = [load_anchor(ref, with_fc, with_head, num_classes, fc) for ref in cfg.refs]
     check_same_architecture(anchors)
@@ -206,12 +239,12 @@ def prepare(cfg: InterpolateConfig, device, batch_size: int = 512) -> Plan:
     measures = measures_of(cfg)
     data = load_data(cfg, device, batch_size) if measures.needs_data else None
     anchors = load_anchors(cfg, measures, data.num_classes if data else None)
-    teacher = load_teacher(cfg.teacher) if "distill" in measures.metrics else None
+    teacher = load_teacher(cfg.teacher) if measures.with_head else None
     inputs = [a.record for a in anchors]
     if teacher is not None:
         check_teacher(cfg.teacher, teacher, anchors[0])
         inputs.append(_record(cfg.teacher))
-    if cfg.fc and "supervised" in measures.metrics:
+    if cfg.fc and measures.with_fc:
         inputs.append(_record(cfg.fc))
     from runs.filehash import data_inputs  # data files by content: a resume checks them
     files = data_inputs(cfg.dataset, cfg.data_root, cfg.data_options) if data else []
@@ -230,10 +263,58 @@ def labelled(inputs: list[dict]) -> list[dict]:
 def measures_of(cfg: InterpolateConfig) -> Measures:
     measures = Measures(tuple(cfg.metrics), cfg.knn_k, cfg.teacher_temp, cfg.student_temp,
                         linear_l2=fixed_linear_l2(cfg.linear_l2),
-                        linear_features=cfg.linear_features, probe_seed=cfg.seed)
+                        linear_features=cfg.linear_features, probe_seed=cfg.seed,
+                        curvature=curvature_of(cfg))
     if "distill" in measures.metrics and not cfg.teacher:
         raise UserError("--metrics distill needs --teacher REF (e.g. RUN@last:teacher)")
+    if (cfg.hessian_at or cfg.hessian_beta_at) and not measures.needs_curvature:
+        raise UserError("--hessian-at / --hessian-beta-at pick the points of hessian-top and "
+                        "hessian-trace; add one of them to --metrics")
     return measures
+
+
+def hessian_loss(cfg: InterpolateConfig) -> str:
+    """The loss the hessian-* metrics take: supervised, unless --teacher is given and
+    supervised metrics are not asked for (a student's landscape): then the distillation
+    loss H(t, s) against that teacher, as the distill metrics measure it."""
+    return "distill" if cfg.teacher and "supervised" not in cfg.metrics else "supervised"
+
+
+def curvature_of(cfg: InterpolateConfig) -> Curvature:
+    """The hessian-* settings; an attached --fc is not moved, so not in the Hessian."""
+    frozen = ("fc.weight", "fc.bias") if cfg.fc else ()
+    return Curvature(cfg.hessian_k, cfg.hessian_tol, cfg.hessian_probes, cfg.hessian_eigen_tol,
+                     cfg.hessian_samples, cfg.hessian_split, hessian_loss(cfg), cfg.seed, frozen)
+
+
+def curvature_points(cfg: InterpolateConfig, coords: dict) -> set | None:
+    """The coordinate tuples whose hessian-* metrics are evaluated: the product of the
+    --hessian-at alphas and --hessian-beta-at betas, each a point of its axis' grid (the
+    grid's own value kept, so the scan's points match exactly); None = every point."""
+    if not (cfg.hessian_at or cfg.hessian_beta_at):
+        return None
+    picked = []
+    for axis, flag, text in (("alpha", "--hessian-at", cfg.hessian_at),
+                             ("beta", "--hessian-beta-at", cfg.hessian_beta_at)):
+        if axis not in coords:
+            if text:
+                raise UserError(f"{flag} {text}: the scan has no {axis} axis (a path has "
+                                f"alpha only)")
+            continue
+        grid = coords[axis]
+        values = G.parse_grid(text, flag) if text else grid
+        picked.append([_grid_point(grid, value, flag) for value in values])
+    return set(itertools.product(*picked))
+
+
+def _grid_point(grid: np.ndarray, value: float, flag: str) -> float:
+    """The grid's coordinate equal to `value` (to float rounding); UserError if none is."""
+    hits = np.flatnonzero(np.isclose(grid, value, rtol=1e-9, atol=1e-12))
+    if not len(hits):
+        shown = ", ".join(f"{v:g}" for v in grid[:8]) + (", ..." if len(grid) > 8 else "")
+        raise UserError(f"{flag} {value:g}: not a point of the scan's grid ({shown}); give "
+                        f"coordinates the grid holds")
+    return float(grid[hits[0]])
 
 
 def fixed_linear_l2(text: str) -> float | None:
@@ -283,8 +364,11 @@ def make_plan(cfg: InterpolateConfig, anchors: list[Anchor], measures: Measures,
         if "knn" in measures.metrics:  # before the result file exists
             check_at_most(measures.knn_k, len(data.splits["train"].y), "--knn-k",
                           "the train images measured: --train-samples, or all of train")
+    if measures.needs_curvature:
+        check_hessian_k(measures.curvature, anchors[0].subject)
+    at = curvature_points(cfg, coords) if measures.needs_curvature else None
     geometry = build_geometry(cfg, anchors).to(device)
-    return Plan(cfg, anchors, geometry, coords, measures, data, teacher, inputs)
+    return Plan(cfg, anchors, geometry, coords, measures, data, teacher, inputs, at)
 
 
 def check_teacher(ref: str, teacher, anchor: Anchor) -> None:
@@ -308,6 +392,8 @@ def layout(plan: Plan) -> tuple[dict, dict, tuple, dict]:
     specs = plan.measures.specs()
     if any("split" in dims for dims, _, _ in specs.values()):
         coords["split"] = list(SPLITS)
+    if any("eigen" in dims for dims, _, _ in specs.values()):
+        coords["eigen"] = np.arange(plan.measures.curvature.k)
     metrics = {name: MetricSpec(point_dims + dims, units, long_name)
                for name, (dims, units, long_name) in specs.items()}
     geometry = plan.geometry
@@ -317,6 +403,8 @@ def layout(plan: Plan) -> tuple[dict, dict, tuple, dict]:
                                if getattr(plan.anchors[0].subject, n, None) is not None)}
     if geometry.kind == "plane":
         attrs["plane_basis"] = plan.cfg.basis
+    if plan.measures.needs_curvature:
+        attrs["hessian_loss"] = plan.measures.curvature.loss
     return coords, metrics, point_dims, attrs
 
 
@@ -361,7 +449,8 @@ def run(plan: Plan, path, device, bf16: bool, points_per_pass: int = 0, shard=No
     per_pass = points_per_pass or auto_points_per_pass(device)
     coords, metrics, point_dims, attrs = layout(plan)
     evaluator = PointEvaluator(plan.anchors[0].subject, plan.geometry, plan.cfg.bn_mode,
-                               plan.data, plan.measures, plan.teacher, device, bf16)
+                               plan.data, plan.measures, plan.teacher, device, bf16,
+                               plan.curvature_at)
     if "linear" in plan.measures.metrics:
         l2, chosen = choose_linear_l2(plan, evaluator)
         evaluator.measures = dataclasses.replace(plan.measures, linear_l2=l2)
@@ -398,10 +487,11 @@ def summary(path: str) -> str:
     names, columns = ["alpha"], [data.coords["alpha"]]
     for name, values in data.metrics.items():
         dims = data.specs[name].dims
-        if "split" in dims:
-            for j, split in enumerate(data.coords["split"]):
-                names.append(f"{name}[{split}]")
-                columns.append(np.take(values, j, axis=dims.index("split")))
+        extra = next((d for d in dims if d != "alpha"), None)  # split or eigen
+        if extra is not None:
+            for j, label in enumerate(data.coords[extra]):
+                names.append(f"{name}[{label}]")
+                columns.append(np.take(values, j, axis=dims.index(extra)))
         else:
             names.append(name)
             columns.append(values)
@@ -413,7 +503,8 @@ def summary(path: str) -> str:
 HELP = __doc__
 EPILOG = r"""examples:
   python -m landscape.interpolate store/train_a/seed_0@last store/train_b/seed_0@last \
-      --grid -0.25:1.25:31 --metrics supervised norm
+      --grid -0.25:1.25:31 --metrics supervised norm hessian-top hessian-trace \
+      --hessian-at 0,0.5,1   # curvature (expensive) at 3 of the 31 points
   python -m landscape.interpolate RUN@init:teacher RUN@init RUN@last --metrics distill knn \
       norm --teacher RUN@init:teacher --grid -0.5:1.5:21 --basis orthonormal
   python -m landscape.interpolate RUN@init:teacher RUN@last RUN_ALPHA1@last --metrics \
@@ -451,7 +542,8 @@ def parser() -> argparse.ArgumentParser:
 @cli
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(G.join_negative(argv))
+    flags = ("--grid", "--beta-grid", "--hessian-at", "--hessian-beta-at")
+    args = parser().parse_args(G.join_negative(argv, flags))
     echo_command("landscape.interpolate", argv)
     if launching(args):
         return launch(main, argv, args, args.out)

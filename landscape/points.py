@@ -14,7 +14,9 @@ k-NN accuracy of the embeddings (train split as the bank, test as the queries; s
 majority vote, as the paper), linear-probe accuracy (a probe fitted on the point's train
 embeddings, scored on its test embeddings: `linear` = probes' L-BFGS logistic regression at
 one fixed L2 strength, `linear-adamw` = the paper's AdamW probe), and the parameter norm.
-The probes run per point after the (batched) embedding pass.
+The probes run per point after the (batched) embedding pass. Curvature (`hessian-top`,
+`hessian-trace`: landscape.point_curvature) is taken per point through the reference network
+on either path, so it does not depend on how many points share a pass.
 """
 
 import contextlib
@@ -29,12 +31,21 @@ from torch.func import functional_call, vmap
 from landscape.batchnorm import BatchedBN, bn_layers, recalibrate, swap_batchnorm
 from landscape.geometry import Geometry, point_norms
 from landscape.network import Subject
+from landscape.point_curvature import (
+    HESSIAN_METRICS,
+    Curvature,
+    curvature_specs,
+    hessian_batches,
+    missing_curvature,
+    moved_parameters,
+    point_curvature,
+)
 from runs.data import ImageData
 from runs.device import autocast as device_autocast
 from runs.errors import UserError, unknown
 from runs.gpu_loader import GPULoader, eval_loader
 
-METRICS = ("supervised", "distill", "knn", "linear", "linear-adamw", "norm")
+METRICS = ("supervised", "distill", "knn", "linear", "linear-adamw", "norm", *HESSIAN_METRICS)
 EMBEDDING_METRICS = ("knn", "linear", "linear-adamw")  # read the embeddings of both splits
 LINEAR_FEATURES = ("raw", "standardized")
 SPLITS = ("train", "test")
@@ -51,6 +62,7 @@ class Measures:
     linear_l2: float | None = None
     linear_features: str = "raw"  # features the linear probes see: raw or standardized
     probe_seed: int = 0  # the AdamW probe's init and data order
+    curvature: Curvature = Curvature()  # how hessian-top and hessian-trace are taken
 
     def __post_init__(self):
         for name in self.metrics:
@@ -71,7 +83,28 @@ class Measures:
 
     @property
     def needs_data(self) -> bool:
+        return self.needs_scan_data or self.needs_curvature
+
+    @property
+    def needs_scan_data(self) -> bool:
+        """Whether a point's metrics read the measured splits (all but norm and curvature)."""
         return bool({"supervised", "distill", *EMBEDDING_METRICS} & set(self.metrics))
+
+    @property
+    def needs_curvature(self) -> bool:
+        return bool(set(HESSIAN_METRICS) & set(self.metrics))
+
+    @property
+    def with_fc(self) -> bool:
+        """Whether the network needs its supervised fc: supervised metrics or Hessian."""
+        return "supervised" in self.metrics or (self.needs_curvature and
+                                                self.curvature.loss == "supervised")
+
+    @property
+    def with_head(self) -> bool:
+        """Whether it needs its DINO head (and a teacher): distill metrics or Hessian."""
+        return "distill" in self.metrics or (self.needs_curvature and
+                                             self.curvature.loss == "distill")
 
     @property
     def needs_embeddings(self) -> bool:
@@ -99,6 +132,7 @@ class Measures:
                                               f"{self.linear_features} features)")
         if "norm" in self.metrics:
             specs["param_norm"] = ((), "", "L2 norm of the scanned parameters")
+        specs.update(curvature_specs(self.curvature, self.metrics))
         return specs
 
 
@@ -108,6 +142,7 @@ class EvalData:
     bn: GPULoader | None  # the fixed BN recalibration images, None unless recalibrating
     num_classes: int
     image_shape: tuple  # (C, H, W)
+    sources: dict | None = None  # "train" / "test" -> the whole ImageData (Hessian draws)
 
 
 def take(data: ImageData, count: int, seed: int, what: str) -> ImageData:
@@ -143,7 +178,8 @@ def eval_data(train: ImageData, test: ImageData, device, batch_size: int = 512,
     if with_bn:
         images = take(train, min(bn_samples, len(train.y)), seed + 1, "--bn-samples")
         bn = eval_loader(images, device, bn_batch_size)
-    return EvalData(loaders, bn, train.info.num_classes, tuple(train.x.shape[1:]))
+    return EvalData(loaders, bn, train.info.num_classes, tuple(train.x.shape[1:]),
+                    {"train": train, "test": test})
 
 
 def images(loader: GPULoader):
@@ -262,10 +298,15 @@ def _linear(sums: dict, data: EvalData, measures: Measures, method: str) -> torc
 
 
 class PointEvaluator:
-    """Evaluates points of one geometry on one network, data set and BN mode."""
+    """Evaluates points of one geometry on one network, data set and BN mode.
+
+    curvature_at: the coordinate tuples whose hessian-* metrics are evaluated (others NaN);
+    None = every point.
+    """
 
     def __init__(self, subject: Subject, geometry: Geometry, bn_mode: str, data: EvalData,
-                 measures: Measures, teacher: Subject = None, device="cpu", bf16=False):
+                 measures: Measures, teacher: Subject = None, device="cpu", bf16=False,
+                 curvature_at=None):
         # A private copy: the reference path loads every point's weights into it.
         self.subject = copy.deepcopy(subject).to(device)
         if torch.device(device).type == "cuda":
@@ -280,6 +321,8 @@ class PointEvaluator:
         # BN lives in the encoder: recalibration need not run the heads (a 2^16-way layer).
         self.recal_parts = ("embedding", "logits", "head") if heads_have_bn else ("embedding",)
         self._twin = None
+        self.curvature_at = None if curvature_at is None else set(curvature_at)
+        self._hessian_batches = None
 
     def autocast(self):
         return device_autocast(self.device, self.bf16) if self.bf16 else contextlib.nullcontext()
@@ -288,7 +331,7 @@ class PointEvaluator:
         """One {metric: numpy value} per row of coords (P, K), in order."""
         coords = torch.as_tensor(np.asarray(coords, dtype=np.float64))
         if batched:
-            values = self._batched(coords)
+            values = {**self._batched(coords), **self._curvatures(coords)}
         else:
             per_point = [self._reference(row[None]) for row in coords]
             values = {k: torch.cat([v[k] for v in per_point]) for k in per_point[0]}
@@ -296,7 +339,7 @@ class PointEvaluator:
 
     def _measure(self, forward, params: dict, num_points: int) -> dict:
         out = {}
-        if self.measures.needs_data:
+        if self.measures.needs_scan_data:
             out = measure(forward, self.data, self.measures, self.teacher, num_points,
                           self.autocast)
         if "norm" in self.measures.metrics:
@@ -321,18 +364,59 @@ class PointEvaluator:
     @torch.no_grad()
     def _reference(self, coords: torch.Tensor) -> dict:
         """One point: weights copied into the real network, BN recalibrated in place."""
-        forward, params = self._reference_forward(coords)
-        return self._measure(forward, params, 1)
+        wanted = self._wants_curvature(coords[0])
+        recal = self.measures.needs_scan_data or wanted
+        forward, params = self._reference_forward(coords, recal=recal)
+        out = self._measure(forward, params, 1)
+        if self.measures.needs_curvature:
+            out.update(self._curvature(wanted))
+        return out
 
-    def _reference_forward(self, coords: torch.Tensor,
-                           parts=("embedding", "logits", "head")) -> tuple:
+    @torch.no_grad()
+    def _curvatures(self, coords: torch.Tensor) -> dict:
+        """hessian-* metrics (P, ...) of the batched path: each point wanted loaded into the
+        reference network in turn, as `_reference` does, so values match it exactly."""
+        if not self.measures.needs_curvature:
+            return {}
+        rows = []
+        for row in coords:
+            wanted = self._wants_curvature(row)
+            if wanted:
+                self._reference_forward(row[None], recal=True)
+            rows.append(self._curvature(wanted))
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+    def _wants_curvature(self, row: torch.Tensor) -> bool:
+        """Whether the point at coordinates row (K,) has its curvature evaluated."""
+        if not self.measures.needs_curvature:
+            return False
+        return self.curvature_at is None or tuple(map(float, row)) in self.curvature_at
+
+    def _curvature(self, wanted: bool) -> dict:
+        """hessian-* metrics (1, ...) of the network as loaded now; NaN unless wanted."""
+        curvature, metrics = self.measures.curvature, self.measures.metrics
+        if not wanted:
+            return missing_curvature(curvature, metrics)
+        if self._hessian_batches is None:
+            source = self.data.sources[curvature.split]
+            batch_size = self.data.splits["train"].batch_size
+            self._hessian_batches = hessian_batches(source, curvature, self.teacher,
+                                                    self.measures.teacher_temp, self.device,
+                                                    batch_size)
+        names = moved_parameters(self.subject, curvature)
+        return point_curvature(self.subject, self._hessian_batches, names, curvature, metrics,
+                               self.measures.student_temp)
+
+    def _reference_forward(self, coords: torch.Tensor, parts=("embedding", "logits", "head"),
+                           recal: bool = True) -> tuple:
         """(forward, params) of one point (1, K): its weights loaded into the private network,
-        BN recalibrated in place when asked; forward gives the (1, B, ...) outputs `parts`."""
+        BN recalibrated in place under bn_mode recalibrate (unless `recal` is False: no metric
+        reads data); forward gives the (1, B, ...) outputs `parts`."""
         params = self.geometry.params_at(coords)
         buffers = self.geometry.buffers_at(coords, self._stored_mode())
         state = {k: v[0] for k, v in {**params, **buffers}.items()}
         self.subject.load_state_dict(state, strict=True)
-        if self.bn_mode == "recalibrate" and self.measures.needs_data:
+        if self.bn_mode == "recalibrate" and recal and self.data is not None:
             whole = len(self.recal_parts) > 1 or self.subject.encoder is None
             target = self.subject if whole else self.subject.encoder
             recalibrate(target, images(self.data.bn), self.autocast)
@@ -347,7 +431,7 @@ class PointEvaluator:
         """P points in one pass under vmap; BN statistics per point, computed functionally."""
         params = self.geometry.params_at(coords)  # name -> (P, *shape)
         buffers = self.geometry.buffers_at(coords, self._stored_mode())
-        if self.bn_mode == "recalibrate" and self.measures.needs_data:
+        if self.bn_mode == "recalibrate" and self.measures.needs_scan_data:
             # running mean/var replaced; batch counts (and any other buffer) stay A's
             bn = BatchedBN(self.twin, {"parts": self.recal_parts})
             buffers.update(bn.recalibrate(params, images(self.data.bn), self.autocast))

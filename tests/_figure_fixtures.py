@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from _curvature_fixtures import hessian
 
 from runs.results import MetricSpec, create_result
 
@@ -194,4 +195,5 @@ def all_results(folder) -> dict:
             "imp_student": imp(folder / "imp_student.h5", rewind=f"{STUDENT}@last:encoder",
                                reference=f"{STUDENT}@last:encoder", baselines=("reinit",),
                                instability=False),
-            "distill": distill(folder / "store"), "probe": probe(folder / "probe.h5")}
+            "distill": distill(folder / "store"), "probe": probe(folder / "probe.h5"),
+            "hessian": hessian(folder / "hessian.h5")}

@@ -326,3 +326,59 @@ def test_variants_are_measured_alone_and_judged_for_no_speed_up():
 def test_a_bad_variant_stops_the_cli_before_measuring(variant, message, capsys):
     assert main(["--device", "cpu", "--sections", "train", "--variants", variant]) == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- curvature
+
+
+def test_curvature_section_reports_both_hvp_methods_and_the_eigen_time():
+    """jvp (forward-over-reverse) and double-backward products, timed in one run, agree to
+    fp32 rounding along the same vector; the ratio is their rates'; the Lanczos timing
+    reports its top-k (descending) and the projection of its seconds to the goal's 10k
+    images (linear in images)."""
+    pytest.importorskip("landscape.curvature")
+    from runs.studies.bench.curvature import section_curvature
+    bench = tiny_bench(hvp_images=4, hvp_batch=2, hvp_repeats=1, eigen_images=4, eigen_k=2)
+    body = section_curvature(bench)
+    assert list(body["comparisons"]) == ["hvp_fp32", "top2_eigen"]  # bf16: CUDA only
+    hvp = body["comparisons"]["hvp_fp32"]
+    fast, ref = hvp["paths"]["fast"], hvp["paths"]["reference"]
+    assert "jvp" in fast["what"] and "double backward" in ref["what"]
+    assert hvp["ratio"] == pytest.approx(fast["rate"] / ref["rate"]) and hvp["ratio"] > 0
+    assert hvp["checks"]["rel_diff"] < 1e-5
+    assert hvp["checks"]["parameters"] == sum(
+        p.numel() for p in new_model(bench, synthetic_info()).parameters())
+    assert hvp["flops_per_item"] > 0
+    eigen = body["comparisons"]["top2_eigen"]
+    checks = eigen["checks"]
+    values = checks["eigenvalues"]
+    assert len(values) == 2 and values[0] >= values[1] and checks["lanczos_steps"] >= 4
+    assert checks["projected"] and checks["seconds_10k"] == pytest.approx(
+        checks["seconds"] * 10_000 / 4)
+    assert eigen["ratio"] is None and "top2_eigen" in table({"curvature": body})
+
+
+def test_curvature_goal_reads_the_eigen_seconds_and_the_hvp_ratio_is_no_speed_up():
+    """The top-5 goal judges `seconds_10k` (under 60 s); the HVP comparisons' ratios (two
+    ways of one product) are reported but not judged by the 5x speed-up goal."""
+    def comp(ratio, **checks):
+        return {"ratio": ratio, "paths": {"fast": {"mfu": None}}, "checks": checks}
+
+    sections = {"curvature": {"comparisons": {"hvp_fp32": comp(1.2), "hvp_bf16": comp(0.9),
+                                              "top5_eigen": comp(None, seconds_10k=42.0)}}}
+    rows = goal_rows(sections)
+    assert [(r["measured"], r["value"], r["met"]) for r in rows] == [
+        ("curvature/top5_eigen", 42.0, True)]
+    assert "42 s, met" in goals_text(rows, "NVIDIA H100", quick=False)
+
+
+@pytest.mark.gpu
+def test_curvature_bf16_products_on_cuda():
+    """Under CUDA bf16 autocast both methods run and agree with each other; each one's error
+    against the fp32 product is recorded (bf16 keeps 8 bits: a few percent, not 1e-5)."""
+    from runs.studies.bench.curvature import hvp_comparison
+    bench = Bench(dataclasses.replace(tiny_bench().cfg, hvp_images=8, hvp_batch=4,
+                                      hvp_repeats=1), torch.device("cuda"))
+    checks = hvp_comparison(bench, bf16=True)["checks"]
+    assert checks["rel_diff"] < 0.1
+    assert 0 < checks["rel_error_fast"] < 0.5 and 0 < checks["rel_error_reference"] < 0.5

@@ -33,6 +33,10 @@ REDUCED = {
                 "steps": "1ep", "grid": "0:1:3", "test_samples": 100}],
     "imp": [{"name": "imp", "rewind": "init@0", "levels": 1, "steps": "1ep", "val_size": 50,
              "seeds": [0]}],
+    "curvature": [{"name": "curvature", "refs": ["@images[0]:teacher", "@images[0]:last"],
+                   "loss": "distill", "teacher": "@images[0]:teacher", "samples": 32,
+                   "measures": ["top", "trace", "density", "layer-top"], "top_k": 2,
+                   "trace_probes": "2:4", "slq_runs": 1, "slq_steps": 8}],
 }
 
 
@@ -49,12 +53,13 @@ def demo(tmp_path_factory):
 def test_every_stage_and_figure(demo):
     root, _ = demo
     results = {p.stem for p in (root / "out" / "results").glob("*.h5")}
-    assert results == {"probe_digits", "path", "plane", "lmc", "imp"}
+    assert results == {"probe_digits", "path", "plane", "lmc", "imp", "curvature"}
     figures = {p.stem for p in (root / "out" / "figures").glob("*.png")}
     # every figure the toolkit has; `border` draws scans only (this preset's one border
     # result, random vs student, is the `lmc` figure's)
     for name in set(FIGURES) - {"border"}:
-        assert any(f == name or f.startswith(f"{name}_") for f in figures), (name, figures)
+        assert any(f == name or f.startswith((f"{name}_", f"{name}-")) for f in figures), \
+            (name, figures)
 
 
 @pytest.mark.slow
@@ -257,7 +262,8 @@ PAPER_SHRINK = [
     "distill.save_at=[\"1ep\"]", "distill.probe_every=1", "train.batch_size=16",
     "interpolate.grid=-0.5:1.5:3", "interpolate.train_samples=32",
     "border.children=2", "border.steps=1ep", "border.grid=0:1:3", "imp.levels=1",
-    "imp.steps=6ep", "imp.val_size=16",
+    "imp.steps=6ep", "imp.val_size=16", "curvature.samples=16", "curvature.top_k=2",
+    "curvature.trace_probes=2:4", "curvature.slq_runs=1", "curvature.slq_steps=8",
 ]
 
 
@@ -271,7 +277,8 @@ def test_paper_preset_runs_every_stage_on_cifar10_files(tmp_path, monkeypatch):
     assert main(["--preset", "paper-cifar10", "--out", str(out), "--device", "cpu", "--set",
                  f"distill.data_root={tmp_path / 'data'}", *PAPER_SHRINK]) == 0
     preset = load_preset("paper-cifar10")
-    names = {job["name"] for stage in ("interpolate", "border", "imp") for job in preset[stage]}
+    names = {job["name"] for stage in ("interpolate", "border", "imp", "curvature")
+             for job in preset[stage]}
     assert {p.stem for p in (out / "results").glob("*.h5")} == names | {"probe_cifar10"}
     figures = {p.stem for p in (out / "figures").glob("*.png")}
     for name in ("probe-table_knn20", "distill-curves", "alpha-locality", "data-size", "imp",

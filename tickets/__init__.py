@@ -14,9 +14,10 @@ Modules:
     mask.py    which parameters are prunable; mask counts, nesting and files
     prune.py   kept counts per level; global magnitude and random pruning
     imp.py     the IMP sweep and its CLI (python -m tickets.imp); run_imp drives the same
+    curvature.py  the Hessian over a ticket's surviving weights (imp --curvature)
 
-Imports `runs` (and `landscape`'s public functions for --instability). The API is imported
-on first use, so `python -m tickets.imp` does not load its own module twice.
+Imports `runs` (and `landscape`'s public functions for --instability and --curvature). The
+API is imported on first use, so `python -m tickets.imp` does not load its own module twice.
 """
 
 API = ("magnitude_masks", "apply_masks", "run_imp")

@@ -133,7 +133,7 @@ def _parent_masks(model, masks, names, scope, keep_output_dense) -> Masks:
 def option_names() -> list[str]:
     """The keyword options of `run_imp` beyond its named arguments: the fields of ImpConfig
     and TrainConfig a sweep does not set itself (the CLI's flags, as field names)."""
-    named = {"model", "dataset", "levels", "rewind", "rate"}
+    named = {"model", "dataset", "levels", "rewind", "rate", "curvature"}
     imp = {f.name for f in dataclasses.fields(ImpConfig)}  # rewind_optimizer: ImpConfig's
     train = {f.name for f in dataclasses.fields(TrainConfig)} - set(SET_PER_LEVEL)
     return sorted((imp | train) - named)
@@ -142,7 +142,8 @@ def option_names() -> list[str]:
 def run_imp(model: str = "resnet18", data: str = "cifar10", levels: int = 10,
             rewind: str = "init@0", rate: float = 0.2, steps="160ep", seeds=(0,),
             store="store", device: str = "auto", precision: str = "auto",
-            compile_model=False, save_at=(), out=None, overwrite: bool = False, **train):
+            compile_model=False, save_at=(), out=None, overwrite: bool = False,
+            curvature: bool = False, **train):
     """Iterative magnitude pruning with rewinding: `python -m tickets.imp` from Python.
 
     Same sweep, same store, same result: every level of every seed is an ordinary stored
@@ -163,6 +164,11 @@ def run_imp(model: str = "resnet18", data: str = "cifar10", levels: int = 10,
     save_at: extra checkpoints of the dense run (e.g. ("1ep", "2ep")), as --save-at.
     out: also write the HDF5 result file there, as the CLI does (and resume it if it holds
         this sweep); overwrite: replace a file written for another config.
+    curvature: as --curvature: also the top eigenvalue and Hutchinson trace (+ SE) of the
+        supervised train-loss Hessian over the surviving weights, of each level's trained
+        network and its rewind point (metrics hessian_top, hessian_trace,
+        hessian_trace_se over a coord curvature_at = trained, rewind); expensive.
+        curvature_samples, curvature_tol: as --curvature-samples, --curvature-tol.
     **train: any other field of ImpConfig (prune_scope, prune_output, baselines,
         instability, barrier_grid, ...) or TrainConfig (width, batch_size, lr, val_size,
         data_root, flip, crop_padding, ...): see `option_names()`.
@@ -176,7 +182,7 @@ def run_imp(model: str = "resnet18", data: str = "cifar10", levels: int = 10,
                         f"not {type(data).__name__}: every level is a stored runs.train run "
                         f"rebuilt from its config, so the data is named, with data_root, "
                         f"subset and val_size as options")
-    imp, cfg = _configs(model, data, levels, rewind, rate, train)
+    imp, cfg = _configs(model, data, levels, rewind, rate, train, curvature)
     seeds = [seeds] if isinstance(seeds, numbers.Integral) else list(seeds)
     sweep = build_sweep(imp, cfg, store, steps, save_at, seeds, device, precision,
                         compile_model)
@@ -187,7 +193,7 @@ def run_imp(model: str = "resnet18", data: str = "cifar10", levels: int = 10,
     return read_dataset(result.path, "imp")
 
 
-def _configs(model, data, levels, rewind, rate, options: dict) -> tuple:
+def _configs(model, data, levels, rewind, rate, options: dict, curvature=False) -> tuple:
     """(ImpConfig, TrainConfig) from run_imp's arguments; unknown keys listed with the valid."""
     valid = option_names()
     if bad := sorted(set(options) - set(valid)):
@@ -198,6 +204,7 @@ def _configs(model, data, levels, rewind, rate, options: dict) -> tuple:
     options = {k: (v,) if isinstance(v, str) and k == "baselines" else v
                for k, v in options.items()}  # baselines="random" means ("random",)
     imp = from_dict(ImpConfig, {"levels": levels, "rewind": rewind, "rate": rate,
+                                "curvature": curvature,
                                 **{k: v for k, v in options.items() if k in imp_names}})
     cfg = from_dict(TrainConfig, {"model": model, "dataset": data,
                                   **{k: v for k, v in options.items() if k not in imp_names}})

@@ -43,6 +43,14 @@ ResNet20: the paper's IMP runs used --lr 0.05 (ResNet18 and VGG: 0.1, the defaul
 and stores the error and loss barriers between the two on train and test
 (landscape.border's `pair_curves`, BatchNorm recalibrated).
 
+`--curvature`: each cell also stores the top eigenvalue and the Hutchinson trace (with its
+standard error) of the supervised loss Hessian, over the surviving weights only (the
+level's mask over the prunable tensors; other parameters unmasked), on a fixed seeded subset
+of --curvature-samples train images, BatchNorm in eval mode with the checkpoint's
+statistics (tickets.curvature): for the level's trained network and for its rewind point
+(coord curvature_at: trained, rewind). Expensive: per network up to 60 Lanczos steps and
+10 to 1000 Hutchinson probes, one Hessian-vector product over all the images each.
+
 Results: HDF5 (analysis `imp`), coords branch x level x seed; a killed sweep resumes per cell
 and `--shard i/n` takes the seeds with index % n == i.
 """
@@ -51,6 +59,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +151,15 @@ class ImpConfig:
     reinit_seed_offset: int = arg(1000, "reinit branch: init seed = seed + this")
     child_data_seed_offset: int = arg(1, "instability: the second child's data seed is "
                                          "--data-seed + this")
+    curvature: bool = arg(False, "also store the top Hessian eigenvalue and the Hutchinson "
+                                 "trace of the supervised train loss over the surviving "
+                                 "weights, for each level's trained network and its rewind "
+                                 "point (expensive: up to ~1000 Hessian-vector products per "
+                                 "network on --curvature-samples images)")
+    curvature_samples: int = arg(256, "curvature: train images (a fixed seeded subset; 0 = "
+                                      "all) the loss is taken over")
+    curvature_tol: float = arg(0.05, "curvature: Hutchinson stops at this relative standard "
+                                     "error of the trace")
 
 
 # TrainConfig fields the sweep sets per level (steps, checkpoints, start point, mask, seed):
@@ -155,7 +173,13 @@ SET_PER_LEVEL = ("num_steps", "save_at", "init", "rewind", "mask", "seed", "star
 # TrainConfig.) prune_output enters the hash resolved, as keep_output_dense (see identity).
 NOT_IN_HASH = ("rewind", "levels", "baselines", "instability", "barrier_grid",
                "reinit_seed_offset", "child_data_seed_offset", "random_baseline",
-               "reinit_from", "prune_output")
+               "reinit_from", "prune_output", "curvature", "curvature_samples",
+               "curvature_tol")
+
+# The ImpConfig fields of --curvature: in a result's config only when it is on, so results
+# written without it (before it existed, too) keep their config and resume.
+CURVATURE_FIELDS = ("curvature", "curvature_samples", "curvature_tol")
+CURVATURE_AT = ("trained", "rewind")  # coord curvature_at: the cell's two networks
 
 
 @dataclass(frozen=True)
@@ -290,6 +314,7 @@ class Sweep:
     compile_model: bool = False
 
     _measured: object = None  # landscape's evaluation data, built on first use
+    _curvature: object = None  # --curvature's fixed train batches, built on first use
 
     def train(self, cfg: TrainConfig) -> Run:
         """Train one run, or return it at once when the store holds it finished."""
@@ -304,6 +329,15 @@ class Sweep:
             self._measured = measured_data(border_config(self.plan), self.data,
                                            resolve_device(self.device), batch_size=512)
         return self._measured
+
+    def curvature_batches(self) -> list:
+        """--curvature's images: --curvature-samples train images (after the validation
+        holdout), drawn once with a fixed seed, on the device (tickets.curvature)."""
+        if self._curvature is None:
+            from tickets.curvature import curvature_batches
+            self._curvature = curvature_batches(self.data[0], self.plan.imp.curvature_samples,
+                                                resolve_device(self.device))
+        return self._curvature
 
 
 def mask_file(plan: Plan, seed: int, chain: str, level: int) -> Path:
@@ -354,13 +388,41 @@ def cell_values(sweep: Sweep, seed: int, branch: str, level: int) -> dict:
     """Every metric of one (branch, level, seed) cell; trains what it needs."""
     plan = sweep.plan
     cfg = cell_config(sweep, seed, branch, level)
-    summary = sweep.train(cfg).summary()
+    run = sweep.train(cfg)
+    summary = run.summary()
     kept = num_kept(read_mask(cfg.mask)) if cfg.mask else plan.total
     values = {"remaining_weights": kept, "density": kept / plan.total,
               **{key: nan_if_none(summary.get(key)) for key in SUMMARY_KEYS}}
     if plan.imp.instability:
         values.update(instability(sweep, cfg, level))
+    if plan.imp.curvature:
+        values.update(curvature(sweep, run, cfg, level))
     return values
+
+
+def curvature(sweep: Sweep, run: Run, cfg: TrainConfig, level: int) -> dict:
+    """--curvature of one cell: {hessian_top, hessian_trace, hessian_trace_se: (2,)} over
+    curvature_at, the run's final network and its rewind point, both under the level's
+    mask (tickets.curvature.ticket_curvature)."""
+    from runs.refs import load_model
+    from tickets.curvature import METRICS, ticket_curvature
+    mask = read_mask(cfg.mask) if cfg.mask else {}  # level 0: dense
+    device = resolve_device(sweep.device)
+    rows = []
+    for path in (run.ckpt_path(sweep.plan.train.num_steps), rewind_point(sweep.plan, run,
+                                                                         level)):
+        model = load_model(str(path)).model.to(device)
+        rows.append(ticket_curvature(model, mask, sweep.curvature_batches(),
+                                     sweep.plan.imp.curvature_tol, str(path)))
+    return {name: np.array([row[name] for row in rows]) for name in METRICS}
+
+
+def rewind_point(plan: Plan, run: Run, level: int) -> Path:
+    """The checkpoint a cell was rewound to, with its mask applied: the run's starting
+    state (step K of the dense run under the mask; a reinit's fresh init at its start
+    step). Level 0's is the dense run's step K, where the levels after it restart."""
+    from runs.refs import init_step
+    return run.ckpt_path(plan.rewind_step if level == 0 else init_step(run))
 
 
 def instability(sweep: Sweep, cfg: TrainConfig, level: int) -> dict:
@@ -453,16 +515,35 @@ def result_metrics(plan: Plan) -> dict:
             loss_barrier_linear=spec("nats", "loss barrier over the chord (Entezari et al.)"))
         metrics = {k: dataclasses.replace(v, dims=cell) if "barrier" in k else v
                    for k, v in metrics.items()}
+    if plan.imp.curvature:
+        metrics.update(curvature_metrics())
     return metrics
 
 
+def curvature_metrics() -> dict:
+    """--curvature's metrics, one value per cell and network (curvature_at)."""
+    from runs.results import MetricSpec
+    dims, units = (*POINT_DIMS, "curvature_at"), "nats/param^2"
+    return {
+        "hessian_top": MetricSpec(dims, units, "top eigenvalue of the train loss Hessian "
+                                               "over the surviving weights", "f8"),
+        "hessian_trace": MetricSpec(dims, units, "Hutchinson trace of that Hessian", "f8"),
+        "hessian_trace_se": MetricSpec(dims, units, "standard error of the trace", "f8")}
+
+
 def result_config(plan: Plan, path=None) -> dict:
-    config = {"imp": dataclasses.asdict(plan.imp), "train": dataclasses.asdict(plan.train),
+    imp = dataclasses.asdict(plan.imp)
+    if not plan.imp.curvature:  # the config results had before --curvature existed
+        imp = {k: v for k, v in imp.items() if k not in CURVATURE_FIELDS}
+    config = {"imp": imp, "train": dataclasses.asdict(plan.train),
               "reference": plan.reference, "rewind_step": plan.rewind_step,
               "prunable": list(plan.shapes), "prunable_weights": plan.total,
               "output_pruned": plan.output_pruned, "mask_dir": mask_dir_record(plan, path)}
     if plan.imp.instability:
         config["border"] = dataclasses.asdict(border_config(plan))
+    if plan.imp.curvature:
+        from tickets.curvature import settings
+        config["curvature"] = settings(plan.imp.curvature_samples, plan.imp.curvature_tol)
     return config
 
 
@@ -494,6 +575,8 @@ def open_imp_result(plan: Plan, seeds: list[int], path, device, overwrite=False,
         from landscape.points import SPLITS
         coords["split"] = list(SPLITS)
         attrs = {"bn_mode": border_config(plan).bn_mode}
+    if plan.imp.curvature:
+        coords["curvature_at"] = list(CURVATURE_AT)
     inputs = [ref_record(plan.reference)] if plan.reference else []
     from runs.filehash import data_inputs  # data files by content: a resume checks them
     inputs += data_inputs(plan.train.dataset, plan.train.data_root)
@@ -554,8 +637,20 @@ def check_options(imp: ImpConfig, seeds) -> None:
             raise unknown("baseline", name, [b for b in BRANCHES.names() if b != "ticket"])
     if len(set(imp.baselines)) != len(imp.baselines):
         raise UserError(f"--baselines {' '.join(imp.baselines)}: names repeat")
+    check_curvature(imp)
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: give distinct seeds")
+
+
+def check_curvature(imp: ImpConfig) -> None:
+    """--curvature-samples and --curvature-tol (checked with or without --curvature)."""
+    samples, tol = imp.curvature_samples, imp.curvature_tol
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise UserError(f"--curvature-samples {samples}: give a number of train images "
+                        f"(at least 1; 0 = all of them)")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < math.inf:
+        raise UserError(f"--curvature-tol {tol}: must be a positive number (the trace's "
+                        f"relative standard error, e.g. 0.05)")
 
 
 def make_plan(imp: ImpConfig, cfg: TrainConfig, store, data: tuple, steps: str,
@@ -602,9 +697,11 @@ EPILOG = r"""examples:
   # rewinding a random init to epoch 2, with both baselines, 3 seeds
   python -m tickets.imp --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \
       --val-size 5000 --levels 24 --rewind init@2ep --baselines random reinit --seeds 0 1 2
-  # rewinding to a distilled student (its encoder under a fresh fc) at K = 0
+  # rewinding to a distilled student (its encoder under a fresh fc) at K = 0, with the
+  # Hessian's top eigenvalue and trace of every ticket and its rewind point
   python -m tickets.imp --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \
-      --val-size 5000 --levels 24 --rewind store/distill_ab12cd34/seed_0@last:encoder
+      --val-size 5000 --levels 24 --rewind store/distill_ab12cd34/seed_0@last:encoder \
+      --curvature
   # four rewind points sharing one dense run per seed: give all of them to --save-at
   python -m tickets.imp --model resnet18 --dataset cifar10 --data-root ~/data --steps 160ep \
       --val-size 5000 --levels 24 --rewind init@1ep --save-at 1ep 2ep 5ep
@@ -675,6 +772,8 @@ def build_sweep(imp: ImpConfig, cfg: TrainConfig, store, steps, save_at=(), seed
     sweep = Sweep(plan, data, device, precision, compile_model)
     if imp.instability:
         sweep.measured()  # its options fail now, not after the first level
+    if imp.curvature:
+        sweep.curvature_batches()  # --curvature-samples beyond the split fails now
     return sweep
 
 

@@ -1,7 +1,8 @@
 """The whole study in one command: `python -m runs.pipeline --preset demo`.
 
 Stages, in order: distill (students on images, the noise control, optional alphas) ->
-probe -> interpolate / plane -> border -> imp -> figures. A preset is data (a JSON file in
+probe -> interpolate / plane -> border -> imp -> curvature (Hessian spectra at checkpoints,
+`landscape.hessian`) -> figures. A preset is data (a JSON file in
 runs/studies/presets/, or a path): per stage, the flags of that stage's command. Every stage
 calls its command's `main(argv)`, imported inside the stage, so `runs` depends on no analysis
 at import time; each command skips finished work, so re-running the pipeline resumes it.
@@ -26,7 +27,7 @@ from runs.errors import UserError, cli, echo_command
 from runs.progress import format_duration
 
 PRESETS = Path(__file__).with_name("presets")
-STAGES = ("distill", "probe", "interpolate", "border", "imp", "figures")
+STAGES = ("distill", "probe", "interpolate", "border", "imp", "curvature", "figures")
 
 
 @dataclass(frozen=True)
@@ -265,25 +266,36 @@ def probe_stage(preset: dict, layout: Layout, students: dict, device: str) -> Pa
     return out
 
 
-# `@group[seed]:part` in a preset names a run of the distill stage, e.g. `@images[0]:teacher`.
-TEMPLATE = re.compile(r"^@(?P<group>[^\[\]]+)\[(?P<index>\d+)\](?::(?P<part>\w+))?$")
+# `[LABEL:=]@group[seed]:part` in a preset names a run of the distill stage, e.g.
+# `@images[0]:teacher`, or (curvature stage) the dense supervised run of an imp job, e.g.
+# `@imp_init0[0]:rewind`; a part may also be a saved step (`@images[0]:4ep`, `:40`), or
+# `epochs`: every checkpoint saved at a whole epoch (landscape.hessian, probes.evaluate).
+TEMPLATE = re.compile(r"^(?P<label>.+:=)?@(?P<group>[^\[\]]+)\[(?P<index>\d+)\]"
+                      r"(?::(?P<part>\w+))?$")
 PARTS = {"last": "@last", "init": "@init", "teacher": "@last:teacher",
-         "encoder": "@last:encoder", None: ""}
+         "encoder": "@last:encoder", "epochs": "@epochs", "rewind": None, None: ""}
+STEP_PART = re.compile(r"^\d+(ep)?$")  # a saved step: iterations or epochs
 
 
 def resolve(value, students: dict):
-    """Replace `@group[i]:part` templates (in strings and lists) with run references."""
+    """Replace `[LABEL:=]@group[i]:part` templates (in strings and lists) with run
+    references; `rewind` is the rewind step of an imp job's dense run (see dense_runs)."""
     if isinstance(value, list):
         return [resolve(v, students) for v in value]
     match = TEMPLATE.match(value) if isinstance(value, str) else None
     if not match:
         return value
     group, index, part = match["group"], int(match["index"]), match["part"]
-    if group not in students or index >= len(students[group]) or part not in PARTS:
-        raise UserError(f"preset template {value!r}: groups {', '.join(students)}, "
-                        f"index below the number of seeds, parts "
-                        f"{', '.join(p for p in PARTS if p)}")
-    return f"{students[group][index].path}{PARTS[part]}"
+    runs = students.get(group, [])
+    rewind = getattr(runs[0], "rewind_step", None) if runs else None
+    if index >= len(runs) or not (part in PARTS or STEP_PART.match(part)) or \
+            (part == "rewind" and rewind is None):
+        raise UserError(f"preset template {value!r}: groups {', '.join(students)} (an "
+                        f"imp job's once its result exists), index below the number of "
+                        f"seeds, parts {', '.join(p for p in PARTS if p)} (rewind: imp jobs "
+                        f"only) or a saved step (4ep, 40)")
+    tail = f"@{rewind}" if part == "rewind" else PARTS.get(part, f"@{part}")
+    return f"{match['label'] or ''}{runs[index].path}{tail}"
 
 
 def jobs_stage(stage: str, main, preset: dict, layout: Layout, students: dict,
@@ -305,6 +317,45 @@ def training_defaults(preset: dict) -> dict:
     base = preset["distill"]
     keys = ("model", "width", "dataset", "data_root", "subset")
     return {**{k: base[k] for k in keys if k in base}, **preset.get("train", {})}
+
+
+@dataclass(frozen=True)
+class DenseRun:
+    """The dense (level 0) supervised run of an imp job at one seed: `@job[i]:rewind` is
+    its checkpoint at the job's rewind step K (the state every pruned level restarts from),
+    `:init` its random init (or the reference it started from: a student's encoder under a
+    fresh fc), `:last` the trained network."""
+    path: Path
+    rewind_step: int
+
+
+def dense_runs(preset: dict, layout: Layout) -> dict[str, list[DenseRun]]:
+    """{imp job name: [DenseRun per seed of its result]} for every imp job whose result
+    exists, each run's folder computed as tickets.imp names it (dense_config, run_path)."""
+    from runs.config import from_dict
+    from runs.engines.train import TrainConfig
+    from runs.results import open_result
+    from runs.store import run_path
+    groups = {}
+    for job in preset.get("imp", []):
+        path = layout.results / f"{job.get('name', 'imp')}.h5"
+        if not path.is_file():
+            continue
+        result = open_result(path, "imp")
+        train = from_dict(TrainConfig, result.config["train"])
+        reference, step = result.config["reference"], int(result.config["rewind_step"])
+        groups[path.stem] = [DenseRun(run_path(layout.store, "train", dataclasses.replace(
+            train, seed=int(seed), init=reference), int(seed)), step)
+            for seed in result.coords["seed"]]
+    return groups
+
+
+def curvature_stage(preset: dict, layout: Layout, students: dict, device: str) -> None:
+    """`python -m landscape.hessian` per job: its refs may name distill runs and, after the
+    imp stage, the imp jobs' dense supervised runs (`@imp_init0[0]:rewind`)."""
+    from landscape.hessian import main as hessian_main
+    groups = {**students, **dense_runs(preset, layout)}
+    jobs_stage("curvature", hessian_main, preset, layout, groups, device)
 
 
 def figures_stage(layout: Layout) -> None:
@@ -354,6 +405,9 @@ def run_pipeline(preset: dict, layout: Layout, device: str, stages=STAGES) -> No
             with timed(stage):
                 main = importlib.import_module(module).main
                 jobs_stage(stage, main, preset, layout, students, device, store, defaults)
+    if "curvature" in stages and preset.get("curvature"):
+        with timed("curvature"):
+            curvature_stage(preset, layout, students, device)
     if "figures" in stages:
         with timed("figures"):
             figures_stage(layout)

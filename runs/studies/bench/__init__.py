@@ -20,12 +20,14 @@ default): MFU per architecture, recorded as `train_step[NAME options]` without a
 so no speed-up goal judges them.
 
 Sections (SECTIONS, --sections; all by default): train, distill, eval, probes, landscape,
-tickets. A section whose package cannot be imported is recorded as skipped; one that fails
-is recorded with its error and the others still run. The JSON goes to
-`<out>/<device-slug>[-quick].json`, merged with the sections already there.
+tickets, curvature (Hessian-vector products per second, forward-over-reverse against double
+backward, and the time of the top-5 eigenvalues on 10k images). A section whose package
+cannot be imported is recorded as skipped; one that fails is recorded with its error and the
+others still run. The JSON goes to `<out>/<device-slug>[-quick].json`, merged with the
+sections already there.
 
 Modules: common (BenchConfig and its FULL/QUICK sizes, Bench, device facts, Runner, measure,
 comparison, synthetic data and both loaders), one module per group of sections (training:
-train, distill, eval; probes; landscape; tickets), report (the section registry, provenance,
-the JSON, goals, tables) and cli (`main`; `python -m runs.bench` is its door).
+train, distill, eval; probes; landscape; tickets; curvature), report (the section registry,
+provenance, the JSON, goals, tables) and cli (`main`; `python -m runs.bench` is its door).
 """

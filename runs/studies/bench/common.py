@@ -44,8 +44,8 @@ VARIANTS = ("vit_tiny", "vit_small", "vgg11_bn", "resnet18:norm=group")
 
 @dataclass(frozen=True)
 class BenchConfig:
-    model: str = arg("resnet18", "network of the train, distill, eval, landscape, tickets "
-                                 "sections")
+    model: str = arg("resnet18", "network of the train, distill, eval, landscape, tickets, "
+                                 "curvature sections")
     width: float = arg(1.0, "channel width multiplier")
     model_options: tuple[str, ...] = arg((), "factory options of `model` (key=value)")
     variants: tuple[str, ...] = arg(VARIANTS, "more networks of the train and distill "
@@ -81,6 +81,15 @@ class BenchConfig:
     mask_rounds: int = arg(5, "alternating rounds of masked / unmasked timed steps")
     mask_density: float = arg(0.21, "density of the mask in the masked-step timing "
                                     "(0.8^7 = 0.21)")
+    hvp_images: int = arg(2000, "images each Hessian-vector product of the curvature "
+                                "section sums over")
+    hvp_batch: int = arg(1000, "images per batch of a Hessian-vector product")
+    hvp_repeats: int = arg(10, "timed Hessian-vector products per path (one untimed first)")
+    eigen_images: int = arg(10_000, "images of the top-k eigenvalue timing (the goal's 10k "
+                                    "CIFAR images; fewer are projected to 10k)")
+    eigen_k: int = arg(5, "eigenvalues of the Lanczos timing")
+    eigen_tol: float = arg(1e-4, "Lanczos stops at this relative Ritz residual (as "
+                                 "landscape.hessian's --eigen-tol default)")
 
 
 FULL = BenchConfig()
@@ -89,7 +98,8 @@ QUICK = BenchConfig(width=0.25, num_images=1024, eval_images=256, train_batch=64
                     steps=3, eval_passes=1, workers=2, feature_train=5000, feature_test=1000,
                     feature_dim=128, probe_epochs=3, path_points=3, points_per_pass=3,
                     bn_images=64, path_images=64, path_test_images=64,
-                    prune_repeats=3, mask_rounds=3)
+                    prune_repeats=3, mask_rounds=3, hvp_images=32, hvp_batch=16,
+                    hvp_repeats=2, eigen_images=32)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 from runs.registry import Registry
 from runs.store import atomic_write_text
 from runs.studies.bench.common import Bench, device_name, first_line
+from runs.studies.bench.curvature import section_curvature
 from runs.studies.bench.landscape import section_landscape
 from runs.studies.bench.probes import section_probes
 from runs.studies.bench.tickets import section_tickets
@@ -39,7 +40,7 @@ class Section:
 
 
 SECTIONS = Registry("benchmark section")
-ORDER = ("train", "distill", "eval", "probes", "landscape", "tickets")
+ORDER = ("train", "distill", "eval", "probes", "landscape", "tickets", "curvature")
 SECTIONS.register(Section(section_train, ("runs.engines.train",)), name="train")
 SECTIONS.register(Section(section_distill, ("runs.engines.distill",)), name="distill")
 SECTIONS.register(Section(section_eval, ("runs.engines.train",)), name="eval")
@@ -49,6 +50,8 @@ SECTIONS.register(Section(section_landscape, ("landscape.points", "landscape.geo
                                               "landscape.network")), name="landscape")
 SECTIONS.register(Section(section_tickets, ("tickets.prune", "tickets.mask",
                                             "runs.engines.masking")), name="tickets")
+SECTIONS.register(Section(section_curvature, ("landscape.curvature", "scipy.linalg")),
+                  name="curvature")
 
 
 def missing(needs: Iterable[str]) -> str | None:
@@ -152,10 +155,16 @@ GOALS = (
          lambda comp: comp["checks"].get("path_seconds_fast"), lambda v: v < 30, "s"),
     Goal("masked training step: < 2 % slower than unmasked", "tickets", "masked_step",
          lambda comp: comp["checks"].get("overhead_pct"), lambda v: v < 2, "% overhead"),
+    Goal("top-5 Hessian eigenvalues of ResNet18 on 10k CIFAR images: < 60 s", "curvature",
+         "top5_eigen", lambda comp: comp["checks"].get("seconds_10k"), lambda v: v < 60, "s"),
     Goal("every fast path: >= 5x its plain reference", "*", "*", ratio_of,
          lambda v: v >= 5, "x"),
 )
-NOT_SPEEDUPS = ("masked_step",)  # comparisons of an overhead, not fast vs reference
+# Comparisons the 5x goal does not judge: the masked step is an overhead, not fast vs
+# reference; the Hessian-vector products compare two ways of one product (forward-over-
+# reverse, double backward) with no data path between them, for which no speed-up was
+# promised (issue #20 states the eigenvalue goal only). Their ratios are still reported.
+NOT_SPEEDUPS = ("masked_step", "hvp_fp32", "hvp_bf16")
 
 
 def goal_rows(sections: dict, judged: bool = True) -> list[dict]:
