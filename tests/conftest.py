@@ -1,11 +1,16 @@
 """Shared fixtures: tiny models and data, GPU skipping, a quiet CPU."""
 
+import os
+
 import pytest
 import torch
 
 # Tiny models: thread start-up costs more than it saves, and `make test` runs two
-# pytest workers (xdist) on two cores.
+# pytest workers (xdist) on two cores. The commands tests start as subprocesses inherit one
+# thread too: two workers each with a child of 2 spinning OpenMP threads on 2 cores ran the
+# docs examples 10x slower than alone.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
