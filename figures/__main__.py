@@ -13,9 +13,11 @@ from figures import (
     alpha_locality,
     border_barriers,
     curvature,
+    curve,
     data_size,
     distill_curves,
     imp_curves,
+    layerwise,
     lmc,
     path_curves,
     plane,
@@ -24,7 +26,8 @@ from figures import (
 from runs.errors import UserError, cli, unknown
 
 FIGURES = {m.NAME: m for m in (probe_table, distill_curves, alpha_locality, data_size, plane,
-                                path_curves, lmc, border_barriers, imp_curves, curvature)}
+                                path_curves, lmc, border_barriers, curve, layerwise,
+                                imp_curves, curvature)}
 
 
 def register(module) -> None:

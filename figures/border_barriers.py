@@ -3,7 +3,10 @@
 The test error barrier between SGD children of each start point, in the order the scan
 recorded them (a distillation trajectory, students at several alphas, or supervised rewind
 steps): every pair of children as a dot, their mean with a 95 % t-interval (min-max where
-2 pairs) clipped at 0 as error bars.
+2 pairs) clipped at 0 as error bars. A scan made with `--align METHOD` (root attr `align`,
+metrics `<barrier>_aligned`) also draws the barriers between the children aligned
+child-to-child before interpolating, beside the plain ones: same colour, hollow markers and
+dashed error bars, its pairs as hollow dots just right of it.
 This figure owns the scans (two or more start points of one kind: `--from-distill`,
 `--alpha-runs`, `--rewind-steps`, with or without `random` beside them); explicit start
 lists (e.g. `random` against one student) are the `lmc` figure's.
@@ -46,23 +49,33 @@ def summary(pairs: np.ndarray, high: float = None) -> tuple[np.ndarray, ...]:
     return honest.spread(pairs, 0.0, high)
 
 
+ALIGNED = "_aligned"  # suffix of the metrics of children aligned before interpolating
+
+
+def aligned(result, barrier: str) -> str:
+    """The alignment method (e.g. "weights") when the result holds `barrier`_aligned, else
+    "" (a scan made without --align draws as before)."""
+    if barrier + ALIGNED not in result.metrics:
+        return ""
+    return str(result.attrs.get("align", "")) or "aligned"
+
+
 def build(result, barrier: str = "error_barrier", split: str = "test"):
     """The figure of one border result (returned unsaved)."""
     what, unit, factor, bound = BARRIERS[barrier]
     names, xlabel = start_names(result)
-    pairs = pick(result, barrier, ("start", "pair"), split=split) * factor
-    mean, low, high = summary(pairs, bound)
-    fig, ax = style.figure(width=max(style.COLUMN, 0.45 * len(names) + 1.2), height=2.4,
-                           layout="constrained")
+    method = aligned(result, barrier)
+    fig, ax = style.figure(width=max(style.COLUMN, (0.8 if method else 0.45) * len(names)
+                                     + 1.2), height=2.4, layout="constrained")
     x = np.arange(len(names))
-    jitter = np.linspace(-0.3, -0.12, pairs.shape[1])  # pairs just left of their mean
-    for j, offset in enumerate(jitter):
-        ax.scatter(x + offset, pairs[:, j], s=6, color="grey", alpha=0.6, lw=0,
-                   label="pair of children" if j == 0 else None, zorder=2)
-    has_ci = np.isfinite(low) & np.isfinite(high)
-    err = np.where(has_ci, [mean - low, high - mean], 0.0)
-    ax.errorbar(x, mean, yerr=err, fmt="o", ms=4, capsize=3, color=style.PALETTE[0],
-                label="mean, 95 % t-interval over pairs (min-max where 2)", zorder=3)
+    shift, reach = (0.12, (0.26, 0.1)) if method else (0.0, (0.3, 0.12))  # dots: from mean
+    series(ax, x - shift, pick(result, barrier, ("start", "pair"), split=split) * factor,
+           bound, side=-1, label="mean, 95 % t-interval over pairs (min-max where 2)",
+           reach=reach)
+    if method:
+        aligned_pairs = pick(result, barrier + ALIGNED, ("start", "pair"), split=split)
+        series(ax, x + shift, aligned_pairs * factor, bound, side=1, hollow=True,
+               label=f"aligned ({method})", reach=reach)
     ax.axhline(0, color="black", lw=0.5, zorder=1)
     ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0,
                   ha="right" if len(names) > 4 else "center", fontsize="x-small")
@@ -73,6 +86,28 @@ def build(result, barrier: str = "error_barrier", split: str = "test"):
     ax.set_title(f"{children} SGD children per start, BN {result.attrs.get('bn_mode', '')}",
                  fontsize="small")
     return fig
+
+
+def series(ax, x, pairs, bound, side: int, label: str, hollow: bool = False,
+           reach=(0.3, 0.12)) -> None:
+    """One series at positions x: every pair (start, pair) as a dot on the outer `side` of
+    its mean (-1 left, 1 right; `reach`: the farthest and nearest offset), the mean with its
+    clipped spread as an error bar; hollow: open markers and dashed bars (the aligned
+    series, beside the plain one)."""
+    mean, low, high = summary(pairs, bound)
+    jitter = side * np.linspace(*reach, pairs.shape[1])  # pair 0 farthest out
+    for j, offset in enumerate(jitter):
+        ax.scatter(x + offset, pairs[:, j], s=6, alpha=0.6, zorder=2,
+                   facecolors="none" if hollow else "grey", edgecolors="grey",
+                   lw=0.6 if hollow else 0,
+                   label="pair of children" if j == 0 and not hollow else None)
+    has_ci = np.isfinite(low) & np.isfinite(high)
+    err = np.where(has_ci, [mean - low, high - mean], 0.0)
+    color = style.PALETTE[0]
+    bars = ax.errorbar(x, mean, yerr=err, fmt="o", ms=4, capsize=3, color=color,
+                       mfc="white" if hollow else color, label=label, zorder=3)
+    if hollow:
+        bars.lines[2][0].set_linestyle("--")
 
 
 def draw(results_dir, out_dir) -> list:

@@ -19,6 +19,8 @@ PRODUCERS = {
     "border": "border (python -m landscape.border)",
     "imp": "imp (python -m tickets.imp)",
     "hessian": "curvature (python -m landscape.hessian)",
+    "curve": "curve (python -m landscape.curve)",
+    "layerwise": "layerwise (python -m landscape.layerwise)",
 }
 
 

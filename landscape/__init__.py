@@ -7,6 +7,8 @@ The Python API (any `nn.Module`; each returns the xarray.Dataset the CLI writes)
     landscape.directions(model, data, grid, n=1 | 2, seed=0)
     landscape.barriers(ds)          # error and loss barriers of a path result
     landscape.spectrum(model, data, loss="supervised" | "distill", teacher=None, k=5)
+    landscape.trained_curve(a, b, data, ts, kind="bezier" | "polychain", steps=100)
+    landscape.layer_barriers(a, b, data, alphas, granularity="layer" | "block")
 
 Modules:
     api.py        the functions above
@@ -23,7 +25,8 @@ Imports `runs` and `probes`; `runs` never imports this package. The API is impor
 first use, so `python -m landscape.interpolate` does not load its own module twice.
 """
 
-API = ("path", "plane", "directions", "barriers", "spectrum")
+API = ("path", "plane", "directions", "barriers", "spectrum", "trained_curve",
+       "layer_barriers")
 __all__ = list(API)
 
 

@@ -39,7 +39,8 @@ from runs.errors import UserError, unknown
 SCAN_FIELDS = ("bn_samples", "bn_batch_size", "train_samples", "test_samples", "knn_k",
                "teacher_temp", "student_temp", "data_root", "linear_l2", "linear_features",
                "input_stats", "hessian_k", "hessian_tol", "hessian_probes", "hessian_eigen_tol",
-               "hessian_samples", "hessian_split", "hessian_at", "hessian_beta_at")
+               "hessian_samples", "hessian_split", "hessian_at", "hessian_beta_at",
+               "align", "refine", "refine_max", "refine_split")
 RUNTIME = {"device": "auto", "precision": "auto", "points_per_pass": 0, "batch_size": 512}
 
 
@@ -296,3 +297,81 @@ def _teacher(teacher, anchor, inputs: list) -> Subject:
     inputs.append({"ref": "teacher", "path": "", "step": None,
                    "sha256": module_sha256(subject)})
     return subject
+
+
+# ---------------------------------------------------------------------------- issue 21 (B)
+
+
+def trained_curve(a: nn.Module, b: nn.Module, data, ts=None, *, kind: str = "bezier",
+                  steps: int = 100, test=None, bn_mode: str = "recalibrate",
+                  names=("A", "B"), return_bend: bool = False, **options):
+    """A trained low-loss curve from A (t = 0) to B (t = 1) and the straight line, as
+    `python -m landscape.curve` writes them (Garipov et al. 2018): kind "bezier" or
+    "polychain", its one bend trained by SGD for `steps` steps at a random t per step.
+
+    ts: the t grid of both paths (default 21 from 0 to 1; must hold 0 and 1). options: lr,
+    batch_size, momentum, weight_decay, schedule ("cosine" | "constant"), seed (t draws and
+    data order), bn_samples, bn_batch_size, train_samples, test_samples, sample_seed,
+    device, precision, points_per_pass, eval_batch_size. return_bend: also return the
+    trained bend (an nn.Module with A's parameter names). The models passed are unchanged.
+    """
+    from landscape import curve as C
+    train_fields = {"lr", "batch_size", "momentum", "weight_decay", "schedule", "seed"}
+    scan_fields = {"bn_samples", "bn_batch_size", "train_samples", "test_samples",
+                   "sample_seed"}
+    runtime = {"device": "auto", "precision": "auto", "points_per_pass": 0,
+               "eval_batch_size": 512}
+    for key in options:
+        if key not in train_fields | scan_fields | set(runtime):
+            raise unknown("option", key, sorted(train_fields | scan_fields | set(runtime)))
+    if not isinstance(steps, int) or steps < 1:
+        raise UserError(f"steps={steps!r}: must be at least 1 step of the bend")
+    ts = _coords(np.linspace(0, 1, 21) if ts is None else ts, "ts")
+    runtime.update({k: options.pop(k) for k in list(options) if k in runtime})
+    cfg = C.CurveConfig(a=str(names[0]), b=str(names[1]), kind=kind, num_steps=steps,
+                        **{k: v for k, v in options.items() if k in train_fields})
+    scan = C.CurveScan(grid=_grid_text(ts), bn_mode=bn_mode,
+                       **{k: v for k, v in options.items() if k in scan_fields})
+    device = resolve_device(runtime["device"])
+    bf16 = use_bf16(device, runtime["precision"])
+    train, test_data = as_splits(data, test)
+    ds, bend = C.in_memory(a, b, train, test_data, dataclasses.replace(
+        cfg, dataset=train.info.name), scan, tuple(names), device, bf16,
+        runtime["points_per_pass"], runtime["eval_batch_size"])
+    return (ds, bend) if return_bend else ds
+
+
+def layer_barriers(a: nn.Module, b: nn.Module, data, alphas=None, *,
+                   granularity: str = "layer", test=None, bn_mode: str = "recalibrate",
+                   names=("A", "B"), **options) -> xr.Dataset:
+    """Layer-wise connectivity, as `python -m landscape.layerwise` writes it: each layer
+    (granularity "layer") or block ("block") moved alone from A to B along `alphas`
+    (default 11 from 0 to 1; must hold 0 and 1), all others held at A and then at B; loss,
+    error and barriers per (layer, held). options: bn_samples, bn_batch_size,
+    train_samples, test_samples, seed, device, precision, points_per_pass, batch_size.
+    """
+    from landscape import layerwise as LW
+    fields = {"bn_samples", "bn_batch_size", "train_samples", "test_samples", "seed"}
+    runtime = {"device": "auto", "precision": "auto", "points_per_pass": 0,
+               "batch_size": 512}
+    for key in options:
+        if key not in fields | set(runtime):
+            raise unknown("option", key, sorted(fields | set(runtime)))
+    alphas = _coords(np.linspace(0, 1, 11) if alphas is None else alphas, "alphas")
+    runtime.update({k: options.pop(k) for k in list(options) if k in runtime})
+    cfg = LW.LayerwiseConfig(refs=tuple(str(n) for n in names), grid=_grid_text(alphas),
+                             granularity=granularity, bn_mode=bn_mode, **options)
+    if cfg.granularity not in LW.GRANULARITIES:
+        raise unknown("granularity", cfg.granularity, LW.GRANULARITIES)
+    device = resolve_device(runtime["device"])
+    bf16 = use_bf16(device, runtime["precision"])
+    anchors = [module_anchor(m, label, True, False) for m, label in zip((a, b), cfg.refs)]
+    from landscape.curve import check_pair
+    check_pair(anchors)
+    loaded = eval_data(*as_splits(data, test), device, runtime["batch_size"],
+                       cfg.train_samples, cfg.test_samples, cfg.bn_samples,
+                       cfg.bn_batch_size, cfg.seed, with_bn=cfg.bn_mode == "recalibrate")
+    inputs = [anchor.record for anchor in anchors]
+    result = LW.run(cfg, anchors, loaded, inputs, None, device, bf16,
+                    runtime["points_per_pass"])
+    return result.dataset()

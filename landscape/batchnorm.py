@@ -1,6 +1,7 @@
 """BatchNorm after moving in parameter space: `keep`, `interpolate` or `recalibrate`.
 
-A point between checkpoints has no BN statistics of its own. The three modes (DESIGN.md):
+A point between checkpoints has no BN statistics of its own. The three modes (DESIGN.md),
+and on paths a fourth, `repair` (REPAIR, Jordan et al. 2023: landscape.align.repair):
 - keep: the first checkpoint's running statistics, unchanged;
 - interpolate: the statistics interpolated with the same weights as the parameters;
 - recalibrate (default): reset, then the cumulative average of per-batch statistics over a
@@ -30,12 +31,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from runs.errors import UserError, unknown
 
 MODES = ("keep", "interpolate", "recalibrate")
+# Paths only: REPAIR (Jordan et al. 2023; landscape.align.repair) rescales every channel of a
+# point to the alpha-mix of the endpoints' channel statistics, so it needs two endpoints.
+PATH_MODES = (*MODES, "repair")
 STATS = ("running_mean", "running_var")
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise unknown("BatchNorm mode", mode, MODES)
+def check_mode(mode: str, modes=MODES) -> str:
+    if mode not in modes:
+        raise unknown("BatchNorm mode", mode, modes)
     return mode
 
 

@@ -7,6 +7,10 @@ the store, reused and never trained twice - then interpolate every pair of child
 the train/test loss and error curves and the barriers (landscape.barrier): error barrier
 (Frankle et al. 2020), loss_barrier_mean and loss_barrier_linear (Entezari et al.), per pair
 and as mean with a 95 % t-interval over pairs per start point (the start's instability).
+--align weights|activations also measures every pair after permuting the second child's
+hidden units onto the first's (landscape.align: Git Re-Basin weight matching, or activation
+matching on the BN images): each curve and barrier metric M gains a twin M_aligned, so a
+reader sees whether the children share one basin or one basin up to permutation.
 
 Start points, given one by one (`random` = a fresh init from --seed, or any checkpoint
 reference: a distilled student as RUN@STEP:encoder gets a fresh fc) or generated:
@@ -56,6 +60,10 @@ from runs.store import Run, find_run, run_path
 ANALYSIS = "border"
 STATS = ("mean", "ci_low", "ci_high")
 RANDOM = "random"
+ALIGN_METHODS = ("weights", "activations")  # landscape.align.METHODS (checked by the tests)
+ALIGN_SEED = 0  # weight matching's random layer order: fixed, so a re-run aligns alike
+# the metrics that gain an `_aligned` twin under --align: the curves and the barriers
+ALIGNED = ("loss", "error", *NAMES, "barrier_summary")
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,11 @@ class BorderConfig:
     train_samples: int = arg(0, "train images measured (seeded draw); 0 = all")
     test_samples: int = arg(0, "test images measured (seeded draw); 0 = all")
     sample_seed: int = arg(0, "seed of the measured and BN image draws")
+    align: str = arg("", "also measure every pair after aligning the second child's hidden "
+                         "units to the first's by permutation (landscape.align): weights = "
+                         "weight matching, activations = activation matching on the BN "
+                         "images; the result gains M_aligned beside each curve and barrier "
+                         "metric M", choices=ALIGN_METHODS)
 
 
 @dataclass(frozen=True)
@@ -191,23 +204,66 @@ def train_children(configs, data: tuple, store: str, device, precision,
 
 
 def pair_curves(runs: list[Run], cfg: BorderConfig, data, alphas, device, bf16,
-                per_pass: int) -> dict:
-    """loss, error: (pairs, alphas, splits) along the path between every pair of children."""
-    measures = Measures(("supervised",))
+                per_pass: int, align_images=None) -> dict:
+    """loss, error: (pairs, alphas, splits) along the path between every pair of children;
+    with cfg.align also loss_aligned, error_aligned: the same pairs, the second child
+    aligned to the first (align_images: (N, C, H, W) for activation matching)."""
     subjects = [load_anchor(f"{run.path}@last", True, False, data.num_classes).subject
                 for run in runs]
-    loss, error = [], []
+    curves = {name: [] for name in (("loss", "error", "loss_aligned", "error_aligned")
+                                    if cfg.align else ("loss", "error"))}
     for i, j in combinations(range(len(runs)), 2):
-        path = G.line(subjects[i], subjects[j], guard=False)  # identical children: 0
-        evaluator = PointEvaluator(subjects[i], path.to(device),
-                                   cfg.bn_mode, data, measures, None, device, bf16)
-        points = []
-        for start in range(0, len(alphas), per_pass):
-            chunk = alphas[start:start + per_pass, None]
-            points += evaluator.evaluate(chunk, per_pass > 1)
-        loss.append([p["loss"] for p in points])
-        error.append([p["error"] for p in points])
-    return {"loss": np.array(loss), "error": np.array(error)}  # (pairs, alphas, splits)
+        loss, error = path_curve(subjects[i], subjects[j], cfg, data, alphas, device, bf16,
+                                 per_pass)
+        curves["loss"].append(loss)
+        curves["error"].append(error)
+        if cfg.align:
+            moved, info = aligned_subject(runs[i], runs[j], cfg.align, align_images)
+            if info.get("changed", 1) != 0:  # else every permutation is the identity: B
+                loss, error = path_curve(subjects[i], moved, cfg, data, alphas, device,
+                                         bf16, per_pass)
+            curves["loss_aligned"].append(loss)
+            curves["error_aligned"].append(error)
+    return {name: np.array(values) for name, values in curves.items()}
+
+
+def path_curve(start, end, cfg: BorderConfig, data, alphas, device, bf16,
+               per_pass: int) -> tuple[list, list]:
+    """loss, error: (alphas, splits) along the line from `start` to `end` (Subjects)."""
+    path = G.line(start, end, guard=False)  # identical children: 0
+    evaluator = PointEvaluator(start, path.to(device), cfg.bn_mode, data,
+                               Measures(("supervised",)), None, device, bf16)
+    points = []
+    for first in range(0, len(alphas), per_pass):
+        points += evaluator.evaluate(alphas[first:first + per_pass, None], per_pass > 1)
+    return [p["loss"] for p in points], [p["error"] for p in points]
+
+
+def aligned_subject(run_a: Run, run_b: Run, method: str, images=None) -> tuple:
+    """(Subject, info): child B with its hidden units permuted onto child A's
+    (landscape.align), the same function as B moved to where a straight line from A meets
+    it unit for unit; info["changed"] = 0 when no permutation moved anything (B itself,
+    whose path is measured already: children of one init often match unit for unit)."""
+    from landscape.align import align
+    from landscape.network import Subject
+    from runs.refs import load_model
+    a, b = (load_model(f"{run.path}@last").model.eval() for run in (run_a, run_b))
+    moved, info = align(a, b, method=method, images=images, seed=ALIGN_SEED)
+    return Subject(moved.encoder, moved.fc), info
+
+
+def align_images(cfg: BorderConfig, train_split):
+    """The images activation matching correlates on: the BN images' draw (--bn-samples,
+    --sample-seed), normalised, on the CPU where the children are aligned; else None."""
+    if cfg.align != "activations":
+        return None
+    import torch
+
+    from landscape.points import images, take
+    from runs.gpu_loader import eval_loader
+    count = min(cfg.bn_samples, len(train_split.y))
+    drawn = take(train_split, count, cfg.sample_seed + 1, "--bn-samples")
+    return torch.cat(list(images(eval_loader(drawn, "cpu", cfg.bn_batch_size))))  # (N,C,H,W)
 
 
 def start_epoch(record: dict) -> float:
@@ -221,24 +277,36 @@ def start_epoch(record: dict) -> float:
 
 
 def start_values(curves: dict, alphas, start: Start, record: dict) -> dict:
-    """Everything a start's cell holds: curves, barriers per pair, their mean and CI."""
-    per_pair = barriers(np.moveaxis(curves["loss"], 1, -1),
-                        np.moveaxis(curves["error"], 1, -1), alphas)  # (pairs, splits) each
-    summary = np.empty((len(NAMES), len(STATS), len(SPLITS)))  # (barrier, stat, split)
-    for b, name in enumerate(NAMES):
-        ci = mean_ci(per_pair[name], axis=0)
-        summary[b] = [ci[stat] for stat in STATS]
+    """Everything a start's cell holds: curves, barriers per pair, their mean and CI (and
+    their `_aligned` twins when the curves have them)."""
+    values = dict(curves)
+    for suffix in ("", "_aligned") if "loss_aligned" in curves else ("",):
+        values.update(barrier_values(curves["loss" + suffix], curves["error" + suffix],
+                                     alphas, suffix))
     step = record["step"]
-    return {**curves, **per_pair, "barrier_summary": summary,
+    return {**values,
             "start_step": math.nan if step is None else step,
             "start_epoch": 0.0 if start.label == RANDOM else start_epoch(record),
             "start_alpha": start.alpha}
 
 
+def barrier_values(loss, error, alphas, suffix: str = "") -> dict:
+    """Barriers per pair ((pairs, splits) each) and barrier_summary (barrier, stat, split):
+    mean and 95 % t-interval over pairs; names + suffix. loss, error: (pairs, alphas, splits)."""
+    per_pair = barriers(np.moveaxis(loss, 1, -1), np.moveaxis(error, 1, -1), alphas)
+    summary = np.empty((len(NAMES), len(STATS), len(SPLITS)))  # (barrier, stat, split)
+    for b, name in enumerate(NAMES):
+        ci = mean_ci(per_pair[name], axis=0)
+        summary[b] = [ci[stat] for stat in STATS]
+    return {name + suffix: value for name, value in
+            {**per_pair, "barrier_summary": summary}.items()}
+
+
 # ---------------------------------------------------------------------------- the scan
 
 
-def layout(starts: list[Start], count: int, alphas) -> tuple[dict, dict]:
+def layout(starts: list[Start], count: int, alphas, align: str = "") -> tuple[dict, dict]:
+    """Coords and metrics; with `align` a twin M_aligned (same dims) of each ALIGNED M."""
     from runs.results import MetricSpec
     pairs = [f"{i}-{j}" for i, j in combinations(range(count), 2)]
     coords = {"start": [s.label for s in starts], "pair": pairs, "alpha": alphas,
@@ -258,7 +326,22 @@ def layout(starts: list[Start], count: int, alphas) -> tuple[dict, dict]:
         "start_epoch": MetricSpec(("start",), "epochs", "the start step in epochs of its run"),
         "start_alpha": MetricSpec(("start",), "", "distillation alpha of the start"),
     }
+    if align:
+        for name in ALIGNED:
+            spec = metrics[name]
+            metrics[name + "_aligned"] = MetricSpec(
+                spec.dims, spec.units, f"{spec.long_name}, the second child aligned to "
+                f"the first ({align} matching)")
     return coords, metrics
+
+
+def config_record(cfg: BorderConfig) -> dict:
+    """BorderConfig as the result records it: `align` only when set, so results made
+    before --align existed (and runs without it) keep their config and resume."""
+    record = dataclasses.asdict(cfg)
+    if not cfg.align:
+        del record["align"]
+    return record
 
 
 def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store: str,
@@ -283,13 +366,15 @@ def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store:
     bf16 = use_bf16(device, precision)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
     children = {s.label: child_configs(s, template, cfg.children) for s in starts}
-    config = {"border": dataclasses.asdict(cfg), "train": dataclasses.asdict(template),
+    if cfg.align:  # an architecture without alignment support: refused before training
+        check_alignable(children)
+    config = {"border": config_record(cfg), "train": dataclasses.asdict(template),
               "starts": [s.label for s in starts], "precision": "bf16" if bf16 else "fp32"}
     # the children's run folders relative to the store: a moved or re-spelled store resumes
     attrs = {"bn_mode": cfg.bn_mode, "children": {label: [
         os.path.relpath(run_path(store, "train", c, c.seed), store) for c in configs]
-        for label, configs in children.items()}}
-    coords, metrics = layout(starts, cfg.children, alphas)
+        for label, configs in children.items()}, **({"align": cfg.align} if cfg.align else {})}
+    coords, metrics = layout(starts, cfg.children, alphas, cfg.align)
     path = shard_path(out, *shard) if shard else out
     per_pass = points_per_pass or auto_points_per_pass(device)
     records = [{**start_record(s), "ref": ref, "label": s.label}  # + paths, sha256
@@ -308,7 +393,8 @@ def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store:
                 runs = train_children(configs, splits, store, device, precision,
                                       compile_model)
                 data = measured_data(cfg, splits, device, batch_size)
-                curves = pair_curves(runs, cfg, data, alphas, device, bf16, per_pass)
+                curves = pair_curves(runs, cfg, data, alphas, device, bf16, per_pass,
+                                     align_images(cfg, splits[0]))
                 result.write((index,), **start_values(curves, alphas, starts[index],
                                                       records[index]))
                 bar.update(1)
@@ -326,6 +412,23 @@ def check(cfg: BorderConfig, starts: list[Start]) -> None:
     if len(set(labels)) != len(labels):
         raise UserError(f"a start point is given twice: {labels}")
     check_mode(cfg.bn_mode)
+    if cfg.align and cfg.align not in ALIGN_METHODS:
+        raise UserError(f"--align {cfg.align}: valid: {', '.join(ALIGN_METHODS)}")
+
+
+def check_alignable(children: dict) -> None:
+    """UserError (landscape.align's, listing the supported architectures) when a start's
+    children are of an architecture alignment does not support."""
+    from landscape.align import permutation_spec
+    from runs.models import create_model, parse_options
+    seen = set()
+    for configs in children.values():
+        cfg = configs[0]
+        key = (cfg.model, cfg.width, tuple(cfg.model_options))
+        if key not in seen:
+            seen.add(key)
+            permutation_spec(create_model(cfg.model, width=cfg.width,
+                                          **parse_options(cfg.model, cfg.model_options)))
 
 
 def measured_data(cfg: BorderConfig, splits: tuple, device, batch_size: int):
@@ -337,18 +440,22 @@ def measured_data(cfg: BorderConfig, splits: tuple, device, batch_size: int):
 
 
 def report(path: str) -> str:
-    """Per start: test error barrier and loss barriers, mean [95 % CI] over pairs."""
+    """Per start: test error barrier and loss barriers, mean [95 % CI] over pairs; an
+    aligned result shows each start twice, as measured and after alignment."""
     from runs.results import open_result
     data = open_result(path, ANALYSIS)
     test = list(data.coords["split"]).index("test")
+    align = data.attrs.get("align", "")
+    rows = {"": ""} if not align else {"": " (plain)", "_aligned": f" ({align}-aligned)"}
     lines = ["| start | " + " | ".join(f"{n} (test)" for n in NAMES) + " |",
              "|---" * (len(NAMES) + 1) + "|"]
     for s, label in enumerate(data.coords["start"]):
-        cells = []
-        for b in range(len(NAMES)):
-            mean, low, high = data.metrics["barrier_summary"][s, b, :, test]
-            cells.append(f"{mean:.4f} [{low:.4f}, {high:.4f}]")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for suffix, note in rows.items():
+            cells = []
+            for b in range(len(NAMES)):
+                mean, low, high = data.metrics["barrier_summary" + suffix][s, b, :, test]
+                cells.append(f"{mean:.4f} [{low:.4f}, {high:.4f}]")
+            lines.append(f"| {label}{note} | " + " | ".join(cells) + " |")
     return "\n".join(lines + [f"{path}: {int(data.done.sum())} of {data.done.size} "
                               f"start points done"])
 
@@ -358,7 +465,7 @@ def report(path: str) -> str:
 
 EPILOG = r"""examples:
   python -m landscape.border random --from-distill store/distill_x/seed_0 --children 5 \
-      --dataset cifar10 --data-root ~/data --steps 30ep --store store
+      --dataset cifar10 --data-root ~/data --steps 30ep --store store --align weights
   python -m landscape.border --rewind-steps store/train_y/seed_0 0,1ep,2ep,5ep --children 5
   python -m landscape.border --alpha-runs store/distill_a/seed_0 store/distill_b/seed_0 \
       --dataset cifar10 --data-root ~/data --steps 30ep

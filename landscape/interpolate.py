@@ -26,6 +26,14 @@ measured, on `--hessian-samples` seeded images of `--hessian-split`, w.r.t. the 
 the scan moves, BN in eval mode with the point's statistics after `--bn-mode`. EXPENSIVE:
 tens to hundreds of Hessian-vector products (each ~ 3 passes over those images) per point;
 `--hessian-at` (and `--hessian-beta-at`) pick the points evaluated, the others get NaN.
+
+Beyond straight lines (issue 21): `--align weights|activations` permutes B (and C) to match
+A first (landscape.align: weight matching, or activation matching on the BN images), the
+aligned networks being the scan's anchors (attrs `align`: method and what the search did);
+`--bn-mode repair` (paths, one point per pass) resets every channel's mean and std to the
+alpha-mix of A's and B's (REPAIR); `--refine TOL` (paths) adds points where the error and
+loss curves of `--refine-split` peak until the barrier changes by less than TOL
+(landscape.refine: padded `refine` coordinate, refined_* metrics, refine_points).
 """
 
 import argparse
@@ -38,7 +46,8 @@ import numpy as np
 import torch
 
 from landscape import geometry as G
-from landscape.batchnorm import MODES, check_mode
+from landscape import refine as R
+from landscape.batchnorm import PATH_MODES, check_mode
 from landscape.network import (
     Anchor,
     check_images,
@@ -73,6 +82,7 @@ from runs.launch import add_launcher_args, launch, launching
 from runs.progress import Progress
 
 ANALYSIS = "interpolate"
+ALIGN_METHODS = ("weights", "activations")  # landscape.align.METHODS
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,21 @@ class InterpolateConfig:
                                    "AdamW probe), norm, hessian-top and hessian-trace "
                                    "(curvature: expensive, many Hessian-vector products "
                                    "per point; see --hessian-at)")
-    bn_mode: str = arg("recalibrate", "BatchNorm statistics per point", choices=MODES)
+    bn_mode: str = arg("recalibrate", "BatchNorm statistics per point; repair (paths, one "
+                                      "point per pass): REPAIR, every channel's mean and std "
+                                      "on the BN images reset to the alpha-mix of A's and B's",
+                       choices=PATH_MODES)
+    align: str = arg("", "permutation alignment of B (and C) to A before the scan: weights "
+                         "(weight matching) or activations (activation matching on the BN "
+                         "images); '' = none. The aligned networks are the scan's anchors",
+                     choices=("", *ALIGN_METHODS))
+    refine: float | None = arg(None, "adaptive barrier search (paths): after the grid, bisect "
+                                     "around the maximum of the error and loss curves of "
+                                     "--refine-split until the barrier changes by less than "
+                                     "this (e.g. 0.005); unset = none")
+    refine_max: int = arg(16, "most points --refine adds (the length of the result's padded "
+                              "`refine` coordinate)")
+    refine_split: str = arg("test", "the split whose curves --refine follows", choices=SPLITS)
     bn_samples: int = arg(2048, "fixed training images for BN recalibration (all of "
                                  "train when it has fewer); 0 = all")
     bn_batch_size: int = arg(256, "images per recalibration batch (statistics are averaged "
@@ -155,6 +179,7 @@ class Plan:
     teacher: object
     inputs: list[dict]
     curvature_at: set | None = None  # coordinate tuples of hessian-* metrics; None = all
+    align: dict | None = None  # {"method", per aligned anchor label: landscape.align's info}
 
 
 def axes(cfg: InterpolateConfig) -> tuple[str, ...]:
@@ -174,10 +199,21 @@ def check_shape(cfg: InterpolateConfig) -> None:
     if count not in (1, 2, 3):
         raise UserError(f"give 1 (with --directions), 2 (path) or 3 (plane) checkpoints, "
                         f"got {count}")
-    check_mode(cfg.bn_mode)
+    check_mode(cfg.bn_mode, PATH_MODES)
     if count == 1 and cfg.bn_mode == "interpolate":
         raise UserError("--bn-mode interpolate needs two or more checkpoints; random "
                         "directions use keep or recalibrate")
+    if count != 2 and cfg.bn_mode == "repair":
+        raise UserError("--bn-mode repair mixes two endpoints' statistics: paths only (two "
+                        "checkpoints); planes and directions use keep, interpolate or "
+                        "recalibrate")
+    if cfg.bn_mode == "repair" and {"hessian-top", "hessian-trace"} & set(cfg.metrics):
+        raise UserError("--bn-mode repair with hessian-top/hessian-trace: the curvature is "
+                        "taken without REPAIR's rescaling; scan them with another --bn-mode")
+    if cfg.align and count == 1:
+        raise UserError(f"--align {cfg.align} aligns B (and C) to A: give two or three "
+                        f"checkpoints, not --directions")
+    R.check(cfg.refine, cfg.refine_max, count, cfg.metrics)
 
 
 def grids(cfg: InterpolateConfig) -> dict:
@@ -208,7 +244,13 @@ def load_data(cfg: InterpolateConfig, device, batch_size: int) -> EvalData:
     train, _ = holdout(train, cfg.val_size, seed=0)
     return eval_data(train, test, device, batch_size, cfg.train_samples, cfg.test_samples,
                      cfg.bn_samples, cfg.bn_batch_size, cfg.seed,
-                     with_bn=cfg.bn_mode == "recalibrate")
+                     with_bn=needs_bn_images(cfg))
+
+
+def needs_bn_images(cfg: InterpolateConfig) -> bool:
+    """Whether the scan reads the fixed BN images: recalibration, REPAIR, activation
+    matching."""
+    return cfg.bn_mode in ("recalibrate", "repair") or cfg.align == "activations"
 
 
 def load_anchors(cfg: InterpolateConfig, measures: Measures, num_classes) -> list[Anchor]:
@@ -222,10 +264,13 @@ def load_anchors(cfg: InterpolateConfig, measures: Measures, num_classes) -> lis
     return anchors
 
 
-def build_geometry(cfg: InterpolateConfig, anchors: list[Anchor]) -> G.Geometry:
+def build_geometry(cfg: InterpolateConfig, anchors: list[Anchor],
+                   guard: bool = True) -> G.Geometry:
+    """guard: refuse a path between (nearly) identical networks; off for aligned anchors, which
+    may legitimately coincide (B a permuted copy of A: the path is flat, its barrier 0)."""
     subjects = [a.subject for a in anchors]
     if len(subjects) == 2:
-        return G.line(*subjects)
+        return G.line(*subjects, guard=guard)
     if len(subjects) == 3:
         return G.plane(*subjects, basis=cfg.basis)
     frozen = ("fc.weight", "fc.bias") if cfg.fc else ()
@@ -367,8 +412,58 @@ def make_plan(cfg: InterpolateConfig, anchors: list[Anchor], measures: Measures,
     if measures.needs_curvature:
         check_hessian_k(measures.curvature, anchors[0].subject)
     at = curvature_points(cfg, coords) if measures.needs_curvature else None
-    geometry = build_geometry(cfg, anchors).to(device)
-    return Plan(cfg, anchors, geometry, coords, measures, data, teacher, inputs, at)
+    if cfg.refine is not None:
+        from landscape.barrier import _ends
+        _ends(coords["alpha"])  # a barrier needs 0 and 1 on the grid
+    if data is not None and data.bn is None and needs_bn_images(cfg):
+        data.bn = bn_loader(data, cfg, device)  # the API door loads it for recalibrate only
+    if cfg.align and len(anchors) == 2:  # the checkpoints themselves must differ
+        from landscape.params import check_apart
+        check_apart({a: G.split_state(x.subject)[0] for a, x in zip("AB", anchors)})
+    anchors, aligned = align_anchors(cfg, anchors, data)
+    geometry = build_geometry(cfg, anchors, guard=not cfg.align).to(device)
+    return Plan(cfg, anchors, geometry, coords, measures, data, teacher, inputs, at, aligned)
+
+
+def bn_loader(data: EvalData, cfg: InterpolateConfig, device):
+    """The fixed BN images as eval_data draws them (train, seed + 1, --bn-samples)."""
+    from landscape.points import take
+    from runs.gpu_loader import eval_loader
+    train = data.sources["train"]
+    drawn = take(train, min(cfg.bn_samples, len(train.y)), cfg.seed + 1, "--bn-samples")
+    return eval_loader(drawn, device, cfg.bn_batch_size)
+
+
+def bn_images(data: EvalData) -> torch.Tensor:
+    """(N, C, H, W) the fixed BN images on the CPU, normalised as every point sees them."""
+    from landscape.points import images
+    return torch.cat([x.float().cpu() for x in images(data.bn)])
+
+
+def align_anchors(cfg: InterpolateConfig, anchors: list[Anchor], data) -> tuple:
+    """(anchors with B and C permuted to match A, attrs record) under --align; the anchors
+    unchanged and None without it. Activation matching reads the fixed BN images."""
+    if not cfg.align:
+        return anchors, None
+    from landscape import align as A
+    if cfg.align == "activations" and data is None:
+        raise UserError("--align activations matches hidden activations on the BN images: "
+                        "measure a metric that reads data (supervised, distill, knn, linear)")
+    images = bn_images(data) if cfg.align == "activations" else None
+    out, record = [anchors[0]], {"method": cfg.align}
+    for label, anchor in zip(("B", "C"), anchors[1:]):  # Subjects in, a permuted copy out
+        moved, info = A.align(anchors[0].subject, anchor.subject, cfg.align, images=images,
+                              seed=cfg.seed)
+        out.append(dataclasses.replace(anchor, subject=moved))
+        record[label] = {k: _plain(v) for k, v in info.items()}
+    return out, record
+
+
+def _plain(value):
+    """An info value as JSON can hold it (tensors and numpy scalars as numbers)."""
+    if isinstance(value, torch.Tensor | np.generic):
+        return value.tolist() if getattr(value, "ndim", 0) else value.item()
+    return value
 
 
 def check_teacher(ref: str, teacher, anchor: Anchor) -> None:
@@ -405,6 +500,12 @@ def layout(plan: Plan) -> tuple[dict, dict, tuple, dict]:
         attrs["plane_basis"] = plan.cfg.basis
     if plan.measures.needs_curvature:
         attrs["hessian_loss"] = plan.measures.curvature.loss
+    if plan.align is not None:
+        attrs["align"] = plan.align
+    if plan.cfg.refine is not None:
+        extra_coords, extra = R.layout(plan.cfg.refine_max, plan.cfg.refine_split)
+        coords.update(extra_coords)
+        metrics.update(extra)
     return coords, metrics, point_dims, attrs
 
 
@@ -430,6 +531,9 @@ def scan(cfg: InterpolateConfig, out: str, device="auto", precision="auto",
         cfg = resolve_data(cfg)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
     check_points_per_pass(points_per_pass)
+    if shard and cfg.refine is not None:
+        raise UserError("--refine searches the whole path in one process; drop --shard (or "
+                        "drop --refine and merge the shards)")
     plan = prepare(cfg, device, batch_size)
     path = shard_path(out, *shard) if shard else out
     run(plan, path, device, bf16, points_per_pass, shard, overwrite, stop_after)
@@ -446,35 +550,75 @@ def run(plan: Plan, path, device, bf16: bool, points_per_pass: int = 0, shard=No
     """Evaluate the plan's missing points into its result: the file at `path` (the CLI,
     resumable) or, with path None, a MemoryResult (the Python API). Returns the result."""
     from runs.results import new_result
-    per_pass = points_per_pass or auto_points_per_pass(device)
+    per_pass = passes_of(plan.cfg, points_per_pass, device)
     coords, metrics, point_dims, attrs = layout(plan)
     evaluator = PointEvaluator(plan.anchors[0].subject, plan.geometry, plan.cfg.bn_mode,
                                plan.data, plan.measures, plan.teacher, device, bf16,
-                               plan.curvature_at)
+                               plan.curvature_at, repair_of(plan))
     if "linear" in plan.measures.metrics:
         l2, chosen = choose_linear_l2(plan, evaluator)
         evaluator.measures = dataclasses.replace(plan.measures, linear_l2=l2)
         attrs.update(chosen)
     with new_result(path, ANALYSIS, coords, metrics, point_dims, plan.cfg, plan.inputs,
                     str(device), attrs, overwrite, shard) as result:
-        fill(result, evaluator, plan.grids, per_pass, stop_after)
+        passes = fill(result, evaluator, plan.grids, per_pass, stop_after)
+        if plan.cfg.refine is not None and not result.missing():
+            refine_path(result, evaluator, plan, None if stop_after is None else
+                        stop_after - passes)
     return result
 
 
+def passes_of(cfg: InterpolateConfig, points_per_pass: int, device) -> int:
+    """Points per pass: --points-per-pass, or auto; REPAIR runs on the reference path only
+    (it hooks the real network's channels), so with it auto is 1 and more is refused."""
+    if cfg.bn_mode != "repair":
+        return points_per_pass or auto_points_per_pass(device)
+    if points_per_pass > 1:
+        raise UserError(f"--bn-mode repair evaluates one point at a time (the reference "
+                        f"path); use --points-per-pass 1 (or 0 = auto), not {points_per_pass}")
+    return 1
+
+
+def repair_of(plan: Plan):
+    """(A, B, BN images) for --bn-mode repair, None otherwise."""
+    if plan.cfg.bn_mode != "repair":
+        return None
+    if plan.data is None:
+        raise UserError("--bn-mode repair needs images: measure --metrics supervised, "
+                        "distill, knn or linear")
+    return plan.anchors[0].subject, plan.anchors[1].subject, bn_images(plan.data)
+
+
+def refine_path(result, evaluator: PointEvaluator, plan: Plan, budget: int = None) -> int:
+    """--refine: the adaptive barrier search after the grid (landscape.refine)."""
+    def evaluate(alpha: float) -> dict:
+        return evaluator.evaluate(np.array([[alpha]]), batched=False)[0]
+    cfg = plan.cfg
+    with Progress(cfg.refine_max, ANALYSIS, "refined point") as bar:
+        taken = R.run(result, evaluate, plan.grids["alpha"], cfg.refine, cfg.refine_max,
+                      cfg.refine_split, budget)
+        bar.update(taken)
+    return taken
+
+
 def fill(result, evaluator: PointEvaluator, coords: dict, per_pass: int,
-         stop_after: int = None) -> None:
-    """Evaluate the missing cells `per_pass` at a time, writing each pass as it finishes."""
+         stop_after: int = None) -> int:
+    """Evaluate the missing cells `per_pass` at a time, writing each pass as it finishes;
+    returns the passes run."""
     todo = result.missing()
     axes_ = list(coords.values())
+    passes = 0
     with Progress(len(todo), ANALYSIS, "point") as bar:
-        for passes, start in enumerate(range(0, len(todo), per_pass)):
+        for start in range(0, len(todo), per_pass):
             if stop_after is not None and passes >= stop_after:
-                return
+                break
             cells = todo[start:start + per_pass]
             points = np.array([[axis[i] for axis, i in zip(axes_, cell)] for cell in cells])
             for cell, values in zip(cells, evaluator.evaluate(points, per_pass > 1)):
                 result.write(cell, **values)
             bar.update(len(cells))
+            passes += 1
+    return passes
 
 
 def summary(path: str) -> str:
@@ -487,6 +631,8 @@ def summary(path: str) -> str:
     names, columns = ["alpha"], [data.coords["alpha"]]
     for name, values in data.metrics.items():
         dims = data.specs[name].dims
+        if "alpha" not in dims:
+            continue  # --refine's summaries: refined_text
         extra = next((d for d in dims if d != "alpha"), None)  # split or eigen
         if extra is not None:
             for j, label in enumerate(data.coords[extra]):
@@ -497,7 +643,20 @@ def summary(path: str) -> str:
             columns.append(values)
     rows = ["  ".join(f"{n:>14}" for n in names)]
     rows += ["  ".join(f"{c[i]:14.4f}" for c in columns) for i in range(len(columns[0]))]
-    return "\n".join([*rows, f"{path}: {done}"])
+    return "\n".join([*rows, *refined_text(data), f"{path}: {done}"])
+
+
+def refined_text(data) -> list[str]:
+    """--refine's lines: points taken and the barriers over grid + refined points."""
+    if "refine_points" not in data.metrics:
+        return []
+    count = data.metrics["refine_points"]
+    if np.isnan(count):
+        return ["refinement: not finished (re-run to resume)"]
+    barriers = ", ".join(
+        f"{name}[{split}] {data.metrics[f'refined_{name}'][j]:.4f}"
+        for name in ("error_barrier", "loss_barrier_mean") for j, split in enumerate(SPLITS))
+    return [f"refinement: {int(count)} points; {barriers}"]
 
 
 HELP = __doc__

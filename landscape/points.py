@@ -145,6 +145,20 @@ class EvalData:
     sources: dict | None = None  # "train" / "test" -> the whole ImageData (Hessian draws)
 
 
+def repair_function():
+    """REPAIR as helper modules provide it: landscape.align.repair (or landscape.repair's)."""
+    import importlib
+    for name in ("landscape.align", "landscape.repair"):
+        try:
+            found = getattr(importlib.import_module(name), "repair", None)
+        except ModuleNotFoundError:
+            continue
+        if found is not None:
+            return found
+    raise UserError("--bn-mode repair: this installation has no landscape.align.repair; use "
+                    "keep, interpolate or recalibrate")
+
+
 def take(data: ImageData, count: int, seed: int, what: str) -> ImageData:
     """`count` images drawn with `seed`, kept in their original order; 0 = all of them."""
     if count == 0 or count == len(data.y):
@@ -301,12 +315,14 @@ class PointEvaluator:
     """Evaluates points of one geometry on one network, data set and BN mode.
 
     curvature_at: the coordinate tuples whose hessian-* metrics are evaluated (others NaN);
-    None = every point.
+    None = every point. repair: (A, B, images (N, C, H, W)) for bn_mode `repair` (a path,
+    the reference path only): each point's channels reset to the alpha-mix of A's and B's
+    statistics on those images (landscape.align.repair).
     """
 
     def __init__(self, subject: Subject, geometry: Geometry, bn_mode: str, data: EvalData,
                  measures: Measures, teacher: Subject = None, device="cpu", bf16=False,
-                 curvature_at=None):
+                 curvature_at=None, repair=None):
         # A private copy: the reference path loads every point's weights into it.
         self.subject = copy.deepcopy(subject).to(device)
         if torch.device(device).type == "cuda":
@@ -322,6 +338,11 @@ class PointEvaluator:
         self.recal_parts = ("embedding", "logits", "head") if heads_have_bn else ("embedding",)
         self._twin = None
         self.curvature_at = None if curvature_at is None else set(curvature_at)
+        if bn_mode == "repair" and repair is None:
+            raise ValueError("PointEvaluator: bn_mode repair needs repair=(A, B, images)")
+        self.repair = None if repair is None else (
+            *(copy.deepcopy(m).to(device).eval() for m in repair[:2]), repair[2].to(device))
+        self.network = self.subject  # what the reference path runs: the subject, or REPAIR's
         self._hessian_batches = None
 
     def autocast(self):
@@ -347,8 +368,9 @@ class PointEvaluator:
         return out
 
     def _stored_mode(self) -> str:
-        """The buffers a point starts from: recalibration starts from A's (then resets)."""
-        return "interpolate" if self.bn_mode == "interpolate" else "keep"
+        """The buffers a point starts from: recalibration starts from A's (then resets);
+        REPAIR from the interpolated ones (then rescales)."""
+        return "interpolate" if self.bn_mode in ("interpolate", "repair") else "keep"
 
     @torch.no_grad()
     def features_at(self, coords) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,11 +442,20 @@ class PointEvaluator:
             whole = len(self.recal_parts) > 1 or self.subject.encoder is None
             target = self.subject if whole else self.subject.encoder
             recalibrate(target, images(self.data.bn), self.autocast)
-        self.subject.eval()
+        self.network = self._repaired(float(coords[0, 0])) if self.bn_mode == "repair" \
+            else self.subject
+        self.network.eval()
 
         def forward(x):
-            return {k: v[None] for k, v in self.subject(x, parts).items()}  # (1, B, ...)
+            return {k: v[None] for k, v in self.network(x, parts).items()}  # (1, B, ...)
         return forward, params
+
+    def _repaired(self, alpha: float) -> Subject:
+        """The loaded point after REPAIR at `alpha` (a new network, or the subject itself
+        changed in place, as landscape.align.repair returns it)."""
+        a, b, pictures = self.repair
+        fixed = repair_function()(self.subject, a, b, alpha, pictures)
+        return self.subject if fixed is None else fixed
 
     @torch.no_grad()
     def _batched(self, coords: torch.Tensor) -> dict:

@@ -114,8 +114,9 @@ def ref_labels(refs, keep=()) -> list[str]:
 
     LABEL:=REF gives LABEL; otherwise "<role> s<seed> <step>" from the run's config.json
     ("student s0 ep15", "teacher s0", "supervised s1 @40", "student α=1 s0 init") or a
-    loose file's stem, never a path. Labels that coincide get the field that differs
-    appended ("student s0 ep15 vgg11"), then the run's folder, then a letter. The same
+    loose file's stem, never a path or a hash. Labels that coincide get the field that
+    differs appended ("student s0 ep15 vgg11", "supervised s0 @4 data_seed=1"), else a
+    letter ("supervised s0 @4 (A)"). The same
     reference text twice gets one label; the tokens in `keep` ("pixels", "random") are
     their own labels. Reads only config.json and file names (no checkpoint is loaded).
     """
@@ -208,10 +209,16 @@ def _derived(ref: Ref) -> tuple[str, dict]:
               "model": config.get("model", ""), "dataset": config.get("dataset", ""),
               "alpha": f"α={config['alpha']:g}" if "alpha" in config else "", "part": part,
               **{key: f"{key}={value}" for key, value in sorted((saved.get("identity")
-                 or {}).items()) if "/" not in str(value) and key not in _TELLING},
-              "run": run.path.parent.name}
+                 or {}).items()) if _readable(value) and key not in _TELLING}}
     label = " ".join(filter(None, [role, f"s{saved.get('seed', '')}", when]))
     return label + variant_suffix(config), fields
+
+
+def _readable(value) -> bool:
+    """Whether an identity value can go into a label: not a path, not a content hash
+    ("sha256:..", "state:..": runs started from different files are told apart by letters)."""
+    text = str(value)
+    return "/" not in text and not re.match(r"^[a-z0-9]+:[0-9a-f]{16,}", text)
 
 
 def variant_suffix(config: dict) -> str:

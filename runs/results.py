@@ -71,7 +71,8 @@ MAX_RESULT_BYTES = 4 * 2**30
 
 @dataclasses.dataclass(frozen=True)
 class MetricSpec:
-    """How one metric is stored. Its dims must include every point dim, in any order."""
+    """How one metric is stored. Its dims must include every point dim, in any order, or
+    none of them: a summary of the whole scan (a refined barrier), set by `write_summary`."""
 
     dims: tuple[str, ...]  # axis names, each a key of coords; e.g. ("pair", "alpha", "example")
     units: str = ""  # e.g. "nats", "fraction"; "" for dimensionless counts
@@ -455,9 +456,10 @@ def _check_layout(coords, specs, point_dims) -> None:
             if dim not in coords:
                 raise ValueError(f"{name!r} uses dim {dim!r}, which is not a coord; "
                                  f"coords: {', '.join(coords)}")
-        if not set(point_dims) <= set(spec.dims) or len(set(spec.dims)) != len(spec.dims):
+        whole = set(point_dims) <= set(spec.dims) or not set(point_dims) & set(spec.dims)
+        if not whole or len(set(spec.dims)) != len(spec.dims):
             raise ValueError(f"metric {name!r} dims {spec.dims} must hold every point dim "
-                             f"{point_dims} once")
+                             f"{point_dims} once (or none: a summary)")
 
 
 def _attr_value(value):
@@ -678,13 +680,15 @@ class Grid:
 
     def _check_values(self, values) -> dict[str, np.ndarray]:
         """Validate all values before writing any, so a bad call leaves the result unchanged."""
+        per_cell = {name: spec for name, spec in self.specs.items()  # summaries: apart
+                    if not self.point_dims or set(self.point_dims) & set(spec.dims)}
         for name in values:
-            if name not in self.specs:
-                raise unknown("metric", name, self.specs)
-        if lacking := sorted(set(self.specs) - set(values)):
+            if name not in per_cell:
+                raise unknown("metric", name, per_cell)
+        if lacking := sorted(set(per_cell) - set(values)):
             raise ValueError(f"write needs every metric; missing {lacking}")
         arrays = {}
-        for name, spec in self.specs.items():
+        for name, spec in per_cell.items():
             array = np.asarray(values[name], dtype=spec.dtype)
             shape = tuple(len(self.coords[d]) for d in spec.dims if d not in self.point_dims)
             if array.shape != shape:
@@ -720,6 +724,18 @@ class Grid:
         shard = self.shard if shard is None else shard
         owned = _owned_flat(self._done.size, shard)
         return _cells(owned[~self._done.ravel()[owned]], self.shape)
+
+    def write_summary(self, name: str, index: tuple, value) -> None:
+        """Store `value` at `index` (a tuple of ints or slices over its dims) of a summary
+        metric: one that holds no point dim. Not tied to `done`: a summary is NaN until set."""
+        spec = self.specs[name]
+        if set(self.point_dims) & set(spec.dims):
+            raise ValueError(f"write_summary: {name!r} holds point dims; use write")
+        self._store_summary(name, tuple(index), np.asarray(value, dtype=spec.dtype))
+
+    def read(self, name: str) -> np.ndarray:
+        """The metric's values as stored now (NaN where not yet written)."""
+        return np.array(self._values(name))
 
     def is_done(self, cell) -> bool:
         return bool(self._done[self._index(cell)])
@@ -765,6 +781,14 @@ class Result(Grid):
                 self._file[name][self._selection(name, index)] = array
             self._file[DONE][index] = True
             self._file.flush()
+
+    def _store_summary(self, name, index, array) -> None:
+        with _writing(self.path):
+            self._file[name][index] = array
+            self._file.flush()
+
+    def _values(self, name) -> np.ndarray:
+        return self._file[name][()]
 
     def _write_all(self, metrics: Mapping, done: np.ndarray) -> None:
         """Write whole arrays at once (merge, save)."""
@@ -836,6 +860,12 @@ class MemoryResult(Grid):
         for name, array in arrays.items():
             self.values[name][self._selection(name, index)] = array
 
+    def _store_summary(self, name, index, array) -> None:
+        self.values[name][index] = array
+
+    def _values(self, name) -> np.ndarray:
+        return self.values[name]
+
     def data(self) -> ResultData:
         return ResultData("", self.analysis, self.attrs, self.coords, self.point_dims,
                           self.specs, self.values, self._done.copy())
@@ -894,7 +924,8 @@ def _read(file, path: str, with_data: bool) -> ResultData:
     data = ResultData(path, attrs.get("analysis"), attrs, coords, point_dims, specs, metrics,
                       datasets[DONE][()].astype(bool) if with_data else None)
     for name in metrics:  # a crash between a cell's values and its `done` leaves stray values
-        _point_first(metrics[name], data, name)[~data.done] = np.nan
+        if not _is_summary(data, name):
+            _point_first(metrics[name], data, name)[~data.done] = np.nan
     return data
 
 
@@ -1155,10 +1186,18 @@ def _union(parts: Sequence[ResultData]) -> tuple[dict, np.ndarray]:
         for earlier in parts[:j]:
             _check_agree(earlier, part)
         for name, array in part.metrics.items():
+            if _is_summary(first, name):  # set in one shard at most: the values it holds
+                metrics[name] = np.where(np.isnan(array), metrics[name], array)
+                continue
             _point_first(metrics[name], first, name)[part.done] = \
                 _point_first(array, part, name)[part.done]
         done |= part.done
     return metrics, done
+
+
+def _is_summary(data: ResultData, name: str) -> bool:
+    """Whether a metric holds no point dim (written whole, not per cell)."""
+    return bool(data.point_dims) and not set(data.point_dims) & set(data.specs[name].dims)
 
 
 def _point_first(array: np.ndarray, data: ResultData, name: str) -> np.ndarray:
@@ -1173,6 +1212,8 @@ def _check_agree(a: ResultData, b: ResultData) -> None:
     if not both.any():
         return
     for name in a.metrics:
+        if _is_summary(a, name):
+            continue
         x, y = _point_first(a.metrics[name], a, name)[both], _point_first(b.metrics[name], b,
                                                                            name)[both]
         same = (x == y) | (np.isnan(x) & np.isnan(y))

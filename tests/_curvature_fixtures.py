@@ -97,7 +97,7 @@ def curvature_path(path, k: int = 3, measured=(0, 2, 4, 6)) -> Path:
     cfg = InterpolateConfig(refs=("A:=a.pt", "B:=b.pt"), metrics=metrics, dataset="toy",
                             hessian_k=k)
     alpha = np.linspace(-0.25, 1.25, 7)
-    plan = SimpleNamespace(grids={"alpha": alpha},
+    plan = SimpleNamespace(grids={"alpha": alpha}, align=None,
                            measures=Measures(metrics, curvature=Curvature(k=k)), cfg=cfg,
                            geometry=SimpleNamespace(kind="line", unit=1.0,
                                                     anchor_coords={"A": [0.0], "B": [1.0]}),

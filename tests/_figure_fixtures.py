@@ -34,7 +34,8 @@ def interpolate(path, refs: list[str], grids: dict, metrics: tuple[str, ...],
     plan = SimpleNamespace(grids=grids, measures=Measures(metrics), cfg=cfg,
                            geometry=SimpleNamespace(kind=kind, anchor_coords=anchor_coords,
                                                     unit=3.5),
-                           anchors=[SimpleNamespace(subject=parts)])
+                           anchors=[SimpleNamespace(subject=parts)],
+                           align=None)  # no --align (its info dict otherwise)
     coords, specs, point_dims, attrs = layout(plan)
     with create_result(path, "interpolate", coords, specs, point_dims, cfg, list(inputs),
                        "cpu", attrs) as result:
@@ -71,33 +72,46 @@ def path_1d(path) -> Path:
 
 
 def border(path, children: int = 3, steps=(0, 196, 392), done: int = None,
-           runs=(STUDENT,)) -> Path:
+           runs=(STUDENT,), align: str = "") -> Path:
     """Random init and a distillation trajectory (`steps`; one step: random vs student, the
     lmc figure's), laid out and summarised by landscape.border (`layout`, `start_values`);
     `done`: fill only that many start points (a scan still running); several `runs`: each
-    run's students at `steps` (random vs students of several seeds)."""
+    run's students at `steps` (random vs students of several seeds); `align` (a method):
+    the `--align` layout, every curve and barrier metric M beside M_aligned (the aligned
+    curves' bump a third of the plain one), root attr `align`."""
     from landscape.border import BorderConfig, Start, layout, start_values
     from runs.engines.train import TrainConfig
     starts = [Start("random"), *[Start(f"{run}@{s}:encoder", init=f"{run}@{s}:encoder",
                                        alpha=1.0) for run in runs for s in steps]]
     alphas = np.linspace(0, 1, 5)
-    coords, metrics = layout(starts, children, alphas)
+    coords, metrics = layout(starts, children, alphas, align)
     num_pairs = len(list(combinations(range(children), 2)))
-    config = {"border": dataclasses.asdict(BorderConfig(children=children, grid="0:1:5")),
+    border_cfg = BorderConfig(children=children, grid="0:1:5", align=align)
+    config = {"border": dataclasses.asdict(border_cfg),
               "train": dataclasses.asdict(TrainConfig(dataset="toy")),
               "starts": [s.label for s in starts], "precision": "fp32"}
-    attrs = {"bn_mode": "recalibrate", "children": {s.label: [] for s in starts}}
+    attrs = {"bn_mode": "recalibrate", "children": {s.label: [] for s in starts},
+             **({"align": align} if align else {})}
     with create_result(path, "border", coords, metrics, ("start",), config, [], "cpu",
                        attrs) as result:
         for (index,) in result.missing()[:done]:
-            height = 0.3 / (1 + index)  # later starts: lower barriers
-            bump = height * np.sin(np.pi * alphas)[None, :, None]  # (1, alpha, 1)
-            error = 0.1 + bump + 0.03 * RNG.random((num_pairs, len(alphas), 2))
-            curves = {"loss": 0.5 + 2 * error, "error": error}  # (pair, alpha, split)
             step = 0 if index == 0 else int(starts[index].label.split("@")[1].split(":")[0])
             record = {"ref": starts[index].label, "path": "", "step": step, "sha256": ""}
+            curves = _border_curves(index, num_pairs, alphas)
+            if align:
+                aligned = _border_curves(index, num_pairs, alphas, 1 / 3)
+                curves.update({f"{k}_aligned": v for k, v in aligned.items()})
             result.write((index,), **start_values(curves, alphas, starts[index], record))
     return Path(path)
+
+
+def _border_curves(index: int, num_pairs: int, alphas, scale: float = 1.0) -> dict:
+    """loss, error: (pair, alpha, split) with a bump of height scale * 0.3 / (1 + index)
+    mid-path (later starts: lower barriers) and a little noise."""
+    height = scale * 0.3 / (1 + index)
+    bump = height * np.sin(np.pi * alphas)[None, :, None]  # (1, alpha, 1)
+    error = 0.1 + bump + 0.03 * RNG.random((num_pairs, len(alphas), 2))
+    return {"loss": 0.5 + 2 * error, "error": error}  # (pair, alpha, split)
 
 
 def imp(path, rewind: str = "init@1ep", reference: str = "", levels: int = 4,
@@ -185,6 +199,63 @@ def probe(path, **config) -> Path:
     return Path(path)
 
 
+def curve(path, kind: str = "bezier", done: int = None, stored: bool = True) -> Path:
+    """A trained curve and the straight line between two supervised runs, laid out by
+    landscape.curve.layout: loss and error over (path, t, split), barriers over (path,
+    split) computed by landscape.barrier; the line peaks at t = 0.5, the curve stays
+    nearly flat. `done`: fill only that many paths (a scan still running); stored=False: no barrier
+    metrics (the figure recomputes them)."""
+    from landscape.barrier import barriers
+    from landscape.curve import layout
+    refs = [f"{SUPERVISED.format(0)}@last", f"{SUPERVISED.format(1)}@last"]
+    t = np.linspace(0, 1, 9)
+    coords, metrics = layout(t)  # path (curve, line), t, split
+    metrics = {k: v for k, v in metrics.items() if stored or k in ("loss", "error")}
+    config = {"curve": {"a": refs[0], "b": refs[1], "kind": kind, "dataset": "toy",
+                        "num_steps": 100}, "scan": {"grid": "0:1:9"}, "precision": "fp32"}
+    attrs = {"bn_mode": "recalibrate", "kind": kind, "endpoints": ["supervised s0",
+                                                                   "supervised s1"],
+             "bend": "curve_0123abcd/seed_0/bend.pt"}
+    with create_result(path, "curve", coords, metrics, ("path",), config, [], "cpu",
+                       attrs) as result:
+        for (index,) in result.missing()[:done]:
+            height = (0.05, 0.4)[index]  # the trained curve, the line
+            error = 0.1 + height * np.sin(np.pi * t)[:, None] + np.array([0.0, 0.03])
+            values = {"loss": 0.4 + 2 * error, "error": error}  # (t, split)
+            values.update(barriers(values["loss"].T, values["error"].T, t))  # (split,)
+            result.write((index,), **{k: values[k] for k in metrics})
+    return Path(path)
+
+
+LAYERS = ("encoder.conv1", "encoder.layer1", "encoder.layer2", "fc")
+
+
+def layerwise(path, agree=("fc",), done: int = None, stored: bool = True) -> Path:
+    """One layer at a time between two supervised runs, laid out by
+    landscape.layerwise.layout: loss and error over (layer, held, alpha, split), barriers over
+    (layer, held, split); layers in `agree` are the same in A and B (flat, barrier 0),
+    the others peak mid-path, deeper ones higher, held at B a little lower than at A;
+    `done`: fill only that many cells; stored=False: no barrier metrics."""
+    from landscape.barrier import barriers
+    from landscape.layerwise import layout
+    refs = [f"{SUPERVISED.format(0)}@last", f"{SUPERVISED.format(1)}@last"]
+    alphas = np.linspace(0, 1, 5)
+    coords, metrics = layout(list(LAYERS), alphas)  # layer, held (A, B), alpha, split
+    metrics = {k: v for k, v in metrics.items() if stored or k in ("loss", "error")}
+    config = {"refs": refs, "dataset": "toy"}
+    attrs = {"bn_mode": "recalibrate", "granularity": "block",
+             "endpoints": ["supervised s0", "supervised s1"]}
+    with create_result(path, "layerwise", coords, metrics, ("layer", "held"), config, [],
+                       "cpu", attrs) as result:
+        for layer, held in result.missing()[:done]:
+            height = 0.0 if LAYERS[layer] in agree else 0.05 * (layer + 1) * (1 - 0.3 * held)
+            error = 0.1 + height * np.sin(np.pi * alphas)[:, None] + np.array([0.0, 0.02])
+            values = {"loss": 0.4 + 2 * error, "error": error}  # (alpha, split)
+            values.update(barriers(values["loss"].T, values["error"].T, alphas))  # (split,)
+            result.write((layer, held), **{k: values[k] for k in metrics})
+    return Path(path)
+
+
 def all_results(folder) -> dict:
     """Every fixture in `folder`: {name: path}."""
     folder = Path(folder)
@@ -196,4 +267,5 @@ def all_results(folder) -> dict:
                                reference=f"{STUDENT}@last:encoder", baselines=("reinit",),
                                instability=False),
             "distill": distill(folder / "store"), "probe": probe(folder / "probe.h5"),
-            "hessian": hessian(folder / "hessian.h5")}
+            "hessian": hessian(folder / "hessian.h5"), "curve": curve(folder / "curve.h5"),
+            "layerwise": layerwise(folder / "layerwise.h5")}

@@ -382,3 +382,35 @@ def test_curvature_bf16_products_on_cuda():
     checks = hvp_comparison(bench, bf16=True)["checks"]
     assert checks["rel_diff"] < 0.1
     assert 0 < checks["rel_error_fast"] < 0.5 and 0 < checks["rel_error_reference"] < 0.5
+
+
+# ---------------------------------------------------------------------- connectivity
+
+
+def test_connectivity_section_times_matching_and_the_curve_step():
+    """Weight matching on the CPU and activation matching report their seconds and what the
+    search did (the objective never falls); the curve step is measured in images/s beside an
+    ordinary train step of the same network and batch, and that ratio (the curve's price)
+    is reported but judged by no speed-up goal."""
+    pytest.importorskip("landscape.align")
+    pytest.importorskip("landscape.curve")
+    from runs.studies.bench.connectivity import section_connectivity
+    bench = tiny_bench(warmup=0, steps=1, num_images=16, match_images=8)
+    body = section_connectivity(bench)
+    comps = body["comparisons"]
+    assert list(comps) == ["weight_matching", "activation_matching", "curve_step"]
+    for name in ("weight_matching", "activation_matching"):
+        checks = comps[name]["checks"]
+        assert checks["seconds"] > 0 and comps[name]["ratio"] is None
+        assert checks["objective_after"] >= checks["objective_before"]
+        assert checks["parameters"] == sum(
+            p.numel() for p in new_model(bench, synthetic_info()).parameters())
+    assert "CPU" in comps["weight_matching"]["paths"]["fast"]["what"]
+    curve = comps["curve_step"]
+    assert curve["unit"] == "images/s" and list(curve["paths"]) == ["curve", "train_step"]
+    assert curve["paths"]["curve"]["items"] == bench.cfg.train_batch
+    assert curve["ratio"] == pytest.approx(curve["paths"]["curve"]["rate"] /
+                                           curve["paths"]["train_step"]["rate"])
+    assert curve["flops_per_item"] > 0
+    assert [r["measured"] for r in goal_rows({"connectivity": body})] == []
+    assert "curve_step" in table({"connectivity": body}) and "connectivity" in ORDER

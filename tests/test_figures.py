@@ -20,7 +20,7 @@ from runs.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 # A result of another analysis for each figure's wrong-input check.
 WRONG = {"probe": "border", "distill": "probe", "interpolate": "imp_init", "border": "plane",
-         "imp": "path", "hessian": "path"}
+         "imp": "path", "hessian": "path", "curve": "border", "layerwise": "curve"}
 
 
 @pytest.fixture(scope="module")

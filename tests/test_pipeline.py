@@ -56,8 +56,10 @@ def test_every_stage_and_figure(demo):
     assert results == {"probe_digits", "path", "plane", "lmc", "imp", "curvature"}
     figures = {p.stem for p in (root / "out" / "figures").glob("*.png")}
     # every figure the toolkit has; `border` draws scans only (this preset's one border
-    # result, random vs student, is the `lmc` figure's)
-    for name in set(FIGURES) - {"border"}:
+    # result, random vs student, is the `lmc` figure's); `layerwise` has no stage, `curve`
+    # only where the preset has a curve section
+    skip = {"border", "layerwise"} | (set() if REDUCED.get("curve") else {"curve"})
+    for name in set(FIGURES) - skip:
         assert any(f == name or f.startswith((f"{name}_", f"{name}-")) for f in figures), \
             (name, figures)
 
@@ -264,6 +266,7 @@ PAPER_SHRINK = [
     "border.children=2", "border.steps=1ep", "border.grid=0:1:3", "imp.levels=1",
     "imp.steps=6ep", "imp.val_size=16", "curvature.samples=16", "curvature.top_k=2",
     "curvature.trace_probes=2:4", "curvature.slq_runs=1", "curvature.slq_steps=8",
+    "curve.steps=2", "curve.grid=0:1:3", "curve.batch_size=16",
 ]
 
 
@@ -277,7 +280,7 @@ def test_paper_preset_runs_every_stage_on_cifar10_files(tmp_path, monkeypatch):
     assert main(["--preset", "paper-cifar10", "--out", str(out), "--device", "cpu", "--set",
                  f"distill.data_root={tmp_path / 'data'}", *PAPER_SHRINK]) == 0
     preset = load_preset("paper-cifar10")
-    names = {job["name"] for stage in ("interpolate", "border", "imp", "curvature")
+    names = {job["name"] for stage in ("interpolate", "border", "curve", "imp", "curvature")
              for job in preset[stage]}
     assert {p.stem for p in (out / "results").glob("*.h5")} == names | {"probe_cifar10"}
     figures = {p.stem for p in (out / "figures").glob("*.png")}

@@ -1,7 +1,9 @@
 """The whole study in one command: `python -m runs.pipeline --preset demo`.
 
 Stages, in order: distill (students on images, the noise control, optional alphas) ->
-probe -> interpolate / plane -> border -> imp -> curvature (Hessian spectra at checkpoints,
+probe -> interpolate / plane -> border (optionally --align: barriers before and after
+permutation alignment) -> curve (trained low-loss curves between two children of a border
+start, `landscape.curve`) -> imp -> curvature (Hessian spectra at checkpoints,
 `landscape.hessian`) -> figures. A preset is data (a JSON file in
 runs/studies/presets/, or a path): per stage, the flags of that stage's command. Every stage
 calls its command's `main(argv)`, imported inside the stage, so `runs` depends on no analysis
@@ -27,7 +29,8 @@ from runs.errors import UserError, cli, echo_command
 from runs.progress import format_duration
 
 PRESETS = Path(__file__).with_name("presets")
-STAGES = ("distill", "probe", "interpolate", "border", "imp", "curvature", "figures")
+STAGES = ("distill", "probe", "interpolate", "border", "curve", "imp", "curvature",
+          "figures")
 
 
 @dataclass(frozen=True)
@@ -268,8 +271,10 @@ def probe_stage(preset: dict, layout: Layout, students: dict, device: str) -> Pa
 
 # `[LABEL:=]@group[seed]:part` in a preset names a run of the distill stage, e.g.
 # `@images[0]:teacher`, or (curvature stage) the dense supervised run of an imp job, e.g.
-# `@imp_init0[0]:rewind`; a part may also be a saved step (`@images[0]:4ep`, `:40`), or
-# `epochs`: every checkpoint saved at a whole epoch (landscape.hessian, probes.evaluate).
+# `@imp_init0[0]:rewind`, or (curve stage) child K of start S of a border job,
+# `@JOB.childK[S]:last` (see border_children); a part may also be a saved step
+# (`@images[0]:4ep`, `:40`), or `epochs`: every checkpoint saved at a whole epoch
+# (landscape.hessian, probes.evaluate).
 TEMPLATE = re.compile(r"^(?P<label>.+:=)?@(?P<group>[^\[\]]+)\[(?P<index>\d+)\]"
                       r"(?::(?P<part>\w+))?$")
 PARTS = {"last": "@last", "init": "@init", "teacher": "@last:teacher",
@@ -350,6 +355,40 @@ def dense_runs(preset: dict, layout: Layout) -> dict[str, list[DenseRun]]:
     return groups
 
 
+@dataclass(frozen=True)
+class Child:
+    """One SGD child of a border start: `@JOB.childK[S]` is child K (data_seed K) of start S
+    (in the order of the job's `start` coordinate), a supervised run in the store."""
+    path: Path
+
+
+def border_children(preset: dict, layout: Layout) -> dict[str, list[Child]]:
+    """{"JOB.childK": [Child per start]} for every border job whose result exists, read
+    from the result's `children` attr (run folders relative to the store, per start label)."""
+    from runs.results import json_attr, open_result
+    groups = {}
+    for job in preset.get("border", []):
+        name = job.get("name", "border")
+        path = layout.results / f"{name}.h5"
+        if not path.is_file():
+            continue
+        result = open_result(path, "border")
+        children = json_attr(result, "children", dict, {})
+        for k in range(int(result.config["border"]["children"])):
+            groups[f"{name}.child{k}"] = [Child(layout.store / children[str(start)][k])
+                                          for start in result.coords["start"]]
+    return groups
+
+
+def curve_stage(preset: dict, layout: Layout, students: dict, device: str) -> None:
+    """`python -m landscape.curve A B` per job: a trained curve (its bend a run in the
+    store) between two children of a border start, `@JOB.child0[S]:last` and
+    `@JOB.child1[S]:last`, measured beside the straight line."""
+    from landscape.curve import main as curve_main
+    groups = {**students, **border_children(preset, layout)}
+    jobs_stage("curve", curve_main, preset, layout, groups, device, store=True)
+
+
 def curvature_stage(preset: dict, layout: Layout, students: dict, device: str) -> None:
     """`python -m landscape.hessian` per job: its refs may name distill runs and, after the
     imp stage, the imp jobs' dense supervised runs (`@imp_init0[0]:rewind`)."""
@@ -405,6 +444,9 @@ def run_pipeline(preset: dict, layout: Layout, device: str, stages=STAGES) -> No
             with timed(stage):
                 main = importlib.import_module(module).main
                 jobs_stage(stage, main, preset, layout, students, device, store, defaults)
+        if stage == "border" and "curve" in stages and preset.get("curve"):
+            with timed("curve"):
+                curve_stage(preset, layout, students, device)
     if "curvature" in stages and preset.get("curvature"):
         with timed("curvature"):
             curvature_stage(preset, layout, students, device)

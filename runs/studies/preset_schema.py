@@ -2,10 +2,10 @@
 
 A preset (runs/studies/presets/*.json, or a user's file) becomes command lines: each stage's
 object becomes that command's flags (`{"batch_size": 64}` -> `--batch-size 64`) and each job
-of interpolate, border, imp and curvature writes `--out/results/<name>.h5`. A file from someone else
-must not run code, nor write outside --out, so `validate` refuses it in one line naming the
-file and the key path (`presets/x.json: interpolate[2].name '../../x' must be a plain file
-name`); `preset_problems` lists every problem:
+of interpolate, border, curve, imp and curvature writes `--out/results/<name>.h5`. A file
+from someone else must not run code, nor write outside --out, so `validate` refuses it in one
+line naming the file and the key path (`presets/x.json: interpolate[2].name '../../x' must
+be a plain file name`); `preset_problems` lists every problem:
 
 - unknown top-level keys, and values of the wrong type (seeds a list of integers, ...);
 - a result `name` that is not a plain file name ('/', '\\', '..', ':', empty);
@@ -35,7 +35,7 @@ RESERVED = {"out": "the pipeline's --out sets it", "store": "the pipeline's --ou
             "device": "give the pipeline --device", "import": "give --import on the command line",
             "trust_pickle": "give --trust-pickle on the command line"}
 BAD_NAME = re.compile(r"[/\\:\x00]|\.\.")
-JOB_STAGES = ("interpolate", "border", "imp", "curvature")
+JOB_STAGES = ("interpolate", "border", "curve", "imp", "curvature")
 FLAG_STAGES = ("distill", "train", "probe", "figures")
 
 

@@ -21,13 +21,16 @@ so no speed-up goal judges them.
 
 Sections (SECTIONS, --sections; all by default): train, distill, eval, probes, landscape,
 tickets, curvature (Hessian-vector products per second, forward-over-reverse against double
-backward, and the time of the top-5 eigenvalues on 10k images). A section whose package
+backward, and the time of the top-5 eigenvalues on 10k images), connectivity (weight matching
+of two networks on the CPU and activation matching, in seconds; a trained curve's bend step
+in images/s beside an ordinary supervised step). A section whose package
 cannot be imported is recorded as skipped; one that fails is recorded with its error and the
 others still run. The JSON goes to `<out>/<device-slug>[-quick].json`, merged with the
 sections already there.
 
 Modules: common (BenchConfig and its FULL/QUICK sizes, Bench, device facts, Runner, measure,
 comparison, synthetic data and both loaders), one module per group of sections (training:
-train, distill, eval; probes; landscape; tickets; curvature), report (the section registry,
-provenance, the JSON, goals, tables) and cli (`main`; `python -m runs.bench` is its door).
+train, distill, eval; probes; landscape; tickets; curvature; connectivity), report (the
+section registry, provenance, the JSON, goals, tables) and cli (`main`; `python -m
+runs.bench` is its door).
 """

@@ -90,6 +90,8 @@ class BenchConfig:
     eigen_k: int = arg(5, "eigenvalues of the Lanczos timing")
     eigen_tol: float = arg(1e-4, "Lanczos stops at this relative Ritz residual (as "
                                  "landscape.hessian's --eigen-tol default)")
+    match_repeats: int = arg(1, "timed alignments of two networks per method (seconds each)")
+    match_images: int = arg(2048, "images activation matching correlates on")
 
 
 FULL = BenchConfig()
@@ -99,7 +101,7 @@ QUICK = BenchConfig(width=0.25, num_images=1024, eval_images=256, train_batch=64
                     feature_dim=128, probe_epochs=3, path_points=3, points_per_pass=3,
                     bn_images=64, path_images=64, path_test_images=64,
                     prune_repeats=3, mask_rounds=3, hvp_images=32, hvp_batch=16,
-                    hvp_repeats=2, eigen_images=32)
+                    hvp_repeats=2, eigen_images=32, match_images=128)
 
 
 @dataclass(frozen=True)
