@@ -306,24 +306,29 @@ def train_curve(cfg: CurveConfig, model: nn.Module, anchors: list[Anchor], train
 
 
 def layout(ts: np.ndarray) -> tuple[dict, dict]:
-    from runs.results import MetricSpec
     coords = {"path": list(PATHS), "t": ts, "split": list(SPLITS)}
-    along, per_path = ("path", "t", "split"), ("path", "split")
+    return coords, curve_specs(("path", "t", "split"), ("path", "split"))
+
+
+def curve_specs(along: tuple, per_curve: tuple) -> dict:
+    """The metrics of curves measured point by point: loss and error over `along`, the
+    barriers over `per_curve` (also landscape.layerwise's sweeps)."""
+    from runs.results import MetricSpec
     metrics = {"loss": MetricSpec(along, "nats", "cross-entropy loss"),
                "error": MetricSpec(along, "fraction", "classification error")}
     for name in NAMES:
-        metrics[name] = MetricSpec(per_path, BARRIER_UNITS[name], name.replace("_", " "))
-    return coords, metrics
+        metrics[name] = MetricSpec(per_curve, BARRIER_UNITS[name], name.replace("_", " "))
+    return metrics
 
 
-def path_values(evaluator: PointEvaluator, ts: np.ndarray, per_pass: int) -> dict:
-    """loss, error (t, split) along one path and its barriers (split,)."""
+def path_values(evaluator: PointEvaluator, xs: np.ndarray, per_pass: int) -> dict:
+    """loss, error (x, split) along one path (or sweep) and its barriers (split,)."""
     points = []
-    for start in range(0, len(ts), per_pass):
-        points += evaluator.evaluate(ts[start:start + per_pass, None], per_pass > 1)
-    loss = np.array([p["loss"] for p in points])  # (t, split)
+    for start in range(0, len(xs), per_pass):
+        points += evaluator.evaluate(xs[start:start + per_pass, None], per_pass > 1)
+    loss = np.array([p["loss"] for p in points])  # (x, split)
     error = np.array([p["error"] for p in points])
-    return {"loss": loss, "error": error, **barriers(loss.T, error.T, ts)}
+    return {"loss": loss, "error": error, **barriers(loss.T, error.T, xs)}
 
 
 def measure(result, subject_a, geometries: dict, scan: CurveScan, data, ts, device, bf16,

@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from landscape import geometry as G
-from landscape.barrier import NAMES, barriers
+from landscape.barrier import barriers
 from landscape.batchnorm import MODES, check_mode
-from landscape.curve import BARRIER_UNITS, check_pair
+from landscape.curve import check_pair, curve_specs, path_values
 from landscape.interpolate import auto_points_per_pass, labelled
 from landscape.network import check_images, load_anchor
 from landscape.points import SPLITS, Measures, PointEvaluator
@@ -161,24 +161,8 @@ def sweep_geometry(a: nn.Module, b: nn.Module, moved: list[str], held: str) -> L
 
 
 def layout(names: list[str], alphas: np.ndarray) -> tuple[dict, dict]:
-    from runs.results import MetricSpec
     coords = {"layer": names, "held": list(HELD), "alpha": alphas, "split": list(SPLITS)}
-    along, per_sweep = ("layer", "held", "alpha", "split"), ("layer", "held", "split")
-    metrics = {"loss": MetricSpec(along, "nats", "cross-entropy loss"),
-               "error": MetricSpec(along, "fraction", "classification error")}
-    for name in NAMES:
-        metrics[name] = MetricSpec(per_sweep, BARRIER_UNITS[name], name.replace("_", " "))
-    return coords, metrics
-
-
-def sweep_values(evaluator: PointEvaluator, alphas: np.ndarray, per_pass: int) -> dict:
-    """loss, error (alpha, split) of one sweep and its barriers (split,)."""
-    points = []
-    for start in range(0, len(alphas), per_pass):
-        points += evaluator.evaluate(alphas[start:start + per_pass, None], per_pass > 1)
-    loss = np.array([p["loss"] for p in points])  # (alpha, split)
-    error = np.array([p["error"] for p in points])
-    return {"loss": loss, "error": error, **barriers(loss.T, error.T, alphas)}
+    return coords, curve_specs(("layer", "held", "alpha", "split"), ("layer", "held", "split"))
 
 
 def fill(result, a: nn.Module, b: nn.Module, members: dict, bn_mode: str, data, alphas,
@@ -197,7 +181,7 @@ def fill(result, a: nn.Module, b: nn.Module, members: dict, bn_mode: str, data, 
                 evaluator = PointEvaluator(a, geometry, bn_mode, data,
                                            Measures(("supervised",)), None, device, bf16)
             evaluator.geometry = geometry
-            result.write((g, h), **sweep_values(evaluator, alphas, per_pass))
+            result.write((g, h), **path_values(evaluator, alphas, per_pass))
             bar.update(1)
 
 
