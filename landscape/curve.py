@@ -504,6 +504,18 @@ EPILOG = r"""examples:
   python -m landscape.curve A@last B@last --kind polychain --steps 2000 --grid 0:1:41"""
 
 
+def add_measuring_args(p: argparse.ArgumentParser, out: str) -> None:
+    """--out, --overwrite, --device, --precision, --points-per-pass (curve, layerwise)."""
+    p.add_argument("--out", default=out, help="HDF5 result file")
+    p.add_argument("--overwrite", action="store_true", help="replace a result of another "
+                   "config")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--points-per-pass", type=int, default=0, help="points evaluated "
+                   "together under vmap; 0 = auto (8 CUDA, 1 CPU)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m landscape.curve", description=__doc__,
                                 epilog=EPILOG, formatter_class=HelpFormatter)
@@ -512,14 +524,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default="10ep", help="SGD steps on the bend: iterations or "
                    "epochs of A's train split (e.g. 20ep)")
     p.add_argument("--store", default="store", help="run store holding the curve run")
-    p.add_argument("--out", default="results/curve.h5", help="HDF5 result file")
-    p.add_argument("--overwrite", action="store_true", help="replace a result of another "
-                   "config")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--points-per-pass", type=int, default=0, help="points evaluated "
-                   "together under vmap; 0 = auto (8 CUDA, 1 CPU)")
+    add_measuring_args(p, "results/curve.h5")
     p.add_argument("--eval-batch-size", type=int, default=512, help="images per forward "
                    "pass when measuring")
     add_config_args(p, CurveConfig, exclude=("a", "b", "num_steps"), group="the bend")

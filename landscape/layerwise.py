@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from landscape import geometry as G
 from landscape.barrier import barriers
 from landscape.batchnorm import MODES, check_mode
-from landscape.curve import check_pair, curve_specs, path_values
+from landscape.curve import add_measuring_args, check_pair, curve_specs, path_values
 from landscape.interpolate import auto_points_per_pass, labelled
 from landscape.network import check_images, load_anchor
 from landscape.points import SPLITS, Measures, PointEvaluator
@@ -262,14 +262,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m landscape.layerwise", description=__doc__,
                                 epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("refs", nargs="+", metavar="REF", help="checkpoints A and B")
-    p.add_argument("--out", default="results/layerwise.h5", help="HDF5 result file")
-    p.add_argument("--overwrite", action="store_true", help="replace a result of another "
-                   "config")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--points-per-pass", type=int, default=0, help="points evaluated "
-                   "together under vmap; 0 = auto (8 CUDA, 1 CPU)")
+    add_measuring_args(p, "results/layerwise.h5")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
     add_config_args(p, LayerwiseConfig, exclude=("refs",), group="scan")
     return p
