@@ -29,6 +29,15 @@ def assert_same(a, b, where="payload"):
         assert a == b, where
 
 
+def scaled_digits(train_per_class: int = 12, test_per_class: int = 6):
+    """Float digits images in [-0.5, 0.5] with labels, ((x, y) train, (x, y) test): what the
+    landscape API tests pass as in-memory data (1 x 8 x 8, 10 classes)."""
+    from runs.data import load_dataset
+    train = load_dataset("digits", split="train", subset=train_per_class)
+    test = load_dataset("digits", split="test", subset=test_per_class)
+    return tuple((d.x.float() / 255 - 0.5, d.y) for d in (train, test))
+
+
 # ---------------------------------------------------------------- CIFAR (python pickles)
 
 def _md5(path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from helpers import scaled_digits
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
@@ -16,7 +17,6 @@ import landscape
 from landscape.barrier import barriers as barrier_values
 from landscape.interpolate import main as interpolate_main
 from runs.checkpoint import save_checkpoint
-from runs.data import load_dataset
 from runs.errors import UserError
 from runs.models import create_model
 from runs.models.head import DinoNet, create_head
@@ -33,10 +33,7 @@ def sequential(seed: int, width: int = 4) -> nn.Module:
 @pytest.fixture(scope="module")
 def digits():
     """Float images (already normalised, used as they are) and labels: 120 train, 60 test."""
-    train = load_dataset("digits", split="train", subset=12)
-    test = load_dataset("digits", split="test", subset=6)
-    scale = lambda d: (d.x.float() / 255 - 0.5, d.y)  # noqa: E731
-    return scale(train), scale(test)
+    return scaled_digits()
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,10 @@ import landscape
 from landscape.align import apply_permutation, permutation_spec, random_permutation
 from landscape.interpolate import main
 from runs.checkpoint import save_checkpoint
-from runs.data import load_dataset
 from runs.errors import UserError
 from runs.models import create_model
 from runs.results import open_result
-from tests.helpers import run_cli
+from tests.helpers import run_cli, scaled_digits
 
 ALPHAS = np.linspace(0, 1, 5)
 FAST = dict(device="cpu", bn_samples=64, bn_batch_size=32)
@@ -26,10 +25,7 @@ FAST = dict(device="cpu", bn_samples=64, bn_batch_size=32)
 @pytest.fixture(scope="module")
 def digits():
     """Float images and labels: 120 train, 60 test (digits: 1 x 8 x 8, 10 classes)."""
-    train = load_dataset("digits", split="train", subset=12)
-    test = load_dataset("digits", split="test", subset=6)
-    scale = lambda d: (d.x.float() / 255 - 0.5, d.y)  # noqa: E731
-    return scale(train), scale(test)
+    return scaled_digits()
 
 
 @pytest.fixture(scope="module")
