@@ -51,6 +51,7 @@ from runs.config import (
 )
 from runs.device import resolve_device, use_bf16
 from runs.engines import engine
+from runs.engines.parallel import add_parallel_arg
 from runs.engines.train import TrainConfig, load_data, train
 from runs.errors import UserError, cli, echo_command
 from runs.launch import add_launcher_args, launch, launching
@@ -203,6 +204,20 @@ def train_children(configs, data: tuple, store: str, device, precision,
     return [train(cfg, store, data, device, precision, compile_model) for cfg in configs]
 
 
+def pretrain_children(configs: list, store: str, device, precision, compile_model,
+                      parallel_runs: int) -> None:
+    """With --parallel-runs other than 1 (and, under auto, more than one run fitting):
+    every child still to measure trained now, runs of one shape together (the children of
+    a start, and of starts at one step); 1 leaves each start's children to its turn."""
+    if parallel_runs == 1 or not configs:
+        return
+    from runs.engines.parallel import parallel_count, train_many
+    data = load_data(configs[0])
+    k = parallel_count(parallel_runs, configs, data, device)
+    if k > 1:
+        train_many(configs, store, data, device, precision, compile_model, k)
+
+
 def pair_curves(runs: list[Run], cfg: BorderConfig, data, alphas, device, bf16,
                 per_pass: int, align_images=None) -> dict:
     """loss, error: (pairs, alphas, splits) along the path between every pair of children;
@@ -347,17 +362,21 @@ def config_record(cfg: BorderConfig) -> dict:
 def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store: str,
            out: str, device="auto", precision="auto", points_per_pass: int = 0,
            batch_size: int = 512, shard=None, overwrite=False, stop_after: int = None,
-           compile_model: bool = False) -> str:
+           compile_model: bool = False, parallel_runs: int = 1) -> str:
     """Run (or resume) the scan over start points; returns the result path.
 
     template: the children's TrainConfig (num_steps set) for init and random starts;
-    stop_after: start points to finish before returning early, as if killed (tests).
+    stop_after: start points to finish before returning early, as if killed (tests);
+    parallel_runs: as --parallel-runs (0 = auto): the children of every start still to
+    measure trained first, runs of one shape together (runs.engines.parallel).
     """
     from runs.results import create_result, parse_shard, shard_path
     check(cfg, starts)
     given, starts = [s.label for s in starts], named_starts(starts)
     if points_per_pass < 0:
         raise UserError(f"--points-per-pass {points_per_pass}: must be >= 1 (0 = auto)")
+    if parallel_runs < 0:
+        raise UserError(f"--parallel-runs {parallel_runs}: must be >= 1 (0 = auto)")
     if batch_size < 1:  # now, not after the children have trained
         raise UserError(f"--eval-batch-size {batch_size}: must be at least 1 image")
     alphas = G.parse_grid(cfg.grid)
@@ -384,6 +403,8 @@ def border(cfg: BorderConfig, starts: list[Start], template: TrainConfig, store:
     with create_result(path, ANALYSIS, coords, metrics, ("start",), config, records,
                        str(device), attrs, overwrite, shard) as result:
         todo = result.missing()
+        pretrain_children([c for (index,) in todo for c in children[starts[index].label]],
+                          store, device, precision, compile_model, parallel_runs)
         with Progress(len(todo), ANALYSIS, "start") as bar:
             for n, (index,) in enumerate(todo):
                 if stop_after is not None and n >= stop_after:
@@ -502,6 +523,7 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p, BorderConfig, group="border scan")
     add_config_args(p, TrainConfig, group="children's training (ignored by --rewind-steps)",
                     exclude=("init", "rewind", "data_seed", "num_steps", "save_at", "mask"))
+    add_parallel_arg(p)
     add_launcher_args(p)
     return p
 
@@ -533,7 +555,7 @@ def main(argv=None) -> int:
         template, _ = engine.config_and_data(template, args.steps, (), load_data)
     path = border(cfg, starts, template, args.store, args.out, args.device, args.precision,
                   args.points_per_pass, args.eval_batch_size, args.shard, args.overwrite,
-                  compile_model=args.compile)
+                  compile_model=args.compile, parallel_runs=args.parallel_runs)
     print(report(path))
     return 0
 

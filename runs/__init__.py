@@ -18,6 +18,7 @@ their command's `main`, so `python -m runs.train` runs runs.engines.train.
     import runs
     model = runs.load("store/train_ab12cd34/seed_0@last")        # any checkpoint reference
     result = runs.run_train(model="convnet", data="digits", steps="2ep", width=0.25)
+    seeds = runs.run_train_many(data="digits", steps="2ep", seeds=[0, 1, 2], parallel_runs=3)
     runs.save(dataset, "results/mine.h5")                          # a result Dataset to HDF5
 """
 
@@ -27,8 +28,10 @@ __version__ = "0.1.0"
 # figures read without torch) stays free of torch. Names never shadow a CLI module
 # (runs.train, runs.distill), so `python -m runs.train` keeps working.
 _API = {"load": "runs.api", "run_train": "runs.api", "run_distill": "runs.api",
+        "run_train_many": "runs.api",
         "RunResult": "runs.api", "save": "runs.results"}
-__all__ = ["RunResult", "__version__", "load", "run_distill", "run_train", "save"]
+__all__ = ["RunResult", "__version__", "load", "run_distill", "run_train", "run_train_many",
+           "save"]
 
 
 def __getattr__(name: str):

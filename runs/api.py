@@ -12,6 +12,7 @@
 folder and the same checkpoints, and a finished run is skipped, an unfinished one resumed.
 """
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from runs.errors import UserError
 from runs.models.head import DinoNet
 from runs.store import Run
 
-__all__ = ["RunResult", "load", "run_distill", "run_train"]
+__all__ = ["RunResult", "load", "run_distill", "run_train", "run_train_many"]
 
 
 def load(ref, part: str = None, head: bool = False) -> nn.Module:
@@ -93,6 +94,43 @@ def run_train(model: str = "convnet", data="digits", store="store", steps="10ep"
     from runs.engines.train import TrainConfig, load_data, train
     return _run(TrainConfig, load_data, _logged(train, log), model, data, test, store, steps,
                 seed, device, save_at, precision, compile_model, fields)
+
+
+def run_train_many(model: str = "convnet", data="digits", store="store", steps="10ep",
+                   seeds=(0,), data_seeds=None, masks=None, device: str = "auto", save_at=(),
+                   precision: str = "auto", parallel_runs: int = 0, test=None,
+                   **fields) -> list[RunResult]:
+    """Several supervised runs of one shape trained together (as --parallel-runs does):
+    run i has init seed seeds[i], data-order seed data_seeds[i] (default: its seed) and
+    mask file masks[i] (default none); everything else as `run_train`. They train
+    `parallel_runs` at a time (0 = auto: by memory on CUDA, 1 on the CPU) as stacked
+    parameters under torch.func (runs.engines.parallel), each its own optimiser, BN
+    statistics, data order and mask; each is an ordinary run of the store, the same as
+    `run_train` with its seeds would make. Returns one RunResult per run, in order."""
+    from runs.config import from_dict
+    from runs.engines import engine
+    from runs.engines.parallel import train_together
+    from runs.engines.train import TrainConfig, load_data
+    seeds = list(seeds)
+    data_seeds = seeds if data_seeds is None else list(data_seeds)
+    masks = [""] * len(seeds) if masks is None else [str(m) for m in masks]
+    if not len(seeds) == len(data_seeds) == len(masks):
+        raise UserError(f"run_train_many: {len(seeds)} seeds, {len(data_seeds)} data_seeds "
+                        f"and {len(masks)} masks; give one of each per run")
+    if "dataset" in fields:
+        raise UserError("give the dataset as data=..., not dataset=...")
+    values = {**fields, "model": model, **_data(data, test, store), "num_steps": 0,
+              "save_at": ()}
+    base, splits = engine.config_and_data(from_dict(TrainConfig, values), str(steps),
+                                          [str(s) for s in _steps(save_at)], load_data)
+    configs = [dataclasses.replace(base, seed=s, data_seed=d, mask=m)
+               for s, d, m in zip(seeds, data_seeds, masks)]
+    runs = train_together(configs, str(store), splits, device, precision, parallel_runs)
+    return [RunResult(str(run.path), run, run.summary()) for run in runs]
+
+
+def _steps(save_at) -> tuple:
+    return (save_at,) if isinstance(save_at, str | int) else tuple(save_at)
 
 
 def run_distill(model: str = "convnet", data="digits", store="store", steps="10ep",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-API = {"runs": ("load", "run_train", "run_distill", "save"),
+API = {"runs": ("load", "run_train", "run_train_many", "run_distill", "save"),
        "probes": ("embed", "knn", "linear", "evaluate_model"),
        "landscape": ("path", "plane", "directions", "barriers", "spectrum", "trained_curve",
                      "layer_barriers"),

@@ -101,6 +101,17 @@ def test_rerun_trains_nothing(demo, monkeypatch):
 
 
 @pytest.mark.slow
+def test_rerun_with_parallel_runs_trains_nothing(demo, monkeypatch):
+    """--parallel-runs finds the border children and IMP levels done: nothing trains."""
+    root, preset = demo
+    for name in ("runs.engines.train.fit", "runs.engines.distill.fit",
+                 "runs.engines.parallel.fit_together"):
+        monkeypatch.setattr(name, lambda *a, **k: pytest.fail("trained"))
+    assert main(["--preset", str(preset), "--out", str(root / "out"), "--parallel-runs",
+                 "4", "--stages", "distill", "border", "imp"]) == 0
+
+
+@pytest.mark.slow
 def test_another_spelling_of_out_resumes_and_trains_nothing(demo, monkeypatch):
     """The demo was made with an absolute --out; `--out out` from its parent is the same
     folder: every stage resumes (no "different config"), nothing trains again."""

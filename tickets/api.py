@@ -143,7 +143,7 @@ def run_imp(model: str = "resnet18", data: str = "cifar10", levels: int = 10,
             rewind: str = "init@0", rate: float = 0.2, steps="160ep", seeds=(0,),
             store="store", device: str = "auto", precision: str = "auto",
             compile_model=False, save_at=(), out=None, overwrite: bool = False,
-            curvature: bool = False, **train):
+            curvature: bool = False, parallel_runs: int = 0, **train):
     """Iterative magnitude pruning with rewinding: `python -m tickets.imp` from Python.
 
     Same sweep, same store, same result: every level of every seed is an ordinary stored
@@ -169,6 +169,8 @@ def run_imp(model: str = "resnet18", data: str = "cifar10", levels: int = 10,
         network and its rewind point (metrics hessian_top, hessian_trace,
         hessian_trace_se over a coord curvature_at = trained, rewind); expensive.
         curvature_samples, curvature_tol: as --curvature-samples, --curvature-tol.
+    parallel_runs: as --parallel-runs: each level's runs (every seed and branch) trained
+        together, at most this many at once (0 = auto: by memory on CUDA, 1 on the CPU).
     **train: any other field of ImpConfig (prune_scope, prune_output, baselines,
         instability, barrier_grid, ...) or TrainConfig (width, batch_size, lr, val_size,
         data_root, flip, crop_padding, ...): see `option_names()`.
@@ -185,7 +187,7 @@ def run_imp(model: str = "resnet18", data: str = "cifar10", levels: int = 10,
     imp, cfg = _configs(model, data, levels, rewind, rate, train, curvature)
     seeds = [seeds] if isinstance(seeds, numbers.Integral) else list(seeds)
     sweep = build_sweep(imp, cfg, store, steps, save_at, seeds, device, precision,
-                        compile_model)
+                        compile_model, parallel_runs)
     result = fill_result(sweep, seeds, out, overwrite)
     if out is None:
         return result.dataset()

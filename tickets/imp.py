@@ -79,6 +79,7 @@ from runs.config import (
 )
 from runs.device import resolve_device, use_bf16
 from runs.engines import engine
+from runs.engines.parallel import add_parallel_arg, parallel_count
 from runs.engines.train import REWIND_OPTIMIZER, TrainConfig, load_data, train
 from runs.errors import UserError, cli, echo_command, unknown
 from runs.launch import add_launcher_args, launch, launching
@@ -312,6 +313,7 @@ class Sweep:
     device: str = "auto"
     precision: str = "auto"
     compile_model: bool = False
+    parallel_runs: int = 1  # runs of one level trained together (runs.engines.parallel)
 
     _measured: object = None  # landscape's evaluation data, built on first use
     _curvature: object = None  # --curvature's fixed train batches, built on first use
@@ -466,11 +468,14 @@ def nan_if_none(value) -> float:
 
 
 def run_sweep(sweep: Sweep, result, seeds: list[int], shard=None) -> None:
-    """Fill every missing cell this shard owns: seed by seed, level by level."""
+    """Fill every missing cell this shard owns: seed by seed, level by level (with
+    --parallel-runs, each level's runs of every seed trained together first)."""
     plan = sweep.plan
     # (0, 1) = every cell: shards split by seed, not by the flat cell index results uses.
     todo = [cell for cell in result.missing(shard=(0, 1))
             if shard is None or cell[2] % shard[1] == shard[0]]
+    if sweep.parallel_runs != 1:
+        train_levels(sweep, todo, seeds)
     for s, seed in enumerate(seeds):
         cells = [c for c in todo if c[2] == s]
         levels = sorted({c[1] for c in cells})
@@ -480,6 +485,24 @@ def run_sweep(sweep: Sweep, result, seeds: list[int], shard=None) -> None:
                     values = cell_values(sweep, seed, plan.branches[b], level)
                     result.write((b, level, s), **values)
                 bar.update(1, True, test_acc=values.get("test_accuracy"))
+
+
+def train_levels(sweep: Sweep, cells: list, seeds: list[int]) -> None:
+    """Train the runs of `cells` level by level, each level's runs of every seed and branch
+    together (runs.engines.parallel.train_many: --parallel-runs at a time), then their
+    --instability siblings, which rewind to the dense runs: a level's masks need the
+    level before it trained."""
+    from runs.engines.parallel import train_many
+    plan = sweep.plan
+    for level in sorted({c[1] for c in cells}):
+        configs = [cell_config(sweep, seeds[s], plan.branches[b], level)
+                   for b, lv, s in cells if lv == level]
+        phases = [configs]
+        if plan.imp.instability:
+            phases.append([child_config(plan, cfg, level) for cfg in configs])
+        for phase in phases:
+            train_many(phase, plan.store, sweep.data, sweep.device, sweep.precision,
+                       sweep.compile_model, sweep.parallel_runs)
 
 
 # ---------------------------------------------------------------------------- results
@@ -730,6 +753,7 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p, ImpConfig, group="pruning")
     add_config_args(p, TrainConfig, group="training (every level)",
                     exclude=SET_PER_LEVEL)
+    add_parallel_arg(p)
     add_launcher_args(p)
     return p
 
@@ -757,7 +781,8 @@ def fmt(values: np.ndarray) -> str:
 
 
 def build_sweep(imp: ImpConfig, cfg: TrainConfig, store, steps, save_at=(), seeds=(0,),
-                device="auto", precision="auto", compile_model=False) -> Sweep:
+                device="auto", precision="auto", compile_model=False,
+                parallel_runs: int = 1) -> Sweep:
     """Check the options (cheap ones first), load the data, plan: nothing trains yet.
 
     The one way to a Sweep, for the CLI (`sweep_from_args`) and `tickets.run_imp`.
@@ -769,7 +794,8 @@ def build_sweep(imp: ImpConfig, cfg: TrainConfig, store, steps, save_at=(), seed
     use_bf16(resolve_device(device), precision)  # a bad device or precision
     data = load_data(cfg)
     plan = make_plan(imp, cfg, store, data, steps, save_at)
-    sweep = Sweep(plan, data, device, precision, compile_model)
+    sweep = Sweep(plan, data, device, precision, compile_model,
+                  parallel_count(parallel_runs, [plan.train], data, device))
     if imp.instability:
         sweep.measured()  # its options fail now, not after the first level
     if imp.curvature:
@@ -783,7 +809,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
     cfg = config_from_args(TrainConfig, args, num_steps=0, save_at=(), init="", rewind="",
                            mask="", seed=0, start_step=0, rewind_optimizer="restore")
     return build_sweep(imp, cfg, args.store, args.steps, args.save_at, args.seeds,
-                       args.device, args.precision, args.compile)
+                       args.device, args.precision, args.compile, args.parallel_runs)
 
 
 @cli

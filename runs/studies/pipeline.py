@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runs.config import HelpFormatter
+from runs.engines.parallel import add_parallel_arg
 from runs.errors import UserError, cli, echo_command
 from runs.progress import format_duration
 
@@ -428,14 +429,17 @@ def timed(stage: str):
     print(f"stage {stage}: {format_duration(seconds)}", file=sys.stderr)  # never "60 s"
 
 
-def run_pipeline(preset: dict, layout: Layout, device: str, stages=STAGES) -> None:
+def run_pipeline(preset: dict, layout: Layout, device: str, stages=STAGES,
+                 parallel_runs: int = 0) -> None:
+    """Every stage in order; `parallel_runs`: the border and imp jobs' --parallel-runs
+    (unless a job sets its own)."""
     record_out(layout)
     with timed("distill"):
         students = distill_stage(preset, layout, device)
     if "probe" in stages and "probe" in preset:
         with timed("probe"):
             probe_stage(preset, layout, students, device)
-    training = training_defaults(preset)
+    training = {**training_defaults(preset), "parallel_runs": parallel_runs}
     jobs = {"interpolate": ("landscape.interpolate", False, None),
             "border": ("landscape.border", True, training),
             "imp": ("tickets.imp", True, training)}
@@ -476,11 +480,12 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="STAGE.KEY=VALUE",
                    help="override a preset value, e.g. distill.data_root=~/data or "
                         "seeds=[0] (VALUE is JSON, or a plain string)")
+    add_parallel_arg(p)
     args = p.parse_args(argv)
     echo_command("runs.pipeline", argv)
     preset = override(load_preset(args.preset), args.set)
     layout = Layout(out_folder(args.out or Path("out") / Path(args.preset).stem))
-    run_pipeline(preset, layout, args.device, args.stages)
+    run_pipeline(preset, layout, args.device, args.stages, args.parallel_runs)
     for table in sorted(layout.figures.glob("*.md")):
         print(f"\n{table.stem}:\n{table.read_text().rstrip()}")
     print(f"\npipeline {args.preset}: results in {layout.results}, figures in {layout.figures}")

@@ -1,0 +1,388 @@
+"""K supervised runs trained at once: stacked parameters under torch.func.
+
+A study is made of many small runs of one shape: SGD children of a border start, seeds,
+IMP's branches at one level. One such run leaves a GPU idle between kernel launches; K of
+them stacked along a new leading dim (`torch.func.stack_module_state`) and called through
+`vmap(functional_call)` run as one K-times-wider program (convolutions with batched weights
+become grouped convolutions). Each run keeps its own:
+
+  - weights, BN running statistics (updated in place inside vmap, each run on its own
+    images), momentum buffers: one SGD over the stacked tensors is K independent SGDs, the
+    update being elementwise; a run without momentum yet gets a zero buffer, which SGD's
+    first step (buf = m * 0 + g) turns into the plain one (buf = g) exactly;
+  - data order and augmentation (its own GPULoader, seeded by its data_seed);
+  - mask (stacked, ones for weights a run does not mask).
+
+Everything else is shared and must be equal (SHARED: architecture, data, batch, schedule,
+length): `check_shared` names the first setting that differs. Each run is still an
+ordinary run of `runs.train` in the store: its session (runs.engines.train.setup) opens and
+locks its folder, restores or rewinds its state and saves step 0; at every save and
+evaluation the stacked state is copied back into its model and optimiser, and the run's
+own save/log functions write the same checkpoints, metrics and DONE a run trained alone
+writes. A kill leaves each run with its resume checkpoint; a re-run resumes them together
+(runs at different steps, killed between two saves, train in separate groups).
+"""
+
+import dataclasses
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from runs.device import autocast, resolve_device
+from runs.engines import distributed, engine
+from runs.errors import UserError
+from runs.progress import run_label
+
+# What K runs trained together may differ in; every other TrainConfig field is shared.
+VARYING = ("seed", "data_seed", "init", "rewind", "rewind_optimizer", "start_step", "mask",
+           "save_at")
+MAX_AUTO = 16  # the most runs `auto_parallel_runs` stacks
+PARALLEL_HELP = ("supervised runs of one shape (children, seeds, IMP branches) trained "
+                 "together as stacked parameters under torch.func (each with its own "
+                 "optimiser, BN statistics, data order and mask; each written as its own "
+                 "run): at most this many at once; 0 = auto (by memory on CUDA, 1 on CPU)")
+
+
+class Stack:
+    """K models of one architecture as stacked tensors, trained by one SGD.
+
+    models: already on their device; their parameters and buffers are copied into
+    (K, ...) tensors (the models keep theirs until `write_back`). masks: per model a dict
+    name -> bool tensor of the parameter's shape, or None (no mask).
+    """
+
+    def __init__(self, models: list[nn.Module], lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 1e-4, masks: list | None = None, bf16: bool = False):
+        check_same_shapes(models)
+        self.models, self.k, self.bf16 = models, len(models), bf16
+        self.base = models[0]
+        self.params, self.buffers = stack_module_state(models)  # name -> (K, ...)
+        self.device = next(iter(self.params.values())).device
+        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=lr, momentum=momentum,
+                                         weight_decay=weight_decay,
+                                         fused=self.device.type == "cuda")
+        self.mask_params, self.masks = stacked_masks(self.params, masks or [None] * self.k)
+        self._losses = vmap(self._loss)
+
+    def _loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor):
+        """One run's loss: x (B, C, H, W), y (B,) -> () (vmapped over the K runs)."""
+        logits = functional_call(self.base, (params, buffers), (x,))
+        return F.cross_entropy(logits.float(), y)
+
+    def step(self, xs: torch.Tensor, ys: torch.Tensor, lr: float | None = None):
+        """One SGD step of every run: xs (K, B, C, H, W), ys (K, B) -> losses (K,)."""
+        with autocast(self.device, self.bf16):
+            losses = self._losses(self.params, self.buffers, xs, ys)  # (K,)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()  # d(sum)/d(run k's weights) = run k's own gradient
+        if self.masks:
+            torch._foreach_mul_([p.grad for p in self.mask_params], self.masks)
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        self.optimizer.step()
+        if self.masks:
+            with torch.no_grad():
+                torch._foreach_mul_(self.mask_params, self.masks)
+        return losses.detach()
+
+    def load_momentum(self, optimizers: list) -> None:
+        """Take each run's momentum buffers from its own SGD (zeros where it has none)."""
+        for name, model_params in self._per_model_params():
+            buffers = [opt.state.get(p, {}).get("momentum_buffer")
+                       for opt, p in zip(optimizers, model_params)]
+            if all(b is None for b in buffers):
+                continue
+            stacked = self.params[name]
+            self.optimizer.state[stacked]["momentum_buffer"] = torch.stack(
+                [torch.zeros_like(p) if b is None else b for b, p in
+                 zip(buffers, model_params)]).to(stacked)
+
+    def write_back(self, optimizers: list | None = None) -> None:
+        """Copy the stacked weights and buffers (and momentum, into `optimizers`: each run's
+        own SGD over its model's parameters) back into the K models."""
+        with torch.no_grad():
+            for k, model in enumerate(self.models):
+                for name, p in model.named_parameters():
+                    p.copy_(self.params[name][k])
+                for name, b in model.named_buffers():
+                    b.copy_(self.buffers[name][k])
+        if optimizers is not None:
+            self._write_momentum(optimizers)
+
+    def _write_momentum(self, optimizers: list) -> None:
+        for name, model_params in self._per_model_params():
+            buf = self.optimizer.state.get(self.params[name], {}).get("momentum_buffer")
+            if buf is None:
+                continue
+            for k, (opt, p) in enumerate(zip(optimizers, model_params)):
+                opt.state[p]["momentum_buffer"] = buf[k].detach().clone().to(
+                    memory_format=torch.preserve_format)
+
+    def _per_model_params(self):
+        """(name, [that parameter of each model]) in the stack's order."""
+        named = [dict(m.named_parameters()) for m in self.models]
+        return [(name, [n[name] for n in named]) for name in self.params]
+
+
+def check_same_shapes(models: list[nn.Module]) -> None:
+    """Models to stack have the same parameter and buffer names and shapes."""
+    if not models:
+        raise ValueError("no models to stack")
+    first = {n: t.shape for n, t in [*models[0].named_parameters(), *models[0].named_buffers()]}
+    for k, model in enumerate(models[1:], 1):
+        other = {n: t.shape for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        if other != first:
+            name = next(n for n in {**first, **other} if first.get(n) != other.get(n))
+            raise UserError(f"parallel runs: model {k} differs from model 0 in {name} "
+                            f"({tuple(other.get(name, ()))} vs {tuple(first.get(name, ()))})")
+
+
+def stacked_masks(params: dict, masks: list) -> tuple[list, list]:
+    """(stacked parameters, their (K, ...) float masks): every name any run masks; a run
+    without a mask for it gets ones."""
+    names = sorted({name for m in masks if m for name in m})
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise UserError(f"mask names no parameter of the model: {', '.join(unknown[:4])}")
+    out = []
+    for name in names:
+        stacked = params[name]
+        out.append(torch.stack([torch.ones_like(stacked[k]) if not m or name not in m else
+                                m[name].to(stacked) for k, m in enumerate(masks)]))
+    return [params[n] for n in names], out
+
+
+# ---------------------------------------------------------------------------- run groups
+
+
+def shape_key(cfg) -> tuple:
+    """The settings runs trained together share (a TrainConfig's fields but VARYING)."""
+    return tuple((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                 if f.name not in VARYING)
+
+
+def check_shared(configs: list) -> None:
+    """UserError naming the first setting in which the runs differ (and its values)."""
+    first = dict(shape_key(configs[0]))
+    for cfg in configs[1:]:
+        for name, value in shape_key(cfg):
+            if value != first[name]:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"--parallel-runs: the runs differ in {flag} ({first[name]!r} "
+                                f"vs {value!r}); runs trained together share every setting "
+                                f"but {', '.join(VARYING)}")
+
+
+def unique(configs: list) -> list:
+    """The configs without repeats (IMP's branches share their dense run at level 0)."""
+    return list(dict.fromkeys(configs))
+
+
+def shape_groups(configs: list) -> list[list]:
+    """The configs split into groups that share a shape, in first-seen order."""
+    groups = {}
+    for cfg in configs:
+        groups.setdefault(shape_key(cfg), []).append(cfg)
+    return list(groups.values())
+
+
+def fitting_runs(per_run_bytes: int, free_bytes: int, cap: int = MAX_AUTO) -> int:
+    """How many runs of `per_run_bytes` fit in 80 % of `free_bytes` (1 to cap)."""
+    if per_run_bytes <= 0:
+        return 1
+    return max(1, min(cap, int(0.8 * free_bytes) // per_run_bytes))
+
+
+def auto_parallel_runs(cfg, data: tuple, device) -> int:
+    """--parallel-runs 0: 1 on the CPU (one run already uses every core), on CUDA as many
+    as the memory left holds, by the peak memory of one training step of `cfg`'s model."""
+    device = resolve_device(device)
+    if device.type != "cuda":
+        return 1
+    from runs.engines.train import build_model
+    train = data[0]
+    model = build_model(dataclasses.replace(cfg, init="", rewind=""), train.info.num_classes,
+                        train.info.channels).to(device)
+    x = torch.randn(cfg.batch_size, train.info.channels, *train.info.image_size,
+                    device=device)  # (B, C, H, W)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model(x).float().logsumexp(1).mean().backward()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_run = torch.cuda.max_memory_allocated(device) - before + 3 * params  # + grad, momentum
+    del model, x
+    free, _ = torch.cuda.mem_get_info(device)
+    return fitting_runs(per_run, free)
+
+
+def parallel_count(requested: int, configs: list, data: tuple, device) -> int:
+    """The runs trained at once: `requested` (0 = auto), 1 under torchrun (each rank is one
+    run's data parallel share)."""
+    if requested < 0:
+        raise UserError(f"--parallel-runs {requested}: must be >= 1 (0 = auto)")
+    if distributed.from_env().active:
+        return 1
+    if requested == 0:
+        return auto_parallel_runs(configs[0], data, device) if configs else 1
+    return requested
+
+
+def add_parallel_arg(p) -> None:
+    """--parallel-runs K on the commands that train many supervised runs."""
+    p.add_argument("--parallel-runs", type=int, default=0, metavar="K", help=PARALLEL_HELP)
+
+
+def train_many(configs: list, store: str = "store", data: tuple = None, device="auto",
+               precision="auto", compile_model=False, parallel_runs: int = 1,
+               stop_at: int = None) -> list:
+    """Train (or resume, or skip) every config, runs of one shape `parallel_runs` at a time
+    (configs of different shapes go to different groups); returns their Runs in order."""
+    from runs.engines.train import load_data
+    from runs.store import Run, run_path
+    pending = [c for c in unique(configs) if not Run(run_path(store, "train", c, c.seed)).done]
+    if pending:
+        data = data or load_data(pending[0])
+        k = parallel_count(parallel_runs, pending, data, device)
+        for group in shape_groups(pending) if k > 1 else []:
+            train_together(group, store, data, device, precision, k, stop_at)
+    return [finish(c, store, data, device, precision, compile_model, stop_at)
+            for c in configs]
+
+
+def train_together(configs: list, store: str = "store", data: tuple = None, device="auto",
+                   precision="auto", parallel_runs: int = 0, stop_at: int = None) -> list:
+    """Train runs that share a shape (else UserError naming the setting), `parallel_runs`
+    at a time (0 = auto); returns their Runs. The Python door of --parallel-runs."""
+    from runs.engines.train import load_data
+    if not configs:
+        return []
+    check_shared(configs)
+    data = data or load_data(configs[0])
+    k = parallel_count(parallel_runs, configs, data, device)
+    distinct = unique(configs)
+    for first in range(0, len(distinct), max(k, 1)):
+        chunk = distinct[first:first + k]
+        if len(chunk) > 1:
+            train_group(chunk, store, data, device, precision, stop_at)
+    return [finish(c, store, data, device, precision, False, stop_at) for c in configs]
+
+
+def finish(cfg, store, data, device, precision, compile_model, stop_at=None):
+    """The run of `cfg` trained (alone) as far as the groups left it: to the end, or to
+    `stop_at` where one is given (tests: a kill there)."""
+    from runs.engines.train import train
+    from runs.store import Run, run_path
+    if stop_at is not None:
+        run = Run(run_path(store, "train", cfg, cfg.seed))
+        latest = engine.latest_state(run) if run.path.is_dir() else None
+        if run.done or (latest is not None and latest[0] >= stop_at):
+            return run
+    return train(cfg, store, data, device, precision, compile_model, stop_at)
+
+
+def train_group(configs: list, store: str, data: tuple, device, precision,
+                stop_at: int = None) -> None:
+    """Open every run (setup: lock, restore or rewind, step 0 saved), then train those at
+    one step together; runs alone at their step are left to runs.train."""
+    from runs.engines.train import release, setup
+    sessions = []
+    try:
+        for cfg in configs:
+            s = setup(cfg, store, data, device, precision)
+            sessions.append(s)
+        at_step = {}
+        for s in sessions:
+            if not s.run.done:
+                at_step.setdefault(s.step, []).append(s)
+        for group in at_step.values():
+            if len(group) > 1:
+                fit_together(group, stop_at)
+    finally:
+        for s in sessions:
+            release(s)
+
+
+def share_data(sessions: list) -> None:
+    """One device copy of the training and evaluation images for all the sessions."""
+    first = sessions[0]
+    for s in sessions[1:]:
+        s.loader.x, s.loader.y = first.loader.x, first.loader.y
+        s.evals = first.evals
+
+
+def fit_together(sessions: list, stop_at: int = None) -> None:
+    """The loop of runs.engines.train.fit for K sessions at one step, stacked; ends with
+    each run marked DONE (unless stopped at `stop_at`, as a kill there would)."""
+    from runs.engines.train import is_eval_step, log_eval, save, summarize
+    share_data(sessions)
+    first, cfg = sessions[0], sessions[0].cfg
+    stack = stack_sessions(sessions)
+    timer = engine.Timer()
+    keeps = [set(s.cfg.save_at) | {cfg.num_steps} for s in sessions]
+    label = f"{run_label('train', cfg)} x{len(sessions)} together"
+    with engine.progress(cfg.num_steps, first.step, label, True, len(first.loader),
+                         cfg.batch_size * len(sessions)) as bar:
+        streams = [engine.batches(s.loader, first.step, cfg.num_steps) for s in sessions]
+        for batches in zip(*streams):
+            step = batches[0][0]
+            losses = stack.step(torch.stack([b[1] for b in batches]),
+                                torch.stack([b[2] for b in batches]),
+                                first.optimizer.param_groups[0]["lr"])
+            step_schedules(sessions, losses, step)
+            timer.add(len(batches[0][2]) * len(sessions))
+            epoch_end = step % len(first.loader) == 0
+            evaluate = is_eval_step(first, step)
+            saving = [step in keep or epoch_end or step == stop_at for keep in keeps]
+            if evaluate or any(saving):
+                stack.write_back([s.optimizer for s in sessions])
+            records = []
+            for s, keep, saves in zip(sessions, keeps, saving):
+                if saves:
+                    engine.check_window(s.losses, step, s.run)
+                if evaluate:
+                    records.append(log_eval(s, step, s.losses))
+                    s.losses = []
+                if step in keep:
+                    save(s, step, s.run.ckpt_path(step))
+                elif saves:
+                    save(s, step, engine.resume_path(s.run))
+            bar.update(1, epoch_end or evaluate, loss=losses.mean(),
+                       test_acc=mean_of(records, "test_accuracy"))
+            if step == stop_at:
+                return
+    for s in sessions:
+        s.images_per_second = timer.rate() / len(sessions)
+        engine.resume_path(s.run).unlink(missing_ok=True)
+        s.run.mark_done(summarize(s))
+
+
+def stack_sessions(sessions: list) -> Stack:
+    """The sessions' models, masks and momentum as one Stack (their shared SGD settings)."""
+    cfg = sessions[0].cfg
+    masks = [None if s.mask is None else dict(zip(s.mask.names, s.mask.masks))
+             for s in sessions]
+    stack = Stack([s.model for s in sessions], cfg.lr, cfg.momentum, cfg.weight_decay,
+                  masks, sessions[0].bf16)
+    stack.load_momentum([s.optimizer for s in sessions])
+    return stack
+
+
+def step_schedules(sessions: list, losses: torch.Tensor, step: int) -> None:
+    """After a stacked step: each run's lr schedule steps (its SGD does not: the stack's
+    did the work) and its loss joins its window."""
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": meant
+        warnings.simplefilter("ignore", UserWarning)
+        for s, loss in zip(sessions, losses.unbind()):
+            s.scheduler.step()
+            s.losses.append(loss)
+            s.step = step
+
+
+def mean_of(records: list, key: str):
+    values = [r[key] for r in records if r and r.get(key) is not None]
+    return sum(values) / len(values) if values else None
