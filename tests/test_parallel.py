@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from runs.checkpoint import read_checkpoint
+from runs.engines import parallel
 from runs.engines.parallel import (
     Stack,
     check_shared,
@@ -84,14 +85,64 @@ def test_convnet_with_bn_together_equals_one_by_one(tmp_path, toy_data, one_by_o
     assert int(state["encoder.1.num_batches_tracked"]) == 11  # BN stepped once per step
 
 
-def test_killed_together_resumes_all_to_the_same_files(tmp_path, toy_data, one_by_one):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, toy_data):
+    """The K runs trained together without a kill."""
+    store = tmp_path_factory.mktemp("together")
+    return train_together(children(), store, toy_data, "cpu", parallel_runs=K)
+
+
+def assert_identical(a: Run, b: Run) -> None:
+    """Two runs hold the same checkpoints (weights, optimiser, schedule) bit for bit, the
+    same metrics and the same files."""
+    files = sorted(p.relative_to(a.path) for p in a.path.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b.path) for p in b.path.rglob("*") if p.is_file())
+    for step in a.steps():
+        x, y = (read_checkpoint(r.ckpt_path(step)) for r in (a, b))
+        for name, value in x["model"]["state"].items():
+            assert torch.equal(y["model"]["state"][name], value), (step, name)
+        for i, state in x["optimizer"]["state"].items():
+            assert torch.equal(y["optimizer"]["state"][i]["momentum_buffer"],
+                               state["momentum_buffer"]), (step, i)
+        assert (x["scheduler"], x["extra"]["kind"]) == (y["scheduler"], y["extra"]["kind"])
+    assert a.metrics() == b.metrics() and a.summary() == b.summary()
+
+
+def test_killed_together_resumes_all_to_the_same_files(tmp_path, toy_data, one_by_one,
+                                                       uninterrupted):
     configs = children()
     stopped = train_together(configs, tmp_path, toy_data, "cpu", parallel_runs=K, stop_at=6)
     assert all(not r.done and (r.path / "ckpt" / "resume.pt").is_file() for r in stopped)
     runs = train_together(configs, tmp_path, toy_data, "cpu", parallel_runs=K)
-    for solo, together in zip(one_by_one, runs):
+    for solo, clean, together in zip(one_by_one, uninterrupted, runs):
+        assert_identical(clean, together)
         assert_runs_equal(solo, together)
-        assert not (together.path / "ckpt" / "resume.pt").exists()
+        assert not list((together.path / "ckpt").glob("resume*"))
+
+
+def test_a_kill_between_the_groups_saves_resumes_bit_for_bit(tmp_path, toy_data,
+                                                             uninterrupted, monkeypatch):
+    """Killed after the first run wrote its epoch-end state and before the others did: the
+    re-run takes every run back to the step all hold and trains them together again."""
+    configs = children()
+    real, calls = parallel.save_resume, []
+
+    def killed_on_the_second(s, step):
+        calls.append(step)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(s, step)
+
+    monkeypatch.setattr(parallel, "save_resume", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_together(configs, tmp_path, toy_data, "cpu", parallel_runs=K)
+    monkeypatch.setattr(parallel, "save_resume", real)
+    assert calls == [8, 8]  # the first epoch end (8 steps)
+    first = Run(tmp_path / uninterrupted[0].path.relative_to(uninterrupted[0].root))
+    assert (first.path / "ckpt" / "resume.pt").is_file()  # step 8, its peers are at 3
+    runs = train_together(configs, tmp_path, toy_data, "cpu", parallel_runs=K)
+    for clean, together in zip(uninterrupted, runs):
+        assert_identical(clean, together)
 
 
 def test_runs_at_different_steps_after_a_kill_still_finish_equal(tmp_path, toy_data,

@@ -19,11 +19,15 @@ ordinary run of `runs.train` in the store: its session (runs.engines.train.setup
 locks its folder, restores or rewinds its state and saves step 0; at every save and
 evaluation the stacked state is copied back into its model and optimiser, and the run's
 own save/log functions write the same checkpoints, metrics and DONE a run trained alone
-writes. A kill leaves each run with its resume checkpoint; a re-run resumes them together
-(runs at different steps, killed between two saves, train in separate groups).
+writes (plus resume.prev.pt while it trains). A kill leaves each run with its resume
+checkpoint and the one before; a re-run resumes the same groups together from the newest
+step all of them hold, so it computes what the uninterrupted group computed, bit for bit
+on the CPU. Runs trained together agree with the same runs trained alone to float32
+rounding (~1e-7: a grouped convolution sums in another order than K plain ones).
 """
 
 import dataclasses
+import os
 import warnings
 
 import torch
@@ -244,11 +248,11 @@ def train_many(configs: list, store: str = "store", data: tuple = None, device="
     (configs of different shapes go to different groups); returns their Runs in order."""
     from runs.engines.train import load_data
     from runs.store import Run, run_path
-    pending = [c for c in unique(configs) if not Run(run_path(store, "train", c, c.seed)).done]
-    if pending:
-        data = data or load_data(pending[0])
-        k = parallel_count(parallel_runs, pending, data, device)
-        for group in shape_groups(pending) if k > 1 else []:
+    distinct = unique(configs)
+    if any(not Run(run_path(store, "train", c, c.seed)).done for c in distinct):
+        data = data or load_data(distinct[0])
+        k = parallel_count(parallel_runs, distinct, data, device)
+        for group in shape_groups(distinct) if k > 1 else []:
             train_together(group, store, data, device, precision, k, stop_at)
     return [finish(c, store, data, device, precision, compile_model, stop_at)
             for c in configs]
@@ -257,7 +261,11 @@ def train_many(configs: list, store: str = "store", data: tuple = None, device="
 def train_together(configs: list, store: str = "store", data: tuple = None, device="auto",
                    precision="auto", parallel_runs: int = 0, stop_at: int = None) -> list:
     """Train runs that share a shape (else UserError naming the setting), `parallel_runs`
-    at a time (0 = auto); returns their Runs. The Python door of --parallel-runs."""
+    at a time (0 = auto); returns their Runs. The Python door of --parallel-runs.
+
+    The runs are cut into chunks of `parallel_runs` in the order given, finished runs
+    included, so a re-run after a kill trains the same runs together as the first run did
+    (and so computes the same numbers)."""
     from runs.engines.train import load_data
     if not configs:
         return []
@@ -287,24 +295,59 @@ def finish(cfg, store, data, device, precision, compile_model, stop_at=None):
 
 def train_group(configs: list, store: str, data: tuple, device, precision,
                 stop_at: int = None) -> None:
-    """Open every run (setup: lock, restore or rewind, step 0 saved), then train those at
-    one step together; runs alone at their step are left to runs.train."""
+    """Open every unfinished run (setup: lock, restore or rewind, step 0 saved), then train
+    those that start at one step together, from the newest state they all hold; a run
+    alone at its start step is left to runs.train."""
     from runs.engines.train import release, setup
+    from runs.store import Run, run_path
     sessions = []
     try:
         for cfg in configs:
-            s = setup(cfg, store, data, device, precision)
-            sessions.append(s)
-        at_step = {}
+            if not Run(run_path(store, "train", cfg, cfg.seed)).done:
+                sessions.append(setup(cfg, store, data, device, precision))
+        by_start = {}
         for s in sessions:
             if not s.run.done:
-                at_step.setdefault(s.step, []).append(s)
-        for group in at_step.values():
+                by_start.setdefault(min(s.run.steps()), []).append(s)
+        for group in by_start.values():
             if len(group) > 1:
+                align_steps(group)
                 fit_together(group, stop_at)
     finally:
         for s in sessions:
             release(s)
+
+
+def prev_path(run):
+    """The resume state before the newest (kept while the group writes its new ones)."""
+    return run.ckpt_dir / "resume.prev.pt"
+
+
+def saved_states(run) -> dict:
+    """step -> checkpoint of every full training state the run holds: its kept steps, its
+    resume file and the one before it."""
+    from runs.checkpoint import read_checkpoint
+    states = {step: run.ckpt_path(step) for step in run.steps()}
+    for path in (prev_path(run), engine.resume_path(run)):
+        if path.exists():
+            states[int(read_checkpoint(path)["step"])] = path
+    return states
+
+
+def align_steps(sessions: list) -> None:
+    """Bring runs killed at different steps (between two of a group's saves) back to the
+    newest step they all hold, so they go on together as they went before the kill."""
+    if len({s.step for s in sessions}) == 1:
+        return
+    held = [saved_states(s.run) for s in sessions]
+    common = max(set.intersection(*(set(h) for h in held)))  # the start step at least
+    for s, states in zip(sessions, held):
+        if s.step != common:
+            payload = engine.restore(states[common], s.model, s.optimizer, s.scheduler)
+            s.losses = list(payload["extra"].get("losses", torch.empty(0)).to(s.device)
+                            .unbind())
+            s.run.trim_metrics(common)
+            s.step = common
 
 
 def share_data(sessions: list) -> None:
@@ -350,7 +393,7 @@ def fit_together(sessions: list, stop_at: int = None) -> None:
                 if step in keep:
                     save(s, step, s.run.ckpt_path(step))
                 elif saves:
-                    save(s, step, engine.resume_path(s.run))
+                    save_resume(s, step)
             bar.update(1, epoch_end or evaluate, loss=losses.mean(),
                        test_acc=mean_of(records, "test_accuracy"))
             if step == stop_at:
@@ -358,7 +401,18 @@ def fit_together(sessions: list, stop_at: int = None) -> None:
     for s in sessions:
         s.images_per_second = timer.rate() / len(sessions)
         engine.resume_path(s.run).unlink(missing_ok=True)
+        prev_path(s.run).unlink(missing_ok=True)
         s.run.mark_done(summarize(s))
+
+
+def save_resume(s, step: int) -> None:
+    """The run's resume state at `step`, the one before it kept as resume.prev.pt: a kill
+    while the group writes leaves every run a state at the group's previous step."""
+    from runs.engines.train import save
+    resume = engine.resume_path(s.run)
+    if resume.exists():
+        os.replace(resume, prev_path(s.run))
+    save(s, step, resume)
 
 
 def stack_sessions(sessions: list) -> Stack:

@@ -5,7 +5,8 @@
     python -m runs.crashtest --signals --keep /tmp/c  # also SIGINT / SIGTERM; keep the folders
 
 For each command (a tiny CPU configuration of runs.distill, runs.train, landscape.interpolate,
-landscape.border, tickets.imp and runs.pipeline) it
+landscape.border (also with --parallel-runs 3: children trained together), tickets.imp and
+runs.pipeline) it
 1. runs the command once, uninterrupted, in a folder of its own and times it from its banner
    line on stderr to its exit (interpreter start-up is not work worth killing); runs it again
    there, which must find everything done and rewrite no file;
@@ -185,6 +186,10 @@ def commands(inputs: Path) -> dict[str, Command]:
             "random", "--rewind-steps", a, "4", "--children", "3", *TOY_TRAIN, "--steps", "24",
             "--grid", "0:1:5", *EVAL, "--store", "store", "--out", "results/border.h5"),
             copy_inputs),
+        Command("border-parallel", "landscape.border", (
+            "random", "--rewind-steps", a, "4", "--children", "3", *TOY_TRAIN, "--steps", "24",
+            "--grid", "0:1:5", *EVAL, "--store", "store", "--out", "results/border.h5",
+            "--parallel-runs", "3"), copy_inputs),
         Command("imp", "tickets.imp", (
             "--model", "convnet", "--width", "0.125", "--dataset", "digits", "--batch-size",
             "64", "--val-size", "100", "--lr", "0.05", "--steps", "3ep", "--crop-padding", "0",
@@ -536,7 +541,7 @@ class Watch:
         if rel.suffix == ".pt":
             fingerprint = digest(load_pt(path))
             self.opened += 1
-            if rel.name == "resume.pt":
+            if rel.name in ("resume.pt", "resume.prev.pt"):
                 return []  # overwritten as training goes on: only needs to open
             return self._unchanged(rel, fingerprint)
         if rel.suffix == ".h5":
