@@ -247,3 +247,18 @@ def test_run_train_many_is_run_train_per_seed(tmp_path):
     with pytest.raises(UserError, match="3 seeds, 2 data_seeds and 3 masks"):
         runs.run_train_many(store=tmp_path / "a", seeds=[0, 1, 2], data_seeds=[0, 1],
                             **options)
+
+
+@pytest.mark.gpu
+def test_on_cuda_auto_stacks_several_runs_and_they_match_alone(tmp_path, toy_data):
+    """CUDA: auto picks several runs for a tiny model, and fp32 runs trained together (bf16
+    off, TF32 as configured) end near the same runs trained alone."""
+    from runs.engines.parallel import auto_parallel_runs
+    assert auto_parallel_runs(BASE, toy_data, "cuda") >= 2
+    configs = children()
+    together = train_together(configs, tmp_path / "a", toy_data, "cuda", "fp32", K)
+    for cfg, run in zip(configs, together):
+        alone = train(cfg, tmp_path / "b", toy_data, "cuda", "fp32")
+        a, b = (read_checkpoint(r.ckpt_path(11))["model"]["state"] for r in (alone, run))
+        for name, value in a.items():
+            torch.testing.assert_close(b[name], value, atol=1e-3, rtol=1e-3, msg=name)

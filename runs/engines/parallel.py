@@ -123,8 +123,9 @@ class Stack:
             if buf is None:
                 continue
             for k, (opt, p) in enumerate(zip(optimizers, model_params)):
-                opt.state[p]["momentum_buffer"] = buf[k].detach().clone().to(
-                    memory_format=torch.preserve_format)
+                # in the parameter's own layout (channels_last on CUDA): fused SGD steps
+                # a parameter and its buffer element by element in memory
+                opt.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf[k])
 
     def _per_model_params(self):
         """(name, [that parameter of each model]) in the stack's order."""
