@@ -210,17 +210,22 @@ def distill_configs(preset: dict) -> dict[str, list]:
     return groups
 
 
-def distill_stage(preset: dict, layout: Layout, device: str) -> dict[str, list]:
+def distill_stage(preset: dict, layout: Layout, device: str,
+                  parallel_runs: int = 1) -> dict[str, list]:
     """Train every student; returns {group: [Run per seed]}.
 
     The data-size groups take the full-data students' number of steps (not epochs): the
-    study varies the data, not the optimisation budget.
+    study varies the data, not the optimisation budget. `parallel_runs` other than 1: each
+    other group's seeds are first distilled together (runs.engines.distill_parallel, 0 =
+    auto), which the loop then finds done.
     """
     from runs.engines.distill import distill_with_steps
     steps = preset["distill"].get("steps", "100ep")
     save_at = preset["distill"].get("save_at", [])
     runs = {}
     for group, configs in distill_configs(preset).items():
+        if parallel_runs != 1 and not group.startswith("subset="):
+            distill_seeds_together(configs, steps, save_at, layout, device, parallel_runs)
         if group.startswith("subset="):
             full = runs["images"][0]
             runs[group] = [distill_with_steps(sized_config(cfg, full), str(full.latest_step()),
@@ -230,6 +235,22 @@ def distill_stage(preset: dict, layout: Layout, device: str) -> dict[str, list]:
             runs[group] = [distill_with_steps(cfg, steps, save_at, str(layout.store), device)
                            for cfg in configs]
     return runs
+
+
+def distill_seeds_together(configs: list, steps: str, save_at, layout: Layout, device: str,
+                           parallel_runs: int) -> None:
+    """One group's students (its seeds: one data set) distilled `parallel_runs` at a time
+    (auto on the CPU is 1: then each is left to its turn, as without the flag)."""
+    from runs.device import resolve_device
+    if parallel_runs == 0 and resolve_device(device).type != "cuda":
+        return
+    from runs.engines.distill import load_data
+    from runs.engines.distill_parallel import distill_together
+    from runs.engines.engine import config_with_steps, epoch_steps
+    data = load_data(configs[0])
+    per_epoch = epoch_steps(configs[0], data[0])
+    distill_together([config_with_steps(c, steps, save_at, per_epoch) for c in configs],
+                     str(layout.store), data, device, parallel_runs=parallel_runs)
 
 
 def sized_config(cfg, full):
@@ -431,11 +452,11 @@ def timed(stage: str):
 
 def run_pipeline(preset: dict, layout: Layout, device: str, stages=STAGES,
                  parallel_runs: int = 0) -> None:
-    """Every stage in order; `parallel_runs`: the border and imp jobs' --parallel-runs
-    (unless a job sets its own)."""
+    """Every stage in order; `parallel_runs`: the students distilled at once (a group's
+    seeds) and the border and imp jobs' --parallel-runs (unless a job sets its own)."""
     record_out(layout)
     with timed("distill"):
-        students = distill_stage(preset, layout, device)
+        students = distill_stage(preset, layout, device, parallel_runs)
     if "probe" in stages and "probe" in preset:
         with timed("probe"):
             probe_stage(preset, layout, students, device)
