@@ -93,8 +93,9 @@ class HessianConfig:
     density_grid: str = arg("auto", f"eigenvalues the density is given at: auto ({AUTO_BINS} "
                                     f"points spanning each checkpoint's nodes) or LO:HI:N "
                                     f"(one grid for all; mass outside it is dropped)")
-    hvp: str = arg("jvp", "Hessian-vector products: jvp (forward-over-reverse, torch.func) "
-                          "or double-backward (autograd.grad of g.v, the plain reference)")
+    hvp: str = arg("auto", "Hessian-vector products: jvp (forward-over-reverse, torch.func), "
+                           "double-backward (autograd.grad of g.v, the plain reference) or "
+                           "auto (jvp on CUDA, double-backward on CPUs: the faster there)")
     seed: int = arg(0, "seed of the image draw (--samples) and of the random vectors: "
                        "Lanczos starts (seed), probes (seed + 1), SLQ (seed + 2), layer "
                        "tops (seed + 3)")
@@ -562,15 +563,31 @@ def measure_checkpoints(cfg: HessianConfig, out: str, device="auto", precision="
         raise UserError(f"give each checkpoint once: {' '.join(cfg.refs) or 'none given'}")
     device = resolve_device(device)
     bf16 = hvp_bf16(device, precision)
-    cfg = dataclasses.replace(cfg, refs=refs, precision="bf16" if bf16 else "fp32")
-    cfg = resolve_data(cfg)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
+    path = shard_path(out, *shard) if shard else out
+    cfg = dataclasses.replace(cfg, refs=refs, precision="bf16" if bf16 else "fp32",
+                              hvp=chosen_method(cfg.hvp, device, path, overwrite))
+    cfg = resolve_data(cfg)
     vectors = shard_path(vectors, *shard) if vectors and shard else vectors
     check_vectors(vectors, cfg)
     plan = prepare(cfg, device, batch_size)
-    path = shard_path(out, *shard) if shard else out
     run(plan, path, device, bf16, shard, overwrite, stop_after, vectors or None)
     return path
+
+
+def chosen_method(hvp: str, device, path, overwrite: bool = False) -> str:
+    """--hvp as the result records it: auto is the method a result already at `path` was
+    measured with (so a resume, on any device, continues it), else the device's faster
+    one (landscape.curvature.resolve_method)."""
+    if hvp == "auto" and not overwrite and Path(path).is_file():
+        from runs.results import open_result
+        try:
+            recorded = open_result(path, ANALYSIS).config.get("hvp")
+        except UserError:
+            recorded = None  # not a readable result: creating it reports that
+        if recorded in C.METHODS:
+            return recorded
+    return C.resolve_method(hvp, device)
 
 
 def summary(path: str) -> str:

@@ -222,24 +222,40 @@ def _fit_logistic(x, y, num_classes, l2, max_iter, tolerance_grad, start=None):
     (gradient max-abs below tolerance_grad, or loss and step at float precision)."""
     if start is None:
         start = (x.new_zeros(x.shape[1], num_classes), x.new_zeros(num_classes))
-    weight, bias = (t.detach().clone().requires_grad_(True) for t in start)
+    weight, bias = (t.detach().clone() for t in start)
     max_eval = 4 * max_iter  # strong-Wolfe line searches: never the binding limit
     opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, max_eval=max_eval,
                             history_size=10, tolerance_grad=tolerance_grad,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(torch.addmm(bias, x, weight), y) + l2 / 2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
+    opt.step(_objective(weight, bias, x, y, l2))
     state = opt.state[weight]
     iterations = state.get("n_iter", 0)
     converged = iterations < max_iter and state.get("func_evals", 0) < max_eval
     return weight.detach(), bias.detach(), iterations, converged
+
+
+def _objective(weight, bias, x, y, l2):
+    """L-BFGS's closure: mean cross-entropy + l2 / 2 |W|^2 at (weight, bias), its gradient
+    written into their .grad by hand, no autograd graph.
+
+    Logits come out (C, N), classes on dim 0: the CPU's log_softmax over a last dim of
+    C = 10 took 0.5 ms for 4000 rows, over dim 0 0.02 ms; with the hand-written gradient
+    (softmax - one-hot) / N a fit ran 2.5x faster than autograd through F.cross_entropy.
+    """
+    x_t = x.T.contiguous()  # (D, N)
+    target = y[None]  # (1, N)
+
+    @torch.no_grad()
+    def closure():
+        logits = torch.addmm(bias[:, None], weight.T, x_t)  # (C, N)
+        log_p = logits.log_softmax(0)  # (C, N)
+        loss = l2 / 2 * weight.pow(2).sum() - log_p.gather(0, target).sum() / len(y)
+        residual = log_p.exp_().scatter_add_(0, target, torch.full_like(log_p[:1], -1.0))
+        residual /= len(y)  # (C, N): d loss / d logits, softmax - one-hot over N
+        weight.grad = torch.addmm(weight, x_t, residual.T, beta=l2)  # (D, C) X^T R^T + l2 W
+        bias.grad = residual.sum(1)  # (C,)
+        return loss
+    return closure
 
 
 def _accuracy(weight, bias, x, y):

@@ -4,6 +4,7 @@ eigenvectors against plain double-backward products, layer traces summing to the
 density integrating to 1, readable labels, parameter counts, the distillation loss against a
 teacher, resume after a kill, and every bad input in one line with nothing written."""
 
+import dataclasses
 import math
 import shutil
 
@@ -209,6 +210,23 @@ def test_killed_run_resumes_only_the_missing_checkpoint(runs, tmp_path, monkeypa
     for name, values in whole.metrics.items():
         np.testing.assert_array_equal(resumed.metrics[name], values, err_msg=name)
     np.testing.assert_array_equal(resumed.metrics["trace"][0], first.metrics["trace"][0])
+
+
+def test_a_result_measured_with_jvp_resumes_under_the_default_on_a_cpu(runs, tmp_path):
+    """--hvp auto (the default: double backward on CPUs) continues a result started with
+    jvp (the default before) instead of refusing it as another config; a new file takes
+    the device's method."""
+    refs = (f"{runs['run']}@init", f"{runs['run']}@3")
+    cfg = HessianConfig(refs=refs, params="fc", samples=SAMPLES, measures=("top",))
+    path = tmp_path / "jvp.h5"
+    measure_checkpoints(dataclasses.replace(cfg, hvp="jvp"), path, "cpu", stop_after=1)
+    measure_checkpoints(cfg, path, "cpu")
+    resumed = open_result(path)
+    assert resumed.done.all() and resumed.config["hvp"] == "jvp"
+    fresh = open_result(measure_checkpoints(cfg, tmp_path / "new.h5", "cpu"))
+    assert fresh.config["hvp"] == "double-backward"
+    np.testing.assert_allclose(fresh.metrics["eigenvalue"], resumed.metrics["eigenvalue"],
+                               rtol=1e-3)
 
 
 BAD = [

@@ -23,10 +23,14 @@ from tickets.mask import (
     save_mask,
 )
 from tickets.prune import (
+    SAMPLE_FROM,
     check_levels,
     check_rate,
+    keep_above,
+    keep_by_cumsum,
     keep_largest,
     kept_count,
+    kth_smallest,
     layerwise_shuffle,
     magnitude_prune,
     max_levels,
@@ -149,6 +153,74 @@ def test_pruned_weights_go_first_even_when_larger():
     assert magnitude_prune(weights, mask, 2)["w"].tolist() == [True, False, True, False]
     with pytest.raises(ValueError, match="keeps fewer"):
         magnitude_prune(weights, mask, 4)
+
+
+def adversarial_scores(kind: str, count: int, gen: torch.Generator) -> torch.Tensor:
+    """Scores (count,) that a strided sample misjudges, or with many ties or -inf."""
+    x = torch.randn(count, generator=gen)
+    if kind == "stride":  # every 16th score (the sample's stride) far above the rest
+        x[::16] = 100 + torch.arange(len(x[::16]), dtype=torch.float32)
+    elif kind == "sorted":
+        x = x.sort(descending=True).values
+    elif kind == "ties":
+        x = (3 * x).round().abs()
+    elif kind == "pruned":  # most scores -inf, as at a late IMP level
+        x[torch.rand(count, generator=gen) < 0.8] = -math.inf
+    return x
+
+
+@pytest.mark.parametrize("kind", ["random", "stride", "sorted", "ties", "pruned"])
+@pytest.mark.parametrize("count", [SAMPLE_FROM - 1, SAMPLE_FROM, 5 * SAMPLE_FROM, 2**19 + 3])
+def test_the_sampled_threshold_is_kthvalue_exactly(kind, count):
+    """The CPU's bracketing sample (with its band, recursion and fallback) finds the k-th
+    smallest value exactly, at any rank, whatever the order of the scores. (The oracle
+    sorts: torch.kthvalue itself takes seconds on descending scores.)"""
+    gen = torch.Generator().manual_seed(count)
+    scores = adversarial_scores(kind, count, gen)
+    ordered = scores.sort().values
+    for k in (1, 2, count // 5, count // 2, count - 1, count):
+        assert torch.equal(kth_smallest(scores, k), ordered[k - 1]), k
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "pruned"])
+def test_both_tie_rules_give_one_mask(kind):
+    """The CPU's rule (> threshold, then the last tied by index) and the accelerator's
+    (cumsum over the tied) keep the same weights."""
+    gen = torch.Generator().manual_seed(1)
+    scores = adversarial_scores(kind, 3 * SAMPLE_FROM, gen)
+    for num_keep in (0, 1, 1000, len(scores) // 2, len(scores) - 1):
+        num_prune = len(scores) - num_keep
+        threshold = scores.kthvalue(num_prune).values
+        cpu = keep_above(scores, threshold, num_keep)
+        assert torch.equal(cpu, keep_by_cumsum(scores, threshold, num_prune))
+        assert int(cpu.sum()) == num_keep
+
+
+def test_a_large_prune_equals_the_sort_and_index_rule():
+    """Past SAMPLE_FROM weights (the sampled threshold), against a stable sort of
+    (|w|, flat index): pruned weights first, then ties by lower index."""
+    gen = torch.Generator().manual_seed(2)
+    weights = {"a": torch.randn(300, 200, generator=gen).round(decimals=1),
+               "b": torch.randn(40_000, generator=gen)}
+    mask = {"a": torch.rand(300, 200, generator=gen) < 0.7, "b": torch.ones(40_000).bool()}
+    flat = torch.cat([w.abs().flatten() for w in weights.values()])
+    flat[~torch.cat([m.flatten() for m in mask.values()])] = -math.inf
+    order = torch.sort(flat, stable=True).indices  # ties keep index order: lower first
+    num_keep = 50_000
+    expected = torch.ones_like(flat, dtype=torch.bool)
+    expected[order[:len(flat) - num_keep]] = False
+    before = {n: w.clone() for n, w in weights.items()}
+    got = magnitude_prune(weights, mask, num_keep)
+    assert torch.equal(torch.cat([m.flatten() for m in got.values()]), expected)
+    assert all(torch.equal(weights[n], before[n]) for n in weights)  # |w| taken on a copy
+
+
+def test_a_nan_weight_still_in_play_is_an_error():
+    weights = {"w": torch.tensor([1.0, math.nan, 2.0])}
+    with pytest.raises(UserError, match="NaN"):
+        magnitude_prune(weights, {"w": torch.ones(3, dtype=torch.bool)}, 1)
+    pruned_nan = magnitude_prune(weights, {"w": torch.tensor([True, False, True])}, 1)
+    assert pruned_nan["w"].tolist() == [False, False, True]
 
 
 @pytest.mark.gpu

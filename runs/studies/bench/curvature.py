@@ -2,7 +2,12 @@
 (landscape.curvature.hessian_operator), forward-over-reverse (`method="jvp"`) against the
 plain `torch.autograd.grad` double-backward reference, in fp32 and (CUDA only) under bf16
 autocast; and the time of the top-k eigenvalues by Lanczos in fp32 on `eigen_images` images
-(the goal: top-5 on 10k CIFAR images in under 60 s on one H100).
+(the goal: top-5 on 10k CIFAR images in under 60 s on one H100), by the method the
+toolkit's default (`--hvp auto`) takes on the device.
+
+Which of the two HVP paths that default takes is the comparison's `default_path`: "fast"
+(jvp) on CUDA, "reference" (double backward, the faster on CPUs) on a CPU, the one the
+goals' CPU rule judges.
 
 One step is one Hessian-vector product over `hvp_images` images, summed batch by batch
 (`hvp_batch` images each) in float64 as the operator does: the rate is products per second.
@@ -101,19 +106,30 @@ def hvp_comparison(bench: Bench, bf16: bool) -> dict:
         exact = operator(bench, model, batches, "double-backward", False)(v)
         checks.update(rel_error_fast=rel_diff(out["fast"], exact),
                       rel_error_reference=rel_diff(out["reference"], exact))
-    return comparison("HVPs/s", paths, bench, hvp_flops(bench, cfg.hvp_images), checks)
+    comp = comparison("HVPs/s", paths, bench, hvp_flops(bench, cfg.hvp_images), checks)
+    comp["default_path"] = {"jvp": "fast", "double-backward": "reference"}[
+        default_method(bench)]
+    return comp
+
+
+def default_method(bench: Bench) -> str:
+    """The HVP method of `--hvp auto` (landscape.curvature's default) on the device."""
+    from landscape.curvature import resolve_method
+    return resolve_method("auto", bench.device)
 
 
 def eigen_comparison(bench: Bench) -> dict:
-    """The top-k eigenvalues by Lanczos on jvp products in fp32 (the fast path alone: a
-    double-backward Lanczos would take as many products, each at the reference's rate).
+    """The top-k eigenvalues by Lanczos in fp32 on the default method's products (jvp on
+    CUDA, double backward on CPUs), measured alone: the other method would take as many
+    products, each at its rate in hvp_fp32.
     `seconds_10k`: measured when eigen_images is the goal's 10k, else projected linearly in
     images at the same number of Lanczos steps."""
     from landscape.curvature import top_eigen
     cfg = bench.cfg
     model = new_model(bench, synthetic_info()).to(bench.device)
     batches = image_batches(bench, cfg.eigen_images, cfg.hvp_batch, seed=2)
-    op = operator(bench, model, batches, "jvp", False)
+    method = default_method(bench)
+    op = operator(bench, model, batches, method, False)
     op(torch.zeros(op.size, device=bench.device))  # untimed: first-call costs, autotune
     synchronize(bench.device)
     start = time.perf_counter()
@@ -121,7 +137,8 @@ def eigen_comparison(bench: Bench) -> dict:
     synchronize(bench.device)
     seconds = time.perf_counter() - start
     record = {"what": f"landscape.curvature.top_eigen, Lanczos to relative residual "
-                      f"{cfg.eigen_tol:g} on jvp products, fp32, {cfg.eigen_images} images",
+                      f"{cfg.eigen_tol:g} on {method} products, fp32, {cfg.eigen_images} "
+                      f"images",
               "warmup_seconds": 0.0, "steps": 1, "items": 1, "seconds": seconds}
     scale = GOAL_IMAGES / cfg.eigen_images
     checks = {"images": cfg.eigen_images, "k": cfg.eigen_k, "tol": cfg.eigen_tol,

@@ -1,5 +1,7 @@
 """Section landscape: a linear path with BN recalibration (landscape.points.PointEvaluator,
-batched and one point at a time) against state-dict lerp + update_bn + DataLoaders.
+batched and one point at a time) against state-dict lerp + update_bn + DataLoaders. The
+comparison names the path the commands' default takes on the device (`default_path`: one
+point at a time on CPUs), the one the goals' CPU rule judges.
 
 landscape is imported inside the functions: a section whose package does not import is
 skipped.
@@ -139,4 +141,13 @@ def section_landscape(bench: Bench) -> dict:
     images = cfg.bn_images + cfg.path_images + cfg.path_test_images  # forwards per point
     flops = eval_flops(bench, synthetic_info()) * images
     path = comparison("points/s", paths, bench, flops, checks)
+    path["default_path"] = default_path(bench)
     return {"comparisons": {f"path{len(alphas)}_bn_recalibrate": path}}
+
+
+def default_path(bench: Bench) -> str:
+    """The path landscape's commands take on this device with --points-per-pass 0 (their
+    default): "serial" where auto_points_per_pass is 1 (CPUs), else the batched "fast". The
+    CPU rule of the goals judges this path; both are measured."""
+    from landscape.interpolate import auto_points_per_pass
+    return "serial" if auto_points_per_pass(bench.device) == 1 else "fast"
