@@ -14,7 +14,8 @@ out=${OUT:-bench}
 py=${PYTHON:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(train distill eval probes landscape tickets curvature)
+[ ${#sections[@]} -gt 0 ] || sections=(train distill eval probes landscape tickets curvature
+                                       parallel)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
@@ -26,7 +27,8 @@ timeout 180 $py -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/g
 # The benchmark, one section per call so a slow one cannot starve the others. curvature
 # times Hessian-vector products (jvp vs double backward, fp32 and bf16) and the top-5
 # eigenvalues of ResNet18 on 10k images (the goal: < 60 s on one H100); `bash
-# bench/gpu_check.sh curvature` measures it alone.
+# bench/gpu_check.sh curvature` measures it alone. parallel trains K = 1..16 ResNet20 and
+# ResNet18 runs together and in turn (the goal: 8 ResNet20 children >= 4x the runs/hour).
 for section in "${sections[@]}"; do
   limit=300
   [ "$section" = curvature ] && limit=420  # the eigensolve alone may take minutes if slow

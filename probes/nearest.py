@@ -70,6 +70,7 @@ def knn_predict(train_x, train_y, test_x, ks=(20,), metric="l2", temperature=0.0
             votes = dist_k.new_zeros(len(chunk), num_classes)  # (B, C) summed vote weights
             votes.scatter_add_(1, labels[:, :k], weight[:, :k])
             preds[k].append(votes.argmax(1))  # argmax returns the first max: smallest label
+        del dist  # else the next chunk's block is allocated while this one lives: 2 blocks
     return {k: torch.cat(p) if p else train_y.new_zeros(0) for k, p in preds.items()}
 
 

@@ -34,6 +34,7 @@ from runs.studies.bench.probes import (
     fast_knn,
     reference_linear_probe,
     sklearn_knn,
+    sklearn_lbfgs_probe,
     synthetic_features,
 )
 from runs.studies.bench.report import (
@@ -149,6 +150,16 @@ def test_reference_linear_probe_learns_like_the_fast_one():
     assert abs(fast - ref) < 0.05
 
 
+def test_sklearn_lbfgs_reference_does_the_probes_fits():
+    """The L-BFGS probe's reference (scikit-learn, the same folds, grid and objective)
+    reaches the same test accuracy: one optimum, two optimisers."""
+    from probes.logistic import linear_probe_lbfgs
+    features = synthetic_features(600, 300, 8, 4, seed=3)
+    fast = linear_probe_lbfgs(*features, 4, l2_grid=(1e-3, 1e-2, 1e-1))["accuracy"]
+    ref = sklearn_lbfgs_probe(*features, l2_grid=(1e-3, 1e-2, 1e-1))
+    assert abs(fast - ref) <= 2 / 300 and 0.4 < ref < 1.0
+
+
 def test_landscape_batched_serial_and_reference_agree():
     pytest.importorskip("landscape.points")
     bench = tiny_bench(path_points=4, points_per_pass=3, bn_images=16, path_images=16,
@@ -160,6 +171,7 @@ def test_landscape_batched_serial_and_reference_agree():
     assert [comp["paths"][p]["items"] for p in ("fast", "serial", "reference")] == [4, 4, 2]
     for path in ("fast", "serial", "reference"):  # the whole path's time, from its rate
         assert checks[f"path_seconds_{path}"] == pytest.approx(4 / comp["paths"][path]["rate"])
+    assert comp["default_path"] == "serial"  # auto_points_per_pass on a CPU: one per pass
 
 
 def test_prune_fast_and_reference_agree():
@@ -211,6 +223,47 @@ def test_goals_judge_the_measured_numbers():
     on_cpu = goal_rows(sections, judged=False)  # a CPU or quick run: numbers, no verdicts
     assert {r["met"] for r in on_cpu} == {None} and on_cpu[0]["value"] == 0.31
     assert "31 s, not judged here" in goals_text(on_cpu, "cpu", quick=True)
+
+
+def test_cpu_rule_judges_the_path_the_cpu_default_takes():
+    """On CPU quick runs every comparison with a reference is judged >= 1.0x on its
+    `default_path` (else fast): landscape's serial path, curvature's double backward (the
+    reference itself), not the overheads; elsewhere the rule is not listed."""
+    def comp(fast, default=None, **others):
+        paths = {"fast": {"vs_reference": fast, "mfu": None},
+                 **{k: {"vs_reference": v} for k, v in others.items()}}
+        return {"ratio": fast, "paths": paths, "checks": {},
+                **({"default_path": default} if default else {})}
+
+    sections = {"landscape": {"comparisons": {"path3_bn_recalibrate": comp(
+                    0.89, "serial", serial=1.27, reference=1.0)}},
+                "tickets": {"comparisons": {"prune_level": comp(1.4),
+                                            "masked_step": comp(0.97)}},
+                "probes": {"comparisons": {"linear_lbfgs": comp(0.9)}},
+                "curvature": {"comparisons": {"hvp_fp32": comp(0.82, "reference",
+                                                               reference=1.0)}}}
+    rows = [r for r in goal_rows(sections, judged=False, cpu_quick=True)
+            if r["goal"].startswith("CPU quick sizes")]
+    assert [(r["measured"], r["value"], r["met"]) for r in rows] == [
+        ("landscape/path3_bn_recalibrate (serial path)", 1.27, True),
+        ("tickets/prune_level (fast path)", 1.4, True),
+        ("probes/linear_lbfgs (fast path)", 0.9, False),
+        ("curvature/hvp_fp32 (reference path)", 1.0, True)]
+    others = [r for r in goal_rows(sections, judged=False, cpu_quick=True) if r not in rows]
+    assert {r["met"] for r in others} == {None}  # the GPU goals: not judged on a CPU
+    assert not any(r["goal"].startswith("CPU") for r in goal_rows(sections))
+    text = goals_text(goal_rows(sections, False, cpu_quick=True), "cpu", quick=True)
+    assert "[probes/linear_lbfgs (fast path)]: 0.9 x, NOT met" in text
+
+
+def test_a_cpu_quick_document_carries_the_cpu_rule(tmp_path):
+    body = {"comparisons": {"prune_level": {"ratio": 1.3, "checks": {},
+                                            "paths": {"fast": {"vs_reference": 1.3}}}}}
+    path = write({"schema": SCHEMA, "device_type": "cpu", "quick": True,
+                  "sections": {"tickets": body}}, tmp_path / "cpu.json")
+    goals = json.loads(path.read_text())["goals"]
+    assert [(g["measured"], g["met"]) for g in goals if g["goal"].startswith("CPU")] == [
+        ("tickets/prune_level (fast path)", True)]
 
 
 def test_a_failed_compile_falls_back_to_eager():
@@ -344,6 +397,7 @@ def test_curvature_section_reports_both_hvp_methods_and_the_eigen_time():
     hvp = body["comparisons"]["hvp_fp32"]
     fast, ref = hvp["paths"]["fast"], hvp["paths"]["reference"]
     assert "jvp" in fast["what"] and "double backward" in ref["what"]
+    assert hvp["default_path"] == "reference"  # --hvp auto on a CPU: double backward
     assert hvp["ratio"] == pytest.approx(fast["rate"] / ref["rate"]) and hvp["ratio"] > 0
     assert hvp["checks"]["rel_diff"] < 1e-5
     assert hvp["checks"]["parameters"] == sum(
@@ -356,6 +410,7 @@ def test_curvature_section_reports_both_hvp_methods_and_the_eigen_time():
     assert checks["projected"] and checks["seconds_10k"] == pytest.approx(
         checks["seconds"] * 10_000 / 4)
     assert eigen["ratio"] is None and "top2_eigen" in table({"curvature": body})
+    assert "double-backward products" in eigen["paths"]["fast"]["what"]
 
 
 def test_curvature_goal_reads_the_eigen_seconds_and_the_hvp_ratio_is_no_speed_up():

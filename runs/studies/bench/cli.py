@@ -13,6 +13,7 @@ from runs.config import HelpFormatter
 from runs.device import resolve_device
 from runs.engines import engine
 from runs.errors import UserError, cli, unknown
+from runs.studies.bench import scaling
 from runs.studies.bench.common import (
     COMPILE,
     FULL,
@@ -47,8 +48,8 @@ keeping the sections of earlier runs that this run did not measure."""
 EPILOG = r"""examples:
   python -m runs.bench --device cuda                 # full sizes (ResNet18, 50k x 512 probes)
   python -m runs.bench --device cpu --quick --sections landscape --threads 1  # a laptop
-  python -m runs.bench --device cuda --sections train distill --compile max-autotune
-  python -m runs.bench --device cuda --sections train --variants vit_base resnet18:norm=layer"""
+  python -m runs.bench --device cuda --sections train --variants vit_base resnet18:norm=layer
+  python -m runs.bench --device cpu --quick --scaling  # cost curves: JSON + figure"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,8 +60,15 @@ def parser() -> argparse.ArgumentParser:
                    help="CPU-sized smoke run (width 0.25, batch 64, a few steps, 5k x 128 "
                         "features); a couple of minutes on 2 cores")
     p.add_argument("--out", default="bench", help="folder of the JSON file")
-    p.add_argument("--sections", nargs="+", default=list(ORDER), metavar="NAME",
-                   help=f"sections to measure, of: {', '.join(ORDER)}")
+    p.add_argument("--sections", nargs="+", default=None, metavar="NAME",
+                   help=f"sections to measure, of: {', '.join(ORDER)} (default: all); with "
+                        f"--scaling the curves, of: {', '.join(scaling.NAMES)}")
+    p.add_argument("--scaling", action="store_true",
+                   help="measure cost curves instead: time and peak memory of each hot path "
+                        "as its work grows (k-NN rows, landscape points, IMP level and "
+                        "weights, K parallel runs), each CPU point in a process of its own; "
+                        "writes OUT/scaling-<device>[-quick].json and .png (--quick: "
+                        "CPU-sized, a few minutes on 2 cores)")
     p.add_argument("--compile", choices=COMPILE, default=None,
                    help="torch.compile the fast paths (default of the preset: auto = CUDA "
                         "only); a failed compile falls back to eager and says so")
@@ -115,10 +123,14 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.scaling:
+        scaling.select(args.sections)  # an unknown curve stops the run before it starts
+        return scaling.run_scaling(device, args.quick, args.out, args.sections, argv,
+                                   peak_tflops(device, args.peak_tflops))
     cfg = make_config(args)
     if cfg.steps < 1:
         raise UserError(f"--steps {cfg.steps}: must be at least 1")
-    names = check_sections(args.sections)
+    names = check_sections(args.sections or list(ORDER))
     bench = Bench(cfg, device, peak_tflops(device, args.peak_tflops),
                   use_compile(cfg.compile, device))
     doc = provenance(bench, args.quick, argv)

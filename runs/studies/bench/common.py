@@ -92,6 +92,20 @@ class BenchConfig:
                                  "landscape.hessian's --eigen-tol default)")
     match_repeats: int = arg(1, "timed alignments of two networks per method (seconds each)")
     match_images: int = arg(2048, "images activation matching correlates on")
+    parallel_models: tuple[str, ...] = arg(("resnet20", "resnet18"), "networks of the "
+                                           "parallel section (K runs together vs in turn)")
+    parallel_ks: tuple[int, ...] = arg((1, 2, 4, 8, 16), "runs trained at once (K) of the "
+                                                         "parallel section")
+    parallel_batch: int = arg(256, "images per step of each parallel run (runs.train's "
+                                   "default batch)")
+    parallel_width: float = arg(1.0, "channel width multiplier of the parallel networks")
+    parallel_steps: int = arg(10, "timed steps per round, path and K of the parallel section")
+    parallel_rounds: int = arg(3, "alternating rounds of timed steps per K (the median "
+                                  "round counts)")
+    parallel_check_steps: int = arg(3, "float64 steps of the parallel equivalence check "
+                                       "(fresh runs, each way)")
+    run_steps: int = arg(31_360, "steps of one run, for runs/hour: a border child of the "
+                                 "paper (160 epochs x 196 steps of 256 CIFAR10 images)")
 
 
 FULL = BenchConfig()
@@ -101,7 +115,8 @@ QUICK = BenchConfig(width=0.25, num_images=1024, eval_images=256, train_batch=64
                     feature_dim=128, probe_epochs=3, path_points=3, points_per_pass=3,
                     bn_images=64, path_images=64, path_test_images=64,
                     prune_repeats=3, mask_rounds=3, hvp_images=32, hvp_batch=16,
-                    hvp_repeats=2, eigen_images=32, match_images=128)
+                    hvp_repeats=2, eigen_images=32, match_images=128,
+                    parallel_batch=32, parallel_width=0.25, parallel_steps=2)
 
 
 @dataclass(frozen=True)
