@@ -23,14 +23,17 @@ Sections (SECTIONS, --sections; all by default): train, distill, eval, probes, l
 tickets, curvature (Hessian-vector products per second, forward-over-reverse against double
 backward, and the time of the top-5 eigenvalues on 10k images), connectivity (weight matching
 of two networks on the CPU and activation matching, in seconds; a trained curve's bend step
-in images/s beside an ordinary supervised step). A section whose package
+in images/s beside an ordinary supervised step), parallel (K runs of one shape trained
+together as stacked parameters against the same runs in turn: runs/hour for K = 1..16,
+runs.engines.parallel). A section whose package
 cannot be imported is recorded as skipped; one that fails is recorded with its error and the
 others still run. The JSON goes to `<out>/<device-slug>[-quick].json`, merged with the
-sections already there.
+sections already there. `--scaling` measures cost curves instead (scaling, scaling_plot:
+time and peak memory of each hot path as its work grows, `<out>/scaling-<device-slug>.png`).
 
 Modules: common (BenchConfig and its FULL/QUICK sizes, Bench, device facts, Runner, measure,
 comparison, synthetic data and both loaders), one module per group of sections (training:
-train, distill, eval; probes; landscape; tickets; curvature; connectivity), report (the
+train, distill, eval; probes; landscape; tickets; curvature; connectivity; parallel), report (the
 section registry, provenance, the JSON, goals, tables) and cli (`main`; `python -m
 runs.bench` is its door).
 """
