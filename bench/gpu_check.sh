@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh                  # gpu tests, then every benchmark section
 #   bash bench/gpu_check.sh train distill    # gpu tests, then only these sections
+#   bash bench/gpu_check.sh parallel scaling # K runs together; the cost curves
 #
 # Writes the benchmark JSON (bench/<gpu>.json, merged with sections measured before) and the
 # logs into $OUT when set (the device tool brings $OUT back), else into bench/. Copy the JSON
@@ -29,9 +30,16 @@ timeout 180 $py -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/g
 # eigenvalues of ResNet18 on 10k images (the goal: < 60 s on one H100); `bash
 # bench/gpu_check.sh curvature` measures it alone. parallel trains K = 1..16 ResNet20 and
 # ResNet18 runs together and in turn (the goal: 8 ResNet20 children >= 4x the runs/hour).
+# `scaling` (never by default: give it by name) draws the cost curves at full sizes
+# instead: time and peak memory of each hot path as its work grows (scaling-<gpu>.png).
 for section in "${sections[@]}"; do
   limit=300
   [ "$section" = curvature ] && limit=420  # the eigensolve alone may take minutes if slow
+  if [ "$section" = scaling ]; then
+    timeout 420 $py -m runs.bench --device cuda --scaling --out "$out" 2>&1 \
+      | tee -a "$out/bench.log"
+    continue
+  fi
   timeout $limit $py -m runs.bench --device cuda --sections "$section" --out "$out" 2>&1 \
     | tee -a "$out/bench.log"
 done
