@@ -25,7 +25,8 @@ from runs.results import MetricSpec, create_result
 from runs.studies import crashtest
 
 KILLS = 5  # per command, in CI; the script defaults to 20
-COMMANDS = ("distill", "train", "interpolate", "border", "border-parallel", "imp", "pipeline")
+COMMANDS = ("distill", "train", "interpolate", "border", "border-parallel", "imp", "imp-parallel",
+            "pipeline")
 
 
 @pytest.fixture(scope="module")

@@ -145,6 +145,31 @@ def test_a_kill_between_the_groups_saves_resumes_bit_for_bit(tmp_path, toy_data,
         assert_identical(clean, together)
 
 
+def test_a_kill_while_the_group_marks_itself_done_leaves_no_resume_state(
+        tmp_path, toy_data, uninterrupted, monkeypatch):
+    """Killed after two runs were marked DONE: the third finishes alone (runs.train), and
+    keeps neither resume.pt nor the group's resume.prev.pt."""
+    from runs.engines import engine
+    real, calls = engine.clear_resume, []
+
+    def killed_on_the_third(run):
+        calls.append(run)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(run)
+
+    # stopped at 9, the group holds resume states at 9 and 8 (resume.prev.pt)
+    train_together(children(), tmp_path, toy_data, "cpu", parallel_runs=K, stop_at=9)
+    monkeypatch.setattr(engine, "clear_resume", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        train_together(children(), tmp_path, toy_data, "cpu", parallel_runs=K)
+    monkeypatch.setattr(engine, "clear_resume", real)
+    assert (calls[2].path / "ckpt" / "resume.prev.pt").is_file() and not calls[2].done
+    runs = train_together(children(), tmp_path, toy_data, "cpu", parallel_runs=K)
+    for clean, together in zip(uninterrupted, runs):
+        assert_identical(clean, together)  # the same files: no resume state left
+
+
 def test_runs_at_different_steps_after_a_kill_still_finish_equal(tmp_path, toy_data,
                                                                 one_by_one):
     """One run killed further than the others (a kill between two saves): it trains in its

@@ -454,7 +454,7 @@ def distill(cfg: DistillConfig, store: str = "store", data=None, device="auto",
     if s.step < cfg.num_steps:
         return s.run
     if s.world.main:
-        engine.resume_path(s.run).unlink(missing_ok=True)
+        engine.clear_resume(s.run)
         s.run.mark_done(summarize(s.run))
     distributed.barrier(s.world)  # no rank returns before DONE exists
     return s.run

@@ -351,8 +351,7 @@ def save_all(sessions, keeps, saving, step) -> None:
 def mark_done(sessions) -> None:
     from runs.engines.distill import summarize
     for s in sessions:
-        engine.resume_path(s.run).unlink(missing_ok=True)
-        sup.prev_path(s.run).unlink(missing_ok=True)
+        engine.clear_resume(s.run)
         s.run.mark_done(summarize(s.run))
 
 

@@ -342,6 +342,18 @@ def resume_path(run):
     return run.ckpt_dir / "resume.pt"
 
 
+def prev_resume_path(run):
+    """The resume state before the newest: runs trained together (runs.engines.parallel)
+    keep it while their group writes its new ones."""
+    return run.ckpt_dir / "resume.prev.pt"
+
+
+def clear_resume(run) -> None:
+    """A finished run keeps no resume state (however it was trained: alone or together)."""
+    resume_path(run).unlink(missing_ok=True)
+    prev_resume_path(run).unlink(missing_ok=True)
+
+
 def fmt_pct(value) -> str:
     """A fraction as '93.57 %', 'n/a' when absent: the engines' summary lines."""
     return "n/a" if value is None else f"{100 * value:.2f} %"

@@ -319,9 +319,7 @@ def train_group(configs: list, store: str, data: tuple, device, precision,
             release(s)
 
 
-def prev_path(run):
-    """The resume state before the newest (kept while the group writes its new ones)."""
-    return run.ckpt_dir / "resume.prev.pt"
+prev_path = engine.prev_resume_path  # the resume state kept while a group writes its new one
 
 
 def saved_states(run) -> dict:
@@ -401,8 +399,7 @@ def fit_together(sessions: list, stop_at: int = None) -> None:
                 return
     for s in sessions:
         s.images_per_second = timer.rate() / len(sessions)
-        engine.resume_path(s.run).unlink(missing_ok=True)
-        prev_path(s.run).unlink(missing_ok=True)
+        engine.clear_resume(s.run)
         s.run.mark_done(summarize(s))
 
 

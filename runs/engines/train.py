@@ -432,7 +432,7 @@ def train(cfg: TrainConfig, store: str = "store", data: tuple = None, device="au
         if stop_at is not None and s.step < cfg.num_steps:
             return s.run
         if s.world.main:
-            engine.resume_path(s.run).unlink(missing_ok=True)
+            engine.clear_resume(s.run)
             s.run.mark_done(summarize(s))
         distributed.barrier(s.world)  # no rank returns before DONE exists
     finally:

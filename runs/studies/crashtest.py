@@ -5,7 +5,7 @@
     python -m runs.crashtest --signals --keep /tmp/c  # also SIGINT / SIGTERM; keep the folders
 
 For each command (a tiny CPU configuration of runs.distill, runs.train, landscape.interpolate,
-landscape.border (also with --parallel-runs 3: children trained together), tickets.imp and
+landscape.border and tickets.imp (each also with --parallel-runs: runs trained together) and
 runs.pipeline) it
 1. runs the command once, uninterrupted, in a folder of its own and times it from its banner
    line on stderr to its exit (interpreter start-up is not work worth killing); runs it again
@@ -195,6 +195,12 @@ def commands(inputs: Path) -> dict[str, Command]:
             "64", "--val-size", "100", "--lr", "0.05", "--steps", "3ep", "--crop-padding", "0",
             "--no-flip", "--levels", "3", "--rewind", "init@1ep", "--baselines", "random", "reinit",
             "--seeds", "0", "--device", "cpu", "--store", "store", "--out", "results/imp.h5")),
+        Command("imp-parallel", "tickets.imp", (
+            "--model", "convnet", "--width", "0.125", "--dataset", "digits", "--batch-size",
+            "64", "--val-size", "100", "--lr", "0.05", "--steps", "3ep", "--crop-padding", "0",
+            "--no-flip", "--levels", "2", "--rewind", "init@1ep", "--baselines", "random",
+            "--seeds", "0", "1", "--parallel-runs", "4", "--device", "cpu", "--store", "store",
+            "--out", "results/imp.h5")),
         Command("pipeline", "runs.pipeline", (
             "--preset", "preset.json", "--out", "out", "--device", "cpu"), write_preset),
     )}
