@@ -89,3 +89,24 @@ def run_cli(main, argv: list[str]) -> tuple[int, list[str]]:
         except SystemExit as exit_:
             code = exit_.code
     return code, err.getvalue().strip().splitlines()
+
+
+@contextlib.contextmanager
+def killed_on_call(owner, name: str, call: int):
+    """`owner.name` raises KeyboardInterrupt (a kill) on its `call`-th call; yields the list
+    of every call's arguments; the real function is back afterwards."""
+    import pytest
+    real, calls = getattr(owner, name), []
+
+    def killing(*args):
+        calls.append(args)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    setattr(owner, name, killing)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield calls
+    finally:
+        setattr(owner, name, real)

@@ -16,7 +16,7 @@ from runs.engines.distill_parallel import check_shared, distill_together
 from runs.errors import UserError
 from runs.results import open_result
 from runs.store import Run
-from tests.helpers import assert_same
+from tests.helpers import assert_same, killed_on_call
 
 # toy at 8x8 (as tests/test_distill.py): 256 train images, 8 steps of 32 an epoch; 12 steps
 # end mid-epoch 2; a probe every epoch; the centre on.
@@ -144,23 +144,13 @@ def test_killed_together_resumes_all_to_the_same_files(tmp_path, toy_data, unint
 
 
 def test_a_kill_between_the_groups_saves_resumes_bit_for_bit(tmp_path, toy_data,
-                                                             uninterrupted, monkeypatch):
+                                                             uninterrupted):
     """Killed after the first run wrote its epoch-end state and before the others did: the
     re-run takes every run back to the step all hold and distils them together again."""
     configs = seeds()
-    real, calls = distill_parallel.save_resume, []
-
-    def killed_on_the_second(s, step):
-        calls.append(step)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        real(s, step)
-
-    monkeypatch.setattr(distill_parallel, "save_resume", killed_on_the_second)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_on_call(distill_parallel, "save_resume", 2) as calls:
         distill_together(configs, tmp_path, toy_data, "cpu", parallel_runs=K)
-    monkeypatch.setattr(distill_parallel, "save_resume", real)
-    assert calls == [8, 8]  # the first epoch end: run 0 keeps 8, run 1 writes, run 2 not
+    assert [step for _, step in calls] == [8, 8]  # the first epoch end: run 0 wrote, run 1 not
     runs = distill_together(configs, tmp_path, toy_data, "cpu", parallel_runs=K)
     for clean, together in zip(uninterrupted, runs):
         assert_identical(clean, together)

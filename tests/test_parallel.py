@@ -22,6 +22,7 @@ from runs.engines.train import TrainConfig, load_data, train
 from runs.errors import UserError
 from runs.models import create_model
 from runs.store import Run
+from tests.helpers import killed_on_call
 from tickets.mask import dense_mask, prunable_names, save_mask
 from tickets.prune import magnitude_prune
 
@@ -121,23 +122,13 @@ def test_killed_together_resumes_all_to_the_same_files(tmp_path, toy_data, one_b
 
 
 def test_a_kill_between_the_groups_saves_resumes_bit_for_bit(tmp_path, toy_data,
-                                                             uninterrupted, monkeypatch):
+                                                             uninterrupted):
     """Killed after the first run wrote its epoch-end state and before the others did: the
     re-run takes every run back to the step all hold and trains them together again."""
     configs = children()
-    real, calls = parallel.save_resume, []
-
-    def killed_on_the_second(s, step):
-        calls.append(step)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        real(s, step)
-
-    monkeypatch.setattr(parallel, "save_resume", killed_on_the_second)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_on_call(parallel, "save_resume", 2) as calls:
         train_together(configs, tmp_path, toy_data, "cpu", parallel_runs=K)
-    monkeypatch.setattr(parallel, "save_resume", real)
-    assert calls == [8, 8]  # the first epoch end (8 steps)
+    assert [step for _, step in calls] == [8, 8]  # the first epoch end (8 steps)
     first = Run(tmp_path / uninterrupted[0].path.relative_to(uninterrupted[0].root))
     assert (first.path / "ckpt" / "resume.pt").is_file()  # step 8, its peers are at 3
     runs = train_together(configs, tmp_path, toy_data, "cpu", parallel_runs=K)
@@ -146,25 +137,16 @@ def test_a_kill_between_the_groups_saves_resumes_bit_for_bit(tmp_path, toy_data,
 
 
 def test_a_kill_while_the_group_marks_itself_done_leaves_no_resume_state(
-        tmp_path, toy_data, uninterrupted, monkeypatch):
+        tmp_path, toy_data, uninterrupted):
     """Killed after two runs were marked DONE: the third finishes alone (runs.train), and
     keeps neither resume.pt nor the group's resume.prev.pt."""
     from runs.engines import engine
-    real, calls = engine.clear_resume, []
-
-    def killed_on_the_third(run):
-        calls.append(run)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        real(run)
-
     # stopped at 9, the group holds resume states at 9 and 8 (resume.prev.pt)
     train_together(children(), tmp_path, toy_data, "cpu", parallel_runs=K, stop_at=9)
-    monkeypatch.setattr(engine, "clear_resume", killed_on_the_third)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_on_call(engine, "clear_resume", 3) as calls:
         train_together(children(), tmp_path, toy_data, "cpu", parallel_runs=K)
-    monkeypatch.setattr(engine, "clear_resume", real)
-    assert (calls[2].path / "ckpt" / "resume.prev.pt").is_file() and not calls[2].done
+    third = calls[2][0]
+    assert (third.path / "ckpt" / "resume.prev.pt").is_file() and not third.done
     runs = train_together(children(), tmp_path, toy_data, "cpu", parallel_runs=K)
     for clean, together in zip(uninterrupted, runs):
         assert_identical(clean, together)  # the same files: no resume state left

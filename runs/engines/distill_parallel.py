@@ -21,7 +21,6 @@ hold, so a re-run writes the files an uninterrupted group writes, bit for bit on
 Together and alone agree to float32 rounding (a grouped convolution sums in another order).
 """
 
-import dataclasses
 import os
 
 import torch
@@ -132,22 +131,9 @@ def trained_names(s) -> list[str]:
 # ---------------------------------------------------------------------------- run groups
 
 
-def shape_key(cfg) -> tuple:
-    """The settings distillations trained together share (DistillConfig's but VARYING)."""
-    return tuple((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                 if f.name not in VARYING)
-
-
 def check_shared(configs: list) -> None:
     """UserError naming the first setting in which the distillations differ."""
-    first = dict(shape_key(configs[0]))
-    for cfg in configs[1:]:
-        for name, value in shape_key(cfg):
-            if value != first[name]:
-                flag = "--" + name.replace("_", "-")
-                raise UserError(f"--parallel-runs: the distillations differ in {flag} "
-                                f"({first[name]!r} vs {value!r}); runs trained together share "
-                                f"every setting but {', '.join(VARYING)}")
+    sup.check_shared(configs, VARYING, "distillations")
 
 
 def run_of(cfg, store):

@@ -164,22 +164,22 @@ def stacked_masks(params: dict, masks: list) -> tuple[list, list]:
 # ---------------------------------------------------------------------------- run groups
 
 
-def shape_key(cfg) -> tuple:
-    """The settings runs trained together share (a TrainConfig's fields but VARYING)."""
+def shape_key(cfg, varying=VARYING) -> tuple:
+    """The settings runs trained together share: a config's fields but `varying`."""
     return tuple((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                 if f.name not in VARYING)
+                 if f.name not in varying)
 
 
-def check_shared(configs: list) -> None:
+def check_shared(configs: list, varying=VARYING, what: str = "runs") -> None:
     """UserError naming the first setting in which the runs differ (and its values)."""
-    first = dict(shape_key(configs[0]))
+    first = dict(shape_key(configs[0], varying))
     for cfg in configs[1:]:
-        for name, value in shape_key(cfg):
+        for name, value in shape_key(cfg, varying):
             if value != first[name]:
                 flag = "--" + name.replace("_", "-")
-                raise UserError(f"--parallel-runs: the runs differ in {flag} ({first[name]!r} "
-                                f"vs {value!r}); runs trained together share every setting "
-                                f"but {', '.join(VARYING)}")
+                raise UserError(f"--parallel-runs: the {what} differ in {flag} "
+                                f"({first[name]!r} vs {value!r}); runs trained together "
+                                f"share every setting but {', '.join(varying)}")
 
 
 def unique(configs: list) -> list:
