@@ -198,6 +198,16 @@ def test_mlp_with_masks_together_equals_one_by_one(tmp_path_factory, toy_data, m
             assert (state[name][~keep] == 0).all(), name  # pruned weights stay exactly 0
 
 
+@pytest.mark.slow
+def test_a_compiled_stack_trains_the_runs_eager_trains(tmp_path, toy_data, uninterrupted):
+    """--compile: the vmapped step under torch.compile (BN statistics updated in place in
+    the compiled graph) gives the eager group's runs (one compile, ~15 s on 2 CPU cores)."""
+    runs = train_together(children(), tmp_path, toy_data, "cpu", parallel_runs=K,
+                          compile_model=True)
+    for eager, compiled in zip(uninterrupted, runs):
+        assert_runs_equal(eager, compiled)
+
+
 def test_stack_of_models_matches_separate_sgd():
     """The Stack alone: K models with BN, one SGD over the stacked tensors = K SGDs."""
     models = [create_model("convnet", num_classes=4, width=0.125, seed=k) for k in range(K)]

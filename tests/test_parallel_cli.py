@@ -33,9 +33,9 @@ def groups(monkeypatch):
     sizes = []
     real = parallel.fit_together
 
-    def counting(sessions, stop_at=None):
+    def counting(sessions, *args):
         sizes.append(len(sessions))
-        return real(sessions, stop_at)
+        return real(sessions, *args)
 
     monkeypatch.setattr(parallel, "fit_together", counting)
     return sizes

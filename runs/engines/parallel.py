@@ -55,11 +55,14 @@ class Stack:
 
     models: already on their device; their parameters and buffers are copied into
     (K, ...) tensors (the models keep theirs until `write_back`). masks: per model a dict
-    name -> bool tensor of the parameter's shape, or None (no mask).
+    name -> bool tensor of the parameter's shape, or None (no mask). compile_model: True
+    or a torch.compile mode (engine.COMPILE_MODES) compiles the vmapped forward and its
+    backward (BN's running statistics still update in place), False runs eager.
     """
 
     def __init__(self, models: list[nn.Module], lr: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 1e-4, masks: list | None = None, bf16: bool = False):
+                 weight_decay: float = 1e-4, masks: list | None = None, bf16: bool = False,
+                 compile_model: bool | str = False):
         check_same_shapes(models)
         self.models, self.k, self.bf16 = models, len(models), bf16
         self.base = models[0]
@@ -70,6 +73,9 @@ class Stack:
                                          fused=self.device.type == "cuda")
         self.mask_params, self.masks = stacked_masks(self.params, masks or [None] * self.k)
         self._losses = vmap(self._loss)
+        if compile_model:
+            mode = None if compile_model in (True, "default") else compile_model
+            self._losses = torch.compile(self._losses, mode=mode)
 
     def _loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor):
         """One run's loss: x (B, C, H, W), y (B,) -> () (vmapped over the K runs)."""
@@ -246,7 +252,8 @@ def train_many(configs: list, store: str = "store", data: tuple = None, device="
                precision="auto", compile_model=False, parallel_runs: int = 1,
                stop_at: int = None) -> list:
     """Train (or resume, or skip) every config, runs of one shape `parallel_runs` at a time
-    (configs of different shapes go to different groups); returns their Runs in order."""
+    (configs of different shapes go to different groups); returns their Runs in order.
+    compile_model (--compile): the stacked step, and runs trained alone, compiled."""
     from runs.engines.train import load_data
     from runs.store import Run, run_path
     distinct = unique(configs)
@@ -254,13 +261,15 @@ def train_many(configs: list, store: str = "store", data: tuple = None, device="
         data = data or load_data(distinct[0])
         k = parallel_count(parallel_runs, distinct, data, device)
         for group in shape_groups(distinct) if k > 1 else []:
-            train_together(group, store, data, device, precision, k, stop_at)
+            train_together(group, store, data, device, precision, k, stop_at,
+                           compile_model)
     return [finish(c, store, data, device, precision, compile_model, stop_at)
             for c in configs]
 
 
 def train_together(configs: list, store: str = "store", data: tuple = None, device="auto",
-                   precision="auto", parallel_runs: int = 0, stop_at: int = None) -> list:
+                   precision="auto", parallel_runs: int = 0, stop_at: int = None,
+                   compile_model: bool | str = False) -> list:
     """Train runs that share a shape (else UserError naming the setting), `parallel_runs`
     at a time (0 = auto); returns their Runs. The Python door of --parallel-runs.
 
@@ -277,8 +286,9 @@ def train_together(configs: list, store: str = "store", data: tuple = None, devi
     for first in range(0, len(distinct), max(k, 1)):
         chunk = distinct[first:first + k]
         if len(chunk) > 1:
-            train_group(chunk, store, data, device, precision, stop_at)
-    return [finish(c, store, data, device, precision, False, stop_at) for c in configs]
+            train_group(chunk, store, data, device, precision, stop_at, compile_model)
+    return [finish(c, store, data, device, precision, compile_model, stop_at)
+            for c in configs]
 
 
 def finish(cfg, store, data, device, precision, compile_model, stop_at=None):
@@ -295,7 +305,7 @@ def finish(cfg, store, data, device, precision, compile_model, stop_at=None):
 
 
 def train_group(configs: list, store: str, data: tuple, device, precision,
-                stop_at: int = None) -> None:
+                stop_at: int = None, compile_model: bool | str = False) -> None:
     """Open every unfinished run (setup: lock, restore or rewind, step 0 saved), then train
     those that start at one step together, from the newest state they all hold; a run
     alone at its start step is left to runs.train."""
@@ -313,7 +323,7 @@ def train_group(configs: list, store: str, data: tuple, device, precision,
         for group in by_start.values():
             if len(group) > 1:
                 align_steps(group)
-                fit_together(group, stop_at)
+                fit_together(group, stop_at, compile_model)
     finally:
         for s in sessions:
             release(s)
@@ -357,13 +367,14 @@ def share_data(sessions: list) -> None:
         s.evals = first.evals
 
 
-def fit_together(sessions: list, stop_at: int = None) -> None:
+def fit_together(sessions: list, stop_at: int = None,
+                 compile_model: bool | str = False) -> None:
     """The loop of runs.engines.train.fit for K sessions at one step, stacked; ends with
     each run marked DONE (unless stopped at `stop_at`, as a kill there would)."""
     from runs.engines.train import is_eval_step, log_eval, save, summarize
     share_data(sessions)
     first, cfg = sessions[0], sessions[0].cfg
-    stack = stack_sessions(sessions)
+    stack = stack_sessions(sessions, compile_model)
     timer = engine.Timer()
     keeps = [set(s.cfg.save_at) | {cfg.num_steps} for s in sessions]
     label = f"{run_label('train', cfg)} x{len(sessions)} together"
@@ -413,13 +424,13 @@ def save_resume(s, step: int) -> None:
     save(s, step, resume)
 
 
-def stack_sessions(sessions: list) -> Stack:
+def stack_sessions(sessions: list, compile_model: bool | str = False) -> Stack:
     """The sessions' models, masks and momentum as one Stack (their shared SGD settings)."""
     cfg = sessions[0].cfg
     masks = [None if s.mask is None else dict(zip(s.mask.names, s.mask.masks))
              for s in sessions]
     stack = Stack([s.model for s in sessions], cfg.lr, cfg.momentum, cfg.weight_decay,
-                  masks, sessions[0].bf16)
+                  masks, sessions[0].bf16, compile_model)
     stack.load_momentum([s.optimizer for s in sessions])
     return stack
 
