@@ -138,3 +138,21 @@ def test_the_pipeline_passes_parallel_runs_to_border_and_imp(tmp_path, monkeypat
               else None for stage, argv in calls}
     assert counts == {"interpolate path": None, "border lmc": "4", "imp imp": "4",
                       "imp solo": "1"}
+
+
+def test_runs_of_other_data_train_on_their_own(tmp_path, groups):
+    """train_many given the first config's data loads each other data set itself: runs on
+    8x8 toy images train on those (not on the 16x16 ones passed), as they do alone."""
+    from runs.engines.train import load_data
+    small = dataclasses.replace(BASE, num_steps=3, save_at=(), model_options=(),
+                                subset=8)
+    configs = [dataclasses.replace(BASE, num_steps=3, save_at=(), seed=s) for s in (0, 1)]
+    configs += [dataclasses.replace(small, seed=s) for s in (0, 1)]
+    runs = parallel.train_many(configs, tmp_path / "a", load_data(configs[0]), "cpu",
+                               parallel_runs=4)
+    alone = [train(c, tmp_path / "b", device="cpu") for c in configs]
+    assert groups == [2, 2]
+    for a, b in zip(alone, runs):
+        assert a.config()["steps_per_epoch"] == b.config()["steps_per_epoch"]
+        assert a.summary()["test_accuracy"] == pytest.approx(b.summary()["test_accuracy"],
+                                                             abs=1e-6)

@@ -253,18 +253,40 @@ def train_many(configs: list, store: str = "store", data: tuple = None, device="
                stop_at: int = None) -> list:
     """Train (or resume, or skip) every config, runs of one shape `parallel_runs` at a time
     (configs of different shapes go to different groups); returns their Runs in order.
+    data: the splits of the first config's data (others are loaded as they come);
     compile_model (--compile): the stacked step, and runs trained alone, compiled."""
-    from runs.engines.train import load_data
     from runs.store import Run, run_path
     distinct = unique(configs)
+    splits = DataCache(distinct[0] if distinct else None, data)
     if any(not Run(run_path(store, "train", c, c.seed)).done for c in distinct):
-        data = data or load_data(distinct[0])
-        k = parallel_count(parallel_runs, distinct, data, device)
+        k = parallel_count(parallel_runs, distinct, splits(distinct[0]), device)
         for group in shape_groups(distinct) if k > 1 else []:
-            train_together(group, store, data, device, precision, k, stop_at,
+            train_together(group, store, splits(group[0]), device, precision, k, stop_at,
                            compile_model)
-    return [finish(c, store, data, device, precision, compile_model, stop_at)
-            for c in configs]
+    runs = [Run(run_path(store, "train", c, c.seed)) for c in configs]
+    return [run if run.done else finish(c, store, splits(c), device, precision,
+                                        compile_model, stop_at)
+            for c, run in zip(configs, runs)]
+
+
+class DataCache:
+    """The splits of each config's data, loaded once (runs.engines.train.load_data): a
+    border's children may come from runs of other data than its template."""
+
+    def __init__(self, cfg=None, data: tuple = None):
+        self.loaded = {data_key(cfg): data} if cfg is not None and data else {}
+
+    def __call__(self, cfg) -> tuple:
+        from runs.engines.train import load_data
+        key = data_key(cfg)
+        if key not in self.loaded:
+            self.loaded[key] = load_data(cfg)
+        return self.loaded[key]
+
+
+def data_key(cfg) -> tuple:
+    """What a config's splits depend on (runs.engines.train.load_data)."""
+    return (cfg.dataset, cfg.data_root, cfg.subset, cfg.val_size, cfg.input_stats)
 
 
 def train_together(configs: list, store: str = "store", data: tuple = None, device="auto",
