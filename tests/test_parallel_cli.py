@@ -100,12 +100,19 @@ def test_imp_levels_together_equal_one_by_one(tmp_path, groups):
         np.testing.assert_allclose(together.metrics[name], one.metrics[name], atol=1e-4)
 
 
-def test_runs_of_one_shape_at_another_setting_train_apart(tmp_path, groups):
-    """train_many splits configs by shape: two lrs make two groups, none refused."""
+def test_runs_of_one_shape_at_another_setting_train_apart(tmp_path, groups, capsys):
+    """train_many splits configs by shape: two lrs make two groups, none refused; runs
+    that share no shape train alone, saying which setting keeps them apart."""
     configs = [dataclasses.replace(BASE, num_steps=3, save_at=(), seed=s, lr=lr)
                for lr in (0.05, 0.1) for s in (0, 1)]
     runs = parallel.train_many(configs, tmp_path, device="cpu", parallel_runs=4)
     assert groups == [2, 2] and all(r.done for r in runs)
+    assert "note:" not in capsys.readouterr().err
+    lone = [dataclasses.replace(c, num_steps=2) for c in configs[1:3]]  # lr 0.05 and 0.1
+    parallel.train_many(lone, tmp_path, device="cpu", parallel_runs=4)
+    assert groups == [2, 2]
+    assert "note: --parallel-runs: the runs differ in --lr (0.05 vs 0.1)" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("main, argv", [

@@ -28,6 +28,7 @@ rounding (~1e-7: a grouped convolution sums in another order than K plain ones).
 
 import dataclasses
 import os
+import sys
 import warnings
 
 import torch
@@ -260,6 +261,8 @@ def train_many(configs: list, store: str = "store", data: tuple = None, device="
     splits = DataCache(distinct[0] if distinct else None, data)
     if any(not Run(run_path(store, "train", c, c.seed)).done for c in distinct):
         k = parallel_count(parallel_runs, distinct, splits(distinct[0]), device)
+        if parallel_runs > 1:
+            note_lone_runs(distinct)
         for group in shape_groups(distinct) if k > 1 else []:
             train_together(group, store, splits(group[0]), device, precision, k, stop_at,
                            compile_model)
@@ -267,6 +270,16 @@ def train_many(configs: list, store: str = "store", data: tuple = None, device="
     return [run if run.done else finish(c, store, splits(c), device, precision,
                                         compile_model, stop_at)
             for c, run in zip(configs, runs)]
+
+
+def note_lone_runs(configs: list) -> None:
+    """Say so (on stderr) when --parallel-runs was asked for but no two runs share a shape,
+    naming the setting that keeps the first two apart: each then trains alone."""
+    if len(configs) > 1 and all(len(g) == 1 for g in shape_groups(configs)):
+        try:
+            check_shared(configs[:2])
+        except UserError as err:
+            print(f"note: {err}: each trains alone", file=sys.stderr)
 
 
 class DataCache:
