@@ -168,8 +168,7 @@ def auto_parallel_runs(cfg, data: tuple, device) -> int:
     params = sum(p.numel() * p.element_size() for p in student.parameters())
     per_run = torch.cuda.max_memory_allocated(device) - before + 5 * params
     del student, x
-    free, _ = torch.cuda.mem_get_info(device)
-    return sup.fitting_runs(per_run, free)
+    return sup.fitting_runs(per_run, sup.free_memory(device))
 
 
 def distill_together(configs: list, store: str = "store", data=None, device="auto",

@@ -228,8 +228,14 @@ def auto_parallel_runs(cfg, data: tuple, device) -> int:
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     per_run = torch.cuda.max_memory_allocated(device) - before + 3 * params  # + grad, momentum
     del model, x
+    return fitting_runs(per_run, free_memory(device))
+
+
+def free_memory(device) -> int:
+    """Bytes a new allocation may take on a CUDA device: what the driver has free plus
+    what torch's caching allocator holds reserved but unused."""
     free, _ = torch.cuda.mem_get_info(device)
-    return fitting_runs(per_run, free)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def parallel_count(requested: int, configs: list, data: tuple, device) -> int:
