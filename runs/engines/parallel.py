@@ -85,6 +85,7 @@ class Stack:
 
     def step(self, xs: torch.Tensor, ys: torch.Tensor, lr: float | None = None):
         """One SGD step of every run: xs (K, B, C, H, W), ys (K, B) -> losses (K,)."""
+        engine.mark_step()  # under CUDA graphs (--compile reduce-overhead): a new step
         with autocast(self.device, self.bf16):
             losses = self._losses(self.params, self.buffers, xs, ys)  # (K,)
         self.optimizer.zero_grad(set_to_none=True)
@@ -98,7 +99,7 @@ class Stack:
         if self.masks:
             with torch.no_grad():
                 torch._foreach_mul_(self.mask_params, self.masks)
-        return losses.detach()
+        return losses.detach().clone()  # kept past the next step (CUDA graphs reuse outputs)
 
     def load_momentum(self, optimizers: list) -> None:
         """Take each run's momentum buffers from its own SGD (zeros where it has none)."""
