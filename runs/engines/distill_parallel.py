@@ -87,7 +87,7 @@ class DistillStack:
             momentum = self.cfg.center_momentum
             batch_center = teacher_logits.float().mean(1)  # (K, m)
             self.center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
-        return {k: v.detach() for k, v in out.items()}
+        return {k: v.detach().clone() for k, v in out.items()}  # outlive the next step
 
     def load_moments(self) -> None:
         """The stacked AdamW's state from each run's own (none before the first step)."""
