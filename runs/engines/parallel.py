@@ -74,6 +74,7 @@ class Stack:
                                          fused=self.device.type == "cuda")
         self.mask_params, self.masks = stacked_masks(self.params, masks or [None] * self.k)
         self._losses = vmap(self._loss)
+        self._logits = vmap(self._logits_one, in_dims=(0, 0, None))  # one batch, K runs
         if compile_model:
             mode = None if compile_model in (True, "default") else compile_model
             self._losses = torch.compile(self._losses, mode=mode)
@@ -100,6 +101,30 @@ class Stack:
             with torch.no_grad():
                 torch._foreach_mul_(self.mask_params, self.masks)
         return losses.detach().clone()  # kept past the next step (CUDA graphs reuse outputs)
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> list[dict]:
+        """Every run's mean cross-entropy and accuracy over an eval loader, in eval mode
+        (BN on its running statistics), the images shared: one {"loss", "accuracy"} per
+        run, as runs.engines.train.evaluate gives for each alone."""
+        was_training = self.base.training
+        self.base.eval()
+        loss_sum = torch.zeros(self.k, device=self.device, dtype=torch.float64)
+        correct = torch.zeros(self.k, device=self.device, dtype=torch.int64)
+        for x, y in loader.epoch(0):
+            with autocast(self.device, self.bf16):
+                logits = self._logits(self.params, self.buffers, x).float()  # (K, B, C)
+            per_image = F.cross_entropy(logits.transpose(1, 2), y.expand(self.k, -1),
+                                        reduction="none")  # (K, B)
+            loss_sum += per_image.sum(1).double()
+            correct += (logits.argmax(2) == y).sum(1)
+        self.base.train(was_training)
+        n = len(loader.y)
+        return [{"loss": loss / n, "accuracy": right / n}
+                for loss, right in zip(loss_sum.tolist(), correct.tolist())]
+
+    def _logits_one(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.base, (params, buffers), (x,))  # (B, classes)
 
     def load_momentum(self, optimizers: list) -> None:
         """Take each run's momentum buffers from its own SGD (zeros where it has none)."""
@@ -433,14 +458,15 @@ def fit_together(sessions: list, stop_at: int = None,
             epoch_end = step % len(first.loader) == 0
             evaluate = is_eval_step(first, step)
             saving = [step in keep or epoch_end or step == stop_at for keep in keeps]
-            if evaluate or any(saving):
+            if any(saving):
                 stack.write_back([s.optimizer for s in sessions])
+            measured = evaluate_all(stack, first.evals) if evaluate else None
             records = []
-            for s, keep, saves in zip(sessions, keeps, saving):
+            for k, (s, keep, saves) in enumerate(zip(sessions, keeps, saving)):
                 if saves:
                     engine.check_window(s.losses, step, s.run)
                 if evaluate:
-                    records.append(log_eval(s, step, s.losses))
+                    records.append(log_eval(s, step, s.losses, measured[k]))
                     s.losses = []
                 if step in keep:
                     save(s, step, s.run.ckpt_path(step))
@@ -464,6 +490,12 @@ def save_resume(s, step: int) -> None:
     if resume.exists():
         os.replace(resume, prev_path(s.run))
     save(s, step, resume)
+
+
+def evaluate_all(stack: Stack, evals: dict) -> list[dict]:
+    """Per run, split -> {"loss", "accuracy"}: every split measured once for all runs."""
+    by_split = {name: stack.evaluate(loader) for name, loader in evals.items()}
+    return [{name: values[k] for name, values in by_split.items()} for k in range(stack.k)]
 
 
 def stack_sessions(sessions: list, compile_model: bool | str = False) -> Stack:

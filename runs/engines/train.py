@@ -345,9 +345,10 @@ def train_step(s: Session, x, y) -> torch.Tensor:
 
 
 
-def log_eval(s: Session, step: int, losses: list) -> dict | None:
+def log_eval(s: Session, step: int, losses: list, measured: dict = None) -> dict | None:
     """Rank 0 evaluates, logs and returns the record; the training loss is averaged over
-    ranks first."""
+    ranks first. measured: split -> {"loss", "accuracy"} taken already (runs trained
+    together evaluate at once: runs.engines.parallel), else `evaluate` measures."""
     train_loss = distributed.mean(torch.stack(losses).mean(), s.world).item() if losses else None
     if not s.world.main:
         return None
@@ -356,7 +357,8 @@ def log_eval(s: Session, step: int, losses: list) -> dict | None:
     # Under DDP the plain module evaluates: DDP's forward would wait for the other ranks.
     model = s.model if s.world.active else s.forward
     for name, loader in s.evals.items():
-        for key, value in evaluate(model, loader, s.bf16).items():
+        values = measured[name] if measured else evaluate(model, loader, s.bf16)
+        for key, value in values.items():
             record[f"{name}_{key}"] = value
     s.run.log(record)
     if s.logger is not None:
