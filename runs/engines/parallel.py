@@ -276,9 +276,9 @@ def parallel_count(requested: int, configs: list, data: tuple, device) -> int:
     return requested
 
 
-def add_parallel_arg(p) -> None:
-    """--parallel-runs K on the commands that train many supervised runs."""
-    p.add_argument("--parallel-runs", type=int, default=0, metavar="K", help=PARALLEL_HELP)
+def add_parallel_arg(p, help: str = PARALLEL_HELP) -> None:
+    """--parallel-runs K on the commands that train many runs."""
+    p.add_argument("--parallel-runs", type=int, default=0, metavar="K", help=help)
 
 
 def train_many(configs: list, store: str = "store", data: tuple = None, device="auto",

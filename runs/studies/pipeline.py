@@ -501,7 +501,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="STAGE.KEY=VALUE",
                    help="override a preset value, e.g. distill.data_root=~/data or "
                         "seeds=[0] (VALUE is JSON, or a plain string)")
-    add_parallel_arg(p)
+    add_parallel_arg(p, "runs of one shape trained together as stacked parameters under "
+                        "torch.func, at most this many at once (each still its own run): "
+                        "each distill group's seeds (not the data-size groups), and the "
+                        "border and imp jobs' supervised runs (unless a job sets its own "
+                        "parallel_runs); 0 = auto (by memory on CUDA, 1 on CPU)")
     args = p.parse_args(argv)
     echo_command("runs.pipeline", argv)
     preset = override(load_preset(args.preset), args.set)
