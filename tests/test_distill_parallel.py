@@ -193,10 +193,15 @@ def test_pipeline_distills_each_groups_seeds_together(tmp_path, monkeypatch):
 
 
 def test_parallel_count_is_one_on_the_cpu_and_refuses_negatives(toy_data):
-    assert distill_parallel.parallel_count(0, [BASE], toy_data, "cpu") == 1
-    assert distill_parallel.parallel_count(4, [BASE], toy_data, "cpu") == 4
+    from runs.engines.parallel import parallel_count
+
+    def count(requested):
+        return parallel_count(requested, [BASE], toy_data, "cpu",
+                              distill_parallel.auto_parallel_runs)
+
+    assert count(0) == 1 and count(4) == 4
     with pytest.raises(UserError, match="--parallel-runs -1"):
-        distill_parallel.parallel_count(-1, [BASE], toy_data, "cpu")
+        count(-1)
 
 
 @pytest.mark.gpu

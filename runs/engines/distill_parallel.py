@@ -21,13 +21,12 @@ hold, so a re-run writes the files an uninterrupted group writes, bit for bit on
 Together and alone agree to float32 rounding (a grouped convolution sums in another order).
 """
 
-import os
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from runs.device import autocast, resolve_device
-from runs.engines import distributed, engine
+from runs.engines import engine
 from runs.engines import parallel as sup
 from runs.errors import UserError
 from runs.progress import run_label
@@ -141,14 +140,6 @@ def run_of(cfg, store):
     return Run(run_path(store, "distill", cfg, cfg.seed))
 
 
-def parallel_count(requested: int, configs: list, data: tuple, device) -> int:
-    """The distillations trained at once: `requested`, 0 = auto (1 on the CPU, by memory
-    on CUDA), 1 under torchrun."""
-    if requested == 0 and not distributed.from_env().active:
-        return auto_parallel_runs(configs[0], data, device)
-    return sup.parallel_count(requested, configs, data, device)
-
-
 def auto_parallel_runs(cfg, data: tuple, device) -> int:
     """As many runs as the free CUDA memory holds, by the peak of one run's step (student
     forward and backward, teacher forward) plus its weights, grads, moments and teacher."""
@@ -158,17 +149,9 @@ def auto_parallel_runs(cfg, data: tuple, device) -> int:
     if device.type != "cuda":
         return 1
     info = data[0].info
-    student = DinoNet(*build_pair(cfg, info.num_classes, info.channels,
-                                  STUDENT_SEED_OFFSET)).to(device)
-    x = torch.randn(cfg.batch_size, info.channels, *info.image_size, device=device)
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    student(x).float().logsumexp(1).mean().backward()
-    params = sum(p.numel() * p.element_size() for p in student.parameters())
-    per_run = torch.cuda.max_memory_allocated(device) - before + 5 * params
-    del student, x
-    return sup.fitting_runs(per_run, sup.free_memory(device))
+    student = DinoNet(*build_pair(cfg, info.num_classes, info.channels, STUDENT_SEED_OFFSET))
+    # + grads, two AdamW moments, the teacher and its head
+    return sup.runs_that_fit(student, cfg.batch_size, info, device, copies=5)
 
 
 def distill_together(configs: list, store: str = "store", data=None, device="auto",
@@ -185,7 +168,8 @@ def distill_together(configs: list, store: str = "store", data=None, device="aut
     distinct = sup.unique(configs)
     if any(not run_of(c, store).done for c in distinct):
         data = data or load_data(configs[0])
-        k = max(parallel_count(parallel_runs, distinct, data, device), 1)
+        k = max(sup.parallel_count(parallel_runs, distinct, data, device,
+                                   auto_parallel_runs), 1)
         for first in range(0, len(distinct), k):
             chunk = distinct[first:first + k]
             if len(chunk) > 1:
@@ -198,12 +182,8 @@ def finish(cfg, store, data, device, precision, stop_at=None):
     `stop_at` where one is given (tests: a kill there)."""
     from runs.engines.distill import distill
     run = run_of(cfg, store)
-    if run.done:
+    if sup.reached(run, stop_at):
         return run
-    if stop_at is not None:
-        latest = engine.latest_state(run) if run.path.is_dir() else None
-        if latest is not None and latest[0] >= stop_at:
-            return run
     return distill(cfg, store, data, device, precision, stop_at=stop_at)
 
 
@@ -218,7 +198,7 @@ def distill_group(configs: list, store: str, data, device, precision,
             if not run_of(cfg, store).done:
                 sessions.append(setup(cfg, store, data, device, precision))
         if len(sessions) > 1:
-            align_steps(sessions)
+            sup.align_steps(sessions, restore_state)
             fit_together(sessions, stop_at)
     finally:
         for s in sessions:
@@ -238,39 +218,17 @@ def restore_state(s, path) -> None:
     s.run.trim_metrics(s.step)
 
 
-def align_steps(sessions: list) -> None:
-    """Bring runs killed at different steps (between two of the group's saves) back to the
-    newest step they all hold, so they go on together as they went before the kill."""
-    if len({s.step for s in sessions}) == 1:
-        return
-    held = [sup.saved_states(s.run) for s in sessions]
-    common = max(set.intersection(*(set(h) for h in held)))  # step 0 at least
-    for s, states in zip(sessions, held):
-        if s.step != common:
-            restore_state(s, states[common])
-
-
-def share_data(sessions: list) -> None:
-    """One device copy of the training images (the probe data is one tuple already)."""
-    for s in sessions[1:]:
-        s.loader.x, s.loader.y = sessions[0].loader.x, sessions[0].loader.y
-
-
 def save_resume(s, step: int) -> None:
-    """The run's resume state at `step`, the one before kept as resume.prev.pt: a kill while
-    the group writes leaves every run a state at the group's previous step."""
+    """The run's resume state at `step` (runs.distill's save), the one before kept."""
     from runs.engines.distill import save
-    resume = engine.resume_path(s.run)
-    if resume.exists():
-        os.replace(resume, sup.prev_path(s.run))
-    save(s, step, resume)
+    save(s, step, sup.rotate_resume(s.run))
 
 
 def fit_together(sessions: list, stop_at: int = None) -> None:
     """The loop of runs.engines.distill.fit for K sessions at one step, stacked; ends with
     each run marked DONE (unless stopped at `stop_at`, as a kill there would)."""
     from runs.engines.distill import num_epochs, probe_now
-    share_data(sessions)
+    sup.share_images(sessions)  # the probe data is one tuple already
     first, cfg = sessions[0], sessions[0].cfg
     per_epoch, last_epoch = len(first.loader), num_epochs(cfg, len(first.loader))
     stack = DistillStack(sessions)

@@ -81,8 +81,7 @@ class Stack:
 
     def _loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor):
         """One run's loss: x (B, C, H, W), y (B,) -> () (vmapped over the K runs)."""
-        logits = functional_call(self.base, (params, buffers), (x,))
-        return F.cross_entropy(logits.float(), y)
+        return F.cross_entropy(self._logits_one(params, buffers, x).float(), y)
 
     def step(self, xs: torch.Tensor, ys: torch.Tensor, lr: float | None = None):
         """One SGD step of every run: xs (K, B, C, H, W), ys (K, B) -> losses (K,)."""
@@ -124,7 +123,8 @@ class Stack:
                 for loss, right in zip(loss_sum.tolist(), correct.tolist())]
 
     def _logits_one(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.base, (params, buffers), (x,))  # (B, classes)
+        """One run's logits: x (B, C, H, W) -> (B, classes)."""
+        return functional_call(self.base, (params, buffers), (x,))
 
     def load_momentum(self, optimizers: list) -> None:
         """Take each run's momentum buffers from its own SGD (zeros where it has none)."""
@@ -242,17 +242,24 @@ def auto_parallel_runs(cfg, data: tuple, device) -> int:
     if device.type != "cuda":
         return 1
     from runs.engines.train import build_model
-    train = data[0]
-    model = build_model(dataclasses.replace(cfg, init="", rewind=""), train.info.num_classes,
-                        train.info.channels).to(device)
-    x = torch.randn(cfg.batch_size, train.info.channels, *train.info.image_size,
-                    device=device)  # (B, C, H, W)
+    info = data[0].info
+    model = build_model(dataclasses.replace(cfg, init="", rewind=""), info.num_classes,
+                        info.channels)
+    return runs_that_fit(model, cfg.batch_size, info, device, copies=3)  # + grad, momentum
+
+
+def runs_that_fit(model: nn.Module, batch_size: int, info, device, copies: int) -> int:
+    """How many runs of `model` the free CUDA memory holds: the peak of one forward and
+    backward on a batch of random images, plus `copies` more of its weights each (grads,
+    optimiser state, a frozen teacher)."""
+    model = model.to(device)
+    x = torch.randn(batch_size, info.channels, *info.image_size, device=device)  # (B,C,H,W)
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     model(x).float().logsumexp(1).mean().backward()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    per_run = torch.cuda.max_memory_allocated(device) - before + 3 * params  # + grad, momentum
+    per_run = torch.cuda.max_memory_allocated(device) - before + copies * params
     del model, x
     return fitting_runs(per_run, free_memory(device))
 
@@ -264,15 +271,16 @@ def free_memory(device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def parallel_count(requested: int, configs: list, data: tuple, device) -> int:
-    """The runs trained at once: `requested` (0 = auto), 1 under torchrun (each rank is one
-    run's data parallel share)."""
+def parallel_count(requested: int, configs: list, data: tuple, device,
+                   auto=auto_parallel_runs) -> int:
+    """The runs trained at once: `requested` (0 = auto(configs[0], data, device)), 1 under
+    torchrun (each rank is one run's data parallel share)."""
     if requested < 0:
         raise UserError(f"--parallel-runs {requested}: must be >= 1 (0 = auto)")
     if distributed.from_env().active:
         return 1
     if requested == 0:
-        return auto_parallel_runs(configs[0], data, device) if configs else 1
+        return auto(configs[0], data, device) if configs else 1
     return requested
 
 
@@ -291,14 +299,14 @@ def train_many(configs: list, store: str = "store", data: tuple = None, device="
     from runs.store import Run, run_path
     distinct = unique(configs)
     splits = DataCache(distinct[0] if distinct else None, data)
-    if any(not Run(run_path(store, "train", c, c.seed)).done for c in distinct):
+    runs = [Run(run_path(store, "train", c, c.seed)) for c in configs]
+    if not all(run.done for run in runs):
         k = parallel_count(parallel_runs, distinct, splits(distinct[0]), device)
         if parallel_runs > 1:
             note_lone_runs(distinct)
         for group in shape_groups(distinct) if k > 1 else []:
             train_together(group, store, splits(group[0]), device, precision, k, stop_at,
                            compile_model)
-    runs = [Run(run_path(store, "train", c, c.seed)) for c in configs]
     return [run if run.done else finish(c, store, splits(c), device, precision,
                                         compile_model, stop_at)
             for c, run in zip(configs, runs)]
@@ -363,12 +371,19 @@ def finish(cfg, store, data, device, precision, compile_model, stop_at=None):
     `stop_at` where one is given (tests: a kill there)."""
     from runs.engines.train import train
     from runs.store import Run, run_path
-    if stop_at is not None:
-        run = Run(run_path(store, "train", cfg, cfg.seed))
-        latest = engine.latest_state(run) if run.path.is_dir() else None
-        if run.done or (latest is not None and latest[0] >= stop_at):
-            return run
+    run = Run(run_path(store, "train", cfg, cfg.seed))
+    if reached(run, stop_at):
+        return run
     return train(cfg, store, data, device, precision, compile_model, stop_at)
+
+
+def reached(run, stop_at: int = None) -> bool:
+    """Whether a run needs no more training: it is done, or (tests' kill at `stop_at`) it
+    holds a state at or past that step."""
+    if run.done or stop_at is None or not run.path.is_dir():
+        return run.done
+    latest = engine.latest_state(run)
+    return latest is not None and latest[0] >= stop_at
 
 
 def train_group(configs: list, store: str, data: tuple, device, precision,
@@ -389,7 +404,7 @@ def train_group(configs: list, store: str, data: tuple, device, precision,
                 by_start.setdefault(min(s.run.steps()), []).append(s)
         for group in by_start.values():
             if len(group) > 1:
-                align_steps(group)
+                align_steps(group, restore_session)
                 fit_together(group, stop_at, compile_model)
     finally:
         for s in sessions:
@@ -410,28 +425,38 @@ def saved_states(run) -> dict:
     return states
 
 
-def align_steps(sessions: list) -> None:
+def align_steps(sessions: list, restore) -> None:
     """Bring runs killed at different steps (between two of a group's saves) back to the
-    newest step they all hold, so they go on together as they went before the kill."""
+    newest step they all hold, so they go on together as they went before the kill.
+    restore(session, checkpoint path): the engine's way to load a full training state."""
     if len({s.step for s in sessions}) == 1:
         return
     held = [saved_states(s.run) for s in sessions]
     common = max(set.intersection(*(set(h) for h in held)))  # the start step at least
     for s, states in zip(sessions, held):
         if s.step != common:
-            payload = engine.restore(states[common], s.model, s.optimizer, s.scheduler)
-            s.losses = list(payload["extra"].get("losses", torch.empty(0)).to(s.device)
-                            .unbind())
-            s.run.trim_metrics(common)
-            s.step = common
+            restore(s, states[common])
+
+
+def restore_session(s, path) -> None:
+    """A runs.train session's state from a checkpoint, as its start_state resumes it."""
+    payload = engine.restore(path, s.model, s.optimizer, s.scheduler)
+    s.losses = list(payload["extra"].get("losses", torch.empty(0)).to(s.device).unbind())
+    s.step = int(payload["step"])
+    s.run.trim_metrics(s.step)
+
+
+def share_images(sessions: list) -> None:
+    """One device copy of the training images for all the sessions' loaders."""
+    for s in sessions[1:]:
+        s.loader.x, s.loader.y = sessions[0].loader.x, sessions[0].loader.y
 
 
 def share_data(sessions: list) -> None:
     """One device copy of the training and evaluation images for all the sessions."""
-    first = sessions[0]
+    share_images(sessions)
     for s in sessions[1:]:
-        s.loader.x, s.loader.y = first.loader.x, first.loader.y
-        s.evals = first.evals
+        s.evals = sessions[0].evals
 
 
 def fit_together(sessions: list, stop_at: int = None,
@@ -483,13 +508,19 @@ def fit_together(sessions: list, stop_at: int = None,
 
 
 def save_resume(s, step: int) -> None:
-    """The run's resume state at `step`, the one before it kept as resume.prev.pt: a kill
-    while the group writes leaves every run a state at the group's previous step."""
+    """The run's resume state at `step` (runs.train's save), the one before kept."""
     from runs.engines.train import save
-    resume = engine.resume_path(s.run)
+    save(s, step, rotate_resume(s.run))
+
+
+def rotate_resume(run):
+    """Keep the run's resume state as resume.prev.pt before a new one is written (a kill
+    while the group writes leaves every run a state at the group's previous step);
+    returns the path to write the new one to."""
+    resume = engine.resume_path(run)
     if resume.exists():
-        os.replace(resume, prev_path(s.run))
-    save(s, step, resume)
+        os.replace(resume, prev_path(run))
+    return resume
 
 
 def evaluate_all(stack: Stack, evals: dict) -> list[dict]:
